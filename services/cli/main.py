@@ -1,0 +1,133 @@
+"""The `dqnfleet` command: one subcommand per service, plus tools.
+
+    dqnfleet replay | collector | trainer     run one service
+    dqnfleet up                               the whole fleet on this machine
+    dqnfleet evaluate --policy DIR_OR_ADDR    greedy returns of a published policy
+    dqnfleet status [--json] ADDRESS...       what running services report
+    dqnfleet health ADDRESS                   exit 0 iff the service is SERVING
+
+Heavy imports (TensorFlow, Reverb) happen inside the handlers, so `status`
+and `health` answer in a fraction of a second.
+"""
+import argparse
+import dataclasses
+import sys
+
+from dqnfleet.core import settings
+from dqnfleet.core.config import (AgentConfig, CollectorConfig, CommonConfig, EnvConfig,
+                                  EvaluateConfig, NetworkConfig, ReplayConfig, TrainerConfig,
+                                  UpConfig)
+from dqnfleet.core.settings import ConfigError
+
+# What `up` sets itself for each service, so it takes no flag for them.
+UP_OWNS = frozenset({"port", "status_port", "replay_address", "trainer_address", "collector_id",
+                     "seed", "summary_dir", "run_dir", "checkpoint_dir"})
+
+SERVICE_GROUPS = {
+    "replay": (CommonConfig, EnvConfig, ReplayConfig),
+    "collector": (CommonConfig, EnvConfig, NetworkConfig, CollectorConfig),
+    "trainer": (CommonConfig, EnvConfig, NetworkConfig, AgentConfig, TrainerConfig),
+    "up": (CommonConfig, UpConfig, EnvConfig, NetworkConfig, AgentConfig, ReplayConfig,
+           CollectorConfig, TrainerConfig),
+    "evaluate": (CommonConfig, EvaluateConfig),
+}
+DESCRIPTIONS = {
+    "replay": "Run the replay service: a Reverb server with the replay table.",
+    "collector": "Run a collector: step environments with the epsilon-greedy policy, write "
+                 "transitions to replay, follow published policies.",
+    "trainer": "Run the trainer: sample from replay, train DQN, checkpoint, publish policies.",
+    "up": "Start replay, trainer and collectors as local processes and show live progress. "
+          "Ctrl-C stops them all.",
+    "evaluate": "Run a published policy greedily and print its episode returns.",
+}
+ENV_NOTE = ("Every setting also reads the environment variable DQNFLEET_<NAME> (shown with each "
+            "flag); a flag wins over the variable. Defaults marked 'classic control' apply to "
+            "non-Atari ids such as CartPole-v1.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="dqnfleet", description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  for name, groups in SERVICE_GROUPS.items():
+    sub = commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name],
+                              epilog=ENV_NOTE)
+    settings.add_flags(sub, *groups, exclude=UP_OWNS if name == "up" else frozenset())
+  status = commands.add_parser("status", help="Print what services report over their status RPC.",
+                               description="Print role, id, counters, policy version and replay "
+                                           "size of each service.")
+  status.add_argument("addresses", nargs="+", metavar="ADDRESS",
+                      help="host:port of a service's status endpoint (replay: its status port)")
+  status.add_argument("--json", action="store_true", help="print one JSON array")
+  status.add_argument("--timeout", type=float, default=5.0, help="seconds per service")
+  health = commands.add_parser("health", help="Exit 0 if the service answers SERVING.",
+                               description="gRPC health check, for container health probes.")
+  health.add_argument("address", metavar="ADDRESS", help="host:port of the health endpoint")
+  health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
+  return parser
+
+
+def build_configs(groups, args) -> list:
+  """Each group's config from flags, environment and the env family's defaults."""
+  env = settings.build(EnvConfig, args) if EnvConfig in groups else None
+  classic = env is not None and not env.env_id.startswith("ALE/")
+  configs = []
+  for group in groups:
+    config = env if group is EnvConfig else settings.build(group, args, classic_control=classic)
+    if hasattr(config, "validate"):
+      config.validate()
+    configs.append(config)
+  return configs
+
+
+def main(argv=None) -> int:
+  from dqnfleet.core import runtime
+  runtime.quiet_imports()
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "status":
+      from dqnfleet.cli.status import run as run_status
+      return run_status(args.addresses, as_json=args.json, timeout=args.timeout)
+    if args.command == "health":
+      from dqnfleet.core import rpc
+      return 0 if rpc.check_health(args.address, args.timeout) else 1
+    configs = build_configs(SERVICE_GROUPS[args.command], args)
+    return run_command(args.command, configs)
+  except ConfigError as e:
+    print(f"dqnfleet {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def run_command(command: str, configs: list) -> int:
+  from dqnfleet.core import envs, runtime
+  common = configs[0]
+  env = next((c for c in configs if isinstance(c, EnvConfig)), None)
+  if env is not None:
+    envs.validate_env(env)
+  if command == "up":
+    from dqnfleet.cli.up import run as run_up
+    return run_up(*configs)
+  if command == "evaluate":
+    from dqnfleet.cli.evaluate import run as run_evaluate
+    return run_evaluate(*configs)
+
+  by_type = {type(c): c for c in configs}
+  service_id = runtime.default_id(command)
+  if command == "collector" and by_type[CollectorConfig].collector_id:
+    service_id = by_type[CollectorConfig].collector_id
+  runtime.setup_logging(command, service_id, common.log_level)
+  stop = runtime.stop_on_signals()
+  if command == "replay":
+    from dqnfleet.replay.server import serve
+    serve(env, by_type[ReplayConfig], stop)
+  elif command == "collector":
+    from dqnfleet.collector.collector import serve
+    serve(env, by_type[NetworkConfig], by_type[CollectorConfig], stop, service_id)
+  elif command == "trainer":
+    from dqnfleet.trainer.trainer import serve
+    serve(env, by_type[NetworkConfig], by_type[AgentConfig], by_type[TrainerConfig], stop)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,163 @@
+"""`dqnfleet up`: the whole fleet as local processes, with live progress.
+
+Replay, trainer and N collectors run as separate OS processes on loopback
+ports, exactly as they would on separate machines; `up` only starts them,
+polls their status RPCs, and stops them (collectors, trainer, replay) on
+Ctrl-C, when the trainer reaches --max-train-steps, or when one of them dies.
+"""
+import dataclasses
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from dqnfleet.core import rpc, settings
+from dqnfleet.core.config import (AgentConfig, CollectorConfig, CommonConfig, EnvConfig,
+                                  NetworkConfig, ReplayConfig, TrainerConfig, UpConfig)
+
+STOP_TIMEOUT_S = 30
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class Fleet:
+  """The child processes, their addresses and logs."""
+
+  def __init__(self, run_dir: pathlib.Path):
+    self.logs = run_dir / "logs"
+    self.logs.mkdir(parents=True, exist_ok=True)
+    self.procs: dict[str, subprocess.Popen] = {}
+    self.status_addresses: dict[str, str] = {}
+
+  def start(self, name: str, role: str, flags: list[str], status_port: int) -> None:
+    log = open(self.logs / f"{name}.log", "ab")
+    # A session of its own: Ctrl-C reaches `up` alone, which then stops the
+    # children in order instead of all at once.
+    self.procs[name] = subprocess.Popen([sys.executable, "-m", "dqnfleet", role, *flags],
+                                        stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+    self.status_addresses[name] = f"localhost:{status_port}"
+
+  def dead(self) -> list[str]:
+    return [n for n, p in self.procs.items() if p.poll() is not None]
+
+  def stop(self, names: list[str]) -> None:
+    for name in names:
+      proc = self.procs[name]
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    for name in names:
+      proc = self.procs[name]
+      try:
+        proc.wait(STOP_TIMEOUT_S)
+      except subprocess.TimeoutExpired:
+        print(f"{name} did not stop within {STOP_TIMEOUT_S}s; killing it", flush=True)
+        proc.kill()
+        proc.wait()
+
+  def tail(self, name: str, lines: int = 15) -> str:
+    text = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+class Progress:
+  """One line per poll: rates from counter deltas between polls."""
+
+  def __init__(self):
+    self._last = None
+
+  def line(self, statuses: dict, elapsed: float) -> str:
+    trainer = statuses.get("trainer")
+    replay = statuses.get("replay")
+    collectors = [s for n, s in statuses.items() if n.startswith("collector") and s]
+    env_steps = sum(c.counters["env_steps"] for c in collectors)
+    train_steps = trainer.counters["train_steps"] if trainer else 0
+    now = time.monotonic()
+    env_rate = train_rate = 0.0
+    if self._last:
+      t0, e0, s0 = self._last
+      env_rate, train_rate = (env_steps - e0) / (now - t0), (train_steps - s0) / (now - t0)
+    self._last = (now, env_steps, train_steps)
+    returns = [r for c in collectors for r in c.recent_returns]
+    acting = ",".join(f"v{c.policy_version}" for c in collectors) or "-"
+    return (f"[{elapsed:6.0f}s] env steps {env_steps:,.0f} ({env_rate:,.0f}/s) | "
+            f"train steps {train_steps:,.0f} ({train_rate:,.1f}/s) | "
+            f"replay {replay.replay_size if replay else '-':,} | "
+            f"policy published v{trainer.policy_version if trainer else '-'} acting {acting} | "
+            f"return {np.mean(returns) if returns else float('nan'):.1f} "
+            f"(last {len(returns)} episodes)")
+
+
+def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
+        agent: AgentConfig, replay: ReplayConfig, collector: CollectorConfig,
+        trainer: TrainerConfig) -> int:
+  run_dir = pathlib.Path(up.run_dir).resolve()
+  fleet = Fleet(run_dir)
+  replay_port, replay_status, trainer_port = free_port(), free_port(), free_port()
+  replay = dataclasses.replace(replay, port=replay_port, status_port=replay_status,
+                               checkpoint_dir=str(run_dir / "replay_checkpoints"))
+  trainer = dataclasses.replace(trainer, replay_address=f"localhost:{replay_port}",
+                                port=trainer_port, run_dir=str(run_dir))
+  shared = settings.to_flags(common) + settings.to_flags(env)
+  fleet.start("replay", "replay", shared + settings.to_flags(replay), replay_status)
+  fleet.start("trainer", "trainer", shared + settings.to_flags(net) + settings.to_flags(agent)
+              + settings.to_flags(trainer), trainer_port)
+  for i in range(up.collectors):
+    port = free_port()
+    one = dataclasses.replace(collector, replay_address=f"localhost:{replay_port}",
+                              trainer_address=f"localhost:{trainer_port}",
+                              collector_id=f"collector-{i}", seed=i, status_port=port,
+                              summary_dir=str(run_dir / "tensorboard"))
+    fleet.start(f"collector-{i}", "collector",
+                shared + settings.to_flags(net) + settings.to_flags(one), port)
+  print(f"dqnfleet up: {env.env_id}, replay :{replay_port} (status :{replay_status}), trainer "
+        f":{trainer_port}, {up.collectors} collectors; run dir {run_dir}", flush=True)
+  print(f"logs in {fleet.logs}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}; "
+        "Ctrl-C stops the fleet", flush=True)
+
+  interrupted = []
+  signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+  signal.signal(signal.SIGTERM, lambda *_: interrupted.append(True))
+  progress, started, code = Progress(), time.monotonic(), 0
+  try:
+    while not interrupted:
+      dead = fleet.dead()
+      if "trainer" in dead and fleet.procs["trainer"].returncode == 0:
+        print("trainer reached its last train step; stopping the fleet", flush=True)
+        break
+      if dead:
+        for name in dead:
+          print(f"{name} exited with code {fleet.procs[name].returncode}; last log lines:\n"
+                f"{fleet.tail(name)}", flush=True)
+        code = 1
+        break
+      statuses = {}
+      for name, address in fleet.status_addresses.items():
+        try:
+          statuses[name] = rpc.get_status(address, timeout=2)
+        except Exception:  # still starting (TensorFlow import takes seconds)
+          statuses[name] = None
+      if any(statuses.values()):
+        print(progress.line(statuses, time.monotonic() - started), flush=True)
+      else:
+        print(f"[{time.monotonic() - started:6.0f}s] starting services...", flush=True)
+      deadline = time.monotonic() + up.progress_every_s
+      while time.monotonic() < deadline and not interrupted and not fleet.dead():
+        time.sleep(0.2)
+  finally:
+    print("stopping collectors, trainer, replay...", flush=True)
+    collectors = [n for n in fleet.procs if n.startswith("collector")]
+    fleet.stop(collectors)
+    fleet.stop(["trainer"])
+    fleet.stop(["replay"])
+    print(f"stopped; policies in {run_dir / 'policies'}", flush=True)
+  return code

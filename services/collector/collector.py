@@ -1,0 +1,165 @@
+"""The collector service: driver -> collect policy -> observer -> replay.
+
+E environments step together; the epsilon-greedy collect policy picks all E
+actions in one call; the observer writes the transitions to Reverb; the
+policy follower swaps in each newly published policy between steps.
+"""
+import collections
+import logging
+import threading
+import time
+
+import numpy as np
+import reverb
+import tensorflow as tf
+from tf_agents.drivers import py_driver
+from tf_agents.policies import py_tf_eager_policy
+
+from dqnfleet.collector.observer import ReplayObserver, Stopped
+from dqnfleet.collector.policy_follower import PolicyFollower
+from dqnfleet.core import envs, networks, rpc, specs
+from dqnfleet.core.config import CollectorConfig, EnvConfig, NetworkConfig
+
+log = logging.getLogger(__name__)
+STEPS_PER_RUN = 16        # driver steps between checks for new policies and stop
+RECENT_EPISODES = 20
+LOG_EVERY_S = 10.0
+
+
+def seed_for(collector_id: str, seed: int) -> int:
+  """An explicit seed, or one derived from the id so replicas differ."""
+  return seed if seed >= 0 else specs.source_id(collector_id) % (2**31)
+
+
+def epsilon_at(version: int, config: CollectorConfig) -> float:
+  """Linear decay over the acting policy's train steps; random before any policy."""
+  if version <= 0:
+    return config.epsilon_start
+  fraction = min(1.0, version / config.epsilon_decay_steps)
+  return config.epsilon_start + fraction * (config.epsilon_end - config.epsilon_start)
+
+
+class Collector:
+  """Runs the collection loop and keeps the counters the status RPC reports."""
+
+  def __init__(self, env: EnvConfig, net: NetworkConfig, config: CollectorConfig,
+               collector_id: str, stop: threading.Event):
+    self.env_config, self.config, self.id, self._stop = env, config, collector_id, stop
+    self.seed = seed_for(collector_id, config.seed)
+    tf.random.set_seed(self.seed)
+    self.specs = specs.env_specs(env)
+    self.network = networks.q_net(self.specs, net)
+    self.epsilon = tf.Variable(epsilon_at(0, config), dtype=tf.float32, trainable=False)
+    self.policy = py_tf_eager_policy.PyTFEagerPolicy(
+        networks.epsilon_greedy(self.specs, self.network, self.epsilon), use_tf_function=True,
+        batch_time_steps=False)
+    self.version = 0  # 0: initial random weights, acting with epsilon_start
+    self.follower = PolicyFollower(config.trainer_address, networks.q_net(self.specs, net), stop)
+    self.env_steps = 0
+    self.episodes = 0
+    self.policy_updates = 0
+    self.recent_returns = collections.deque(maxlen=RECENT_EPISODES)
+    self._summary = (tf.summary.create_file_writer(f"{config.summary_dir}/{collector_id}")
+                     if config.summary_dir else None)
+
+  def snapshot(self) -> dict:
+    return {"policy_version": self.version,
+            "recent_returns": list(self.recent_returns),
+            "counters": {"env_steps": self.env_steps, "episodes": self.episodes,
+                         "policy_updates": self.policy_updates,
+                         "epsilon": float(self.epsilon.numpy()), "seed": self.seed,
+                         "source_id": specs.source_id(self.id)}}
+
+  def _apply_new_policy(self) -> None:
+    update = self.follower.take()
+    if update is None:
+      return
+    version, weights = update
+    self.network.set_weights(weights)
+    previous, self.version = self.version, version
+    self.epsilon.assign(epsilon_at(version, self.config))
+    self.policy_updates += 1
+    log.info("acting with policy v%d (was v%d), epsilon %.3f", version, previous,
+             self.epsilon.numpy())
+
+  def _record_episodes(self, env: envs.BatchedGymEnvironment) -> None:
+    while env.finished_episodes:
+      _, episode_return, length = env.finished_episodes.popleft()
+      self.episodes += 1
+      self.recent_returns.append(episode_return)
+      if self._summary:
+        with self._summary.as_default(step=self.env_steps):
+          tf.summary.scalar("collector/episode_return", episode_return)
+          tf.summary.scalar("collector/episode_length", length)
+
+  def _connect(self) -> reverb.Client | None:
+    client = reverb.Client(self.config.replay_address)
+    ok = rpc.retry(lambda: client.server_info(timeout=5),
+                   f"connecting to replay at {self.config.replay_address}", self._stop)
+    return client if ok is not None else None
+
+  def run(self) -> None:
+    self.follower.start()
+    env = envs.BatchedGymEnvironment(self.env_config, self.config.num_envs, self.seed)
+    log.info("%d x %s, seed %d, replay %s, trainer %s", self.config.num_envs,
+             self.env_config.env_id, self.seed, self.config.replay_address,
+             self.config.trainer_address)
+    backoff = rpc.Backoff()
+    try:
+      while not self._stop.is_set() and not self._budget_spent():
+        client = self._connect()
+        if client is None:
+          break
+        observer = ReplayObserver(client, self.specs, self.config.num_envs, lambda: self.version,
+                                  self._stop, specs.source_id(self.id))
+        try:
+          self._collect(env, observer)
+          backoff.reset()
+        except Stopped:
+          break
+        except (RuntimeError, reverb.errors.ReverbError) as e:
+          # Reverb reports a lost server as RuntimeError; the partial
+          # episodes are lost with the writers, so every episode restarts.
+          log.warning("lost replay at %s (%s); reconnecting in %.1fs",
+                      self.config.replay_address, str(e).splitlines()[0][:200], backoff.delay)
+          backoff.wait(self._stop)
+        finally:
+          observer.close()
+    finally:
+      env.close()
+      log.info("stopped after %d env steps, %d episodes", self.env_steps, self.episodes)
+
+  def _budget_spent(self) -> bool:
+    return 0 < self.config.max_env_steps <= self.env_steps
+
+  def _collect(self, env, observer: ReplayObserver) -> None:
+    driver = py_driver.PyDriver(env, self.policy, observers=[],
+                                transition_observers=[observer],
+                                max_steps=STEPS_PER_RUN * self.config.num_envs)
+    time_step = env.reset()
+    last_log, last_steps = time.monotonic(), self.env_steps
+    while not self._stop.is_set() and not self._budget_spent():
+      self._apply_new_policy()
+      before = observer.items_written
+      time_step, _ = driver.run(time_step)
+      self.env_steps += observer.items_written - before
+      self._record_episodes(env)
+      now = time.monotonic()
+      if now - last_log >= LOG_EVERY_S:
+        rate = (self.env_steps - last_steps) / (now - last_log)
+        mean = np.mean(self.recent_returns) if self.recent_returns else float("nan")
+        log.info("env steps %d (%.0f/s), episodes %d, mean return %.1f, policy v%d, eps %.3f",
+                 self.env_steps, rate, self.episodes, mean, self.version, self.epsilon.numpy())
+        last_log, last_steps = now, self.env_steps
+
+
+def serve(env: EnvConfig, net: NetworkConfig, config: CollectorConfig,
+          stop: threading.Event, collector_id: str) -> None:
+  collector = Collector(env, net, config, collector_id, stop)
+  status = rpc.StatusServicer("collector", collector_id, env.env_id, collector.snapshot)
+  server, port = rpc.start_server(config.status_port, status)
+  log.info("health and status on port %d", port)
+  try:
+    collector.run()
+  finally:
+    server.stop(grace=1)

@@ -1,0 +1,110 @@
+"""The observer: writes each environment's transitions into the replay table.
+
+One Reverb trajectory writer per environment, rows and items laid out as
+core/specs.py describes (each frame stored once). It is a TF-Agents
+*transition* observer: the driver hands it (s_t, a_t, s_t+1) for all
+environments at once.
+"""
+import logging
+
+import numpy as np
+import reverb
+from tf_agents.trajectories import time_step as ts
+
+from dqnfleet.core import specs
+
+log = logging.getLogger(__name__)
+
+# Long enough for any item (k+1 rows) and for chunks that compress well.
+KEEP_ALIVE_ROWS = 32
+# Items a writer may have sent but not yet seen inserted; beyond this the
+# collector waits, so a rate-limited replay slows collection instead of
+# letting unsent items pile up in memory.
+MAX_IN_FLIGHT_ITEMS = 64
+WAIT_TIMEOUT_MS = 10_000
+
+
+class ReplayLost(RuntimeError):
+  """The replay server stopped answering; the collector reconnects."""
+
+
+class Stopped(Exception):
+  """The collector was asked to stop while waiting for the replay server."""
+
+
+class ReplayObserver:
+  """Turns batched transitions into replay items, one writer per environment."""
+
+  def __init__(self, client: reverb.Client, env_specs: specs.EnvSpecs, num_envs: int,
+               policy_version, stop, source: int):
+    self._client, self._stop = client, stop
+    self._source = np.int64(source)
+    self._specs = env_specs
+    self._policy_version = policy_version  # callable: version acting right now
+    self._writers = [client.trajectory_writer(num_keep_alive_refs=KEEP_ALIVE_ROWS)
+                     for _ in range(num_envs)]
+    self.items_written = 0
+
+  def __call__(self, transition) -> None:
+    time_step, action_step, next_time_step = transition
+    version = self._policy_version()
+    actions = np.asarray(action_step.action)
+    for i, writer in enumerate(self._writers):
+      step_type = time_step.step_type[i]
+      if step_type == ts.StepType.LAST:
+        continue  # the LAST -> FIRST step of an autoreset carries no transition
+      if step_type == ts.StepType.FIRST:
+        for frame in self._specs.frames_of(time_step.observation[i]):
+          writer.append({"frame": frame, "action": np.int64(0), "reward": np.float32(0),
+                         "discount": np.float32(1), "policy_version": np.int64(-1),
+                         "collector": self._source})
+      writer.append({
+          "frame": self._specs.frames_of(next_time_step.observation[i])[-1],
+          "action": np.int64(actions[i]),
+          "reward": np.float32(next_time_step.reward[i]),
+          "discount": np.float32(next_time_step.discount[i]),
+          "policy_version": np.int64(version),
+          "collector": self._source,
+      })
+      history = writer.history
+      writer.create_item(specs.TABLE, priority=1.0, trajectory={
+          "frames": history["frame"][-(self._specs.stack + 1):],
+          "action": history["action"][-1],
+          "reward": history["reward"][-1],
+          "discount": history["discount"][-1],
+          "policy_version": history["policy_version"][-1],
+          "collector": history["collector"][-1],
+      })
+      self.items_written += 1
+      if next_time_step.step_type[i] == ts.StepType.LAST:
+        self._wait(lambda: writer.end_episode(clear_buffers=True, timeout_ms=WAIT_TIMEOUT_MS))
+      else:
+        self._wait(lambda: writer.flush(block_until_num_items=MAX_IN_FLIGHT_ITEMS,
+                                        timeout_ms=WAIT_TIMEOUT_MS))
+
+  def _wait(self, call) -> None:
+    """Runs a blocking writer call, telling a rate-limited replay from a lost one.
+
+    Waiting while the rate limiter holds inserts back is the back-pressure
+    that keeps collectors from outrunning the trainer.
+    """
+    while True:
+      try:
+        call()
+        return
+      except reverb.errors.DeadlineExceededError:
+        if self._stop.is_set():
+          raise Stopped() from None
+        try:
+          size = self._client.server_info(timeout=5)[specs.TABLE].current_size
+        except Exception as e:  # unreachable: reconnect instead of waiting forever
+          raise ReplayLost(f"replay server does not answer ({str(e).splitlines()[0][:120]})")
+        log.info("replay (%d items) is holding inserts back: the trainer samples slower than "
+                 "the target ratio allows; waiting", size)
+
+  def close(self) -> None:
+    for writer in self._writers:
+      try:
+        writer.close()
+      except Exception:  # the server may already be gone at shutdown
+        pass

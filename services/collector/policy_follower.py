@@ -1,0 +1,81 @@
+"""Follows the trainer's published policies: the "updated policy" arrow.
+
+A background thread subscribes to PolicyService.WatchPolicies, downloads each
+new version into the collector's own cache (no filesystem is shared with the
+trainer), loads it into a staging network, and hands the weights to the
+acting loop, which swaps them in between two environment steps.
+"""
+import logging
+import pathlib
+import shutil
+import tempfile
+import threading
+
+import grpc
+
+from dqnfleet.core import policy_store, rpc
+from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PolicyFollower:
+  """Background subscription to new policy versions."""
+
+  def __init__(self, trainer_address: str, staging_network, stop: threading.Event):
+    self._address = trainer_address
+    self._staging = staging_network
+    self._stop = stop
+    self._cache = pathlib.Path(tempfile.mkdtemp(prefix="dqnfleet-policies-"))
+    self._lock = threading.Lock()
+    self._pending = None  # (version, weights) not yet taken by the acting loop
+    self.latest_seen = -1
+    self._thread = threading.Thread(target=self._run, name="policy-follower", daemon=True)
+
+  def start(self) -> None:
+    self._thread.start()
+
+  def take(self):
+    """The newest downloaded (version, weights) since the last call, or None."""
+    with self._lock:
+      pending, self._pending = self._pending, None
+    return pending
+
+  def _run(self) -> None:
+    backoff = rpc.Backoff()
+    while not self._stop.is_set():
+      try:
+        with rpc.channel(self._address) as channel:
+          stub = fleet_pb2_grpc.PolicyServiceStub(channel)
+          stream = stub.WatchPolicies(fleet_pb2.WatchPoliciesRequest(after_version=self.latest_seen))
+          self._stop_cancels(stream)
+          for info in stream:
+            backoff.reset()
+            if info.version > self.latest_seen:
+              self._load(stub, info)
+      except grpc.RpcError as e:
+        if self._stop.is_set():
+          break
+        log.warning("trainer policy API at %s unavailable (%s); retrying in %.1fs",
+                    self._address, e.code().name, backoff.delay)
+      except Exception as e:  # a corrupted download or a mismatched network: say so, retry
+        log.error("could not load policy from %s: %s; retrying in %.1fs",
+                  self._address, e, backoff.delay)
+      if backoff.wait(self._stop):
+        break
+    shutil.rmtree(self._cache, ignore_errors=True)
+
+  def _stop_cancels(self, stream) -> None:
+    threading.Thread(target=lambda: self._stop.wait() or stream.cancel(), daemon=True).start()
+
+  def _load(self, stub, info) -> None:
+    path = policy_store.fetch(stub, info, self._cache)
+    policy_store.restore_weights(self._staging, path)
+    weights = self._staging.get_weights()
+    with self._lock:
+      self._pending = (info.version, weights)
+    self.latest_seen = info.version
+    # Older copies are no longer needed: the weights are in memory.
+    for old in policy_store.list_versions(self._cache)[:-1]:
+      shutil.rmtree(policy_store.version_dir(self._cache, old), ignore_errors=True)
+    log.debug("downloaded policy v%d", info.version)

@@ -1,0 +1,200 @@
+"""Every setting of the fleet, declared once.
+
+Services compose these groups: the replay server needs `EnvConfig` (its table
+signature is derived from the environment, so no service waits for another to
+start) and `ReplayConfig`; a collector needs `EnvConfig`, `NetworkConfig` and
+`CollectorConfig`; the trainer needs `EnvConfig`, `NetworkConfig`,
+`AgentConfig` and `TrainerConfig`. Defaults are the Nature-DQN ones for Atari;
+`classic=` gives the default for classic-control ids (CartPole-v1, ...), whose
+small MLP learns in minutes with far more updates per environment step.
+"""
+import dataclasses
+
+from dqnfleet.core.settings import ConfigError, setting
+
+DEFAULT_REPLAY_PORT = 8000
+DEFAULT_REPLAY_STATUS_PORT = 8001
+DEFAULT_TRAINER_PORT = 8010
+DEFAULT_COLLECTOR_STATUS_PORT = 8020
+
+
+@dataclasses.dataclass
+class CommonConfig:
+  """Settings every service has."""
+  # Python logging level of the service's own log lines.
+  log_level: str = setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclasses.dataclass
+class EnvConfig:
+  """The environment; replay, collectors and trainer must agree on it."""
+  # ALE ids are trained from pixels with the Nature CNN; classic-control ids
+  # from their state vector with an MLP.
+  env_id: str = setting(
+      "ALE/Breakout-v5",
+      "Gymnasium environment id: an Atari id (ALE/<Game>-v5) or a classic-control id "
+      "with discrete actions (CartPole-v1, Acrobot-v1, MountainCar-v0, ...).")
+  # Frames per observation; consecutive observations share all but one, so
+  # replay stores each frame once (see core/specs.py).
+  frame_stack: int = setting(4, "Atari: most recent 84x84 grayscale frames per observation.",
+                             minimum=1, maximum=16)
+  # Up to 30 random no-ops at reset de-correlate the starts of episodes.
+  noop_max: int = setting(30, "Atari: at most this many no-op actions at each episode start.",
+                          minimum=0, maximum=1000)
+  # The game continues after a life is lost; only the bootstrap is cut.
+  terminal_on_life_loss: bool = setting(
+      False, "Atari: a lost life ends the value bootstrap (discount 0) without resetting the game.")
+  # Clipping keeps TD errors in the same range across games; episode returns
+  # are always reported unclipped.
+  clip_rewards: bool = setting(True, "Clip training rewards to [-1, 1] (Atari).", classic=False)
+
+
+@dataclasses.dataclass
+class NetworkConfig:
+  """The Q-network; collectors build the same one to load published weights."""
+  # After the Nature CNN for pixels; the whole network for state vectors.
+  fc_layers: tuple[int, ...] = setting((512,), "Sizes of the fully connected hidden layers.",
+                                       minimum=1, classic=(256, 256))
+
+
+@dataclasses.dataclass
+class AgentConfig:
+  """The DQN learner's hyperparameters."""
+  batch_size: int = setting(32, "Transitions per gradient step.", minimum=1, maximum=65536,
+                            classic=64)
+  learning_rate: float = setting(1e-4, "Optimizer learning rate.", minimum=1e-9, maximum=1.0,
+                                 classic=1e-3)
+  optimizer: str = setting("adam", "Optimizer.", choices=("adam", "rmsprop"))
+  # Per-step discount of future rewards.
+  gamma: float = setting(0.99, "Discount factor.", minimum=0.0, maximum=1.0)
+  # Double DQN picks the next action with the online net, scores it with the
+  # target net; it curbs the max-operator's overestimation.
+  double_dqn: bool = setting(True, "Use Double DQN targets.")
+  # Hard target updates every N train steps (Nature DQN: 10k env steps = 2.5k
+  # updates); the MLP tolerates much more frequent copies.
+  target_update_period: int = setting(2500, "Copy online weights to the target net every N train steps.",
+                                      minimum=1, classic=100)
+  # Gradient norm clipping guards the first updates against huge TD errors.
+  gradient_clipping: float = setting(10.0, "Clip gradient norm to this (0 disables).", minimum=0.0)
+
+
+@dataclasses.dataclass
+class ReplayConfig:
+  """The Reverb server and its replay table."""
+  port: int = setting(DEFAULT_REPLAY_PORT, "Reverb gRPC port.", minimum=0, maximum=65535)
+  # Reverb's own server has no health service, so health and status live on
+  # a second port in the same process.
+  status_port: int = setting(DEFAULT_REPLAY_STATUS_PORT, "Port of the health check and status RPC.",
+                             minimum=0, maximum=65535)
+  # Oldest transitions are removed first once the table is full.
+  max_size: int = setting(1_000_000, "Maximum transitions in the table (FIFO removal).",
+                          minimum=1, maximum=2**31 - 1, classic=100_000)
+  # Sampling waits until this many transitions have been inserted.
+  min_size: int = setting(20_000, "Transitions in the table before the trainer may sample.",
+                          minimum=1, classic=1_000)
+  # Samples are counted in transitions: with batch 32 and ratio 8, one train
+  # step per 4 environment steps (Nature DQN); CartPole trains far harder.
+  samples_per_insert: float = setting(8.0, "Target ratio of sampled to inserted transitions.",
+                                      minimum=0.001, classic=32.0)
+  # How far the ratio may drift before the rate limiter blocks the faster
+  # side, as a fraction of min_size * samples_per_insert.
+  rate_limit_tolerance: float = setting(0.1, "Allowed drift of the ratio before blocking.",
+                                        minimum=0.0, maximum=100.0)
+  checkpoint_dir: str = setting("", "Directory for table checkpoints; the newest one is restored "
+                                    "at start. Empty: no checkpoints.")
+  checkpoint_every_s: float = setting(600.0, "Seconds between checkpoints (0: only at shutdown).",
+                                      minimum=0.0)
+
+  def validate(self) -> None:
+    if self.min_size > self.max_size:
+      raise ConfigError(f"--min-size ({self.min_size}) must be <= --max-size ({self.max_size})")
+    if self.port and self.port == self.status_port:
+      raise ConfigError(f"--port and --status-port must differ, both are {self.port}")
+
+  def error_buffer(self) -> float:
+    """The SampleToInsertRatio error buffer implied by the tolerance.
+
+    Reverb refuses buffers under max(1, samples_per_insert), which would
+    deadlock sampler and inserters against each other.
+    """
+    return max(self.min_size * self.samples_per_insert * self.rate_limit_tolerance,
+               2.0 * max(1.0, self.samples_per_insert))
+
+
+@dataclasses.dataclass
+class CollectorConfig:
+  """A collector: batched environments, epsilon-greedy policy, Reverb writers."""
+  replay_address: str = setting(f"localhost:{DEFAULT_REPLAY_PORT}", "Reverb server host:port.")
+  trainer_address: str = setting(f"localhost:{DEFAULT_TRAINER_PORT}",
+                                 "Trainer's policy API host:port.")
+  num_envs: int = setting(8, "Environments stepped together; one policy call per step for all.",
+                          minimum=1, maximum=1024)
+  # Empty: the host name (a pod or container name) plus the process id.
+  collector_id: str = setting("", "Unique id of this collector (default: hostname-pid).")
+  # Negative: derived from the collector id, so replicas differ without edits.
+  seed: int = setting(-1, "Random seed (-1: derived from the collector id).", minimum=-1)
+  # Epsilon decays with the acting policy's version (= train steps), the same
+  # clock for every collector; version 0 (no policy yet) acts at random.
+  epsilon_start: float = setting(1.0, "Exploration rate before any training.", minimum=0.0, maximum=1.0)
+  epsilon_end: float = setting(0.01, "Exploration rate after the decay.", minimum=0.0, maximum=1.0,
+                               classic=0.02)
+  epsilon_decay_steps: int = setting(250_000, "Train steps over which epsilon decays linearly.",
+                                     minimum=1, classic=4_000)
+  status_port: int = setting(DEFAULT_COLLECTOR_STATUS_PORT,
+                             "Port of the health check and status RPC (0: any free port).",
+                             minimum=0, maximum=65535)
+  summary_dir: str = setting("", "Directory for TensorBoard summaries (empty: none).")
+  max_env_steps: int = setting(0, "Stop after this many environment steps (0: run until stopped).",
+                               minimum=0)
+
+  def validate(self) -> None:
+    if self.epsilon_end > self.epsilon_start:
+      raise ConfigError(f"--epsilon-end ({self.epsilon_end}) must be <= --epsilon-start "
+                        f"({self.epsilon_start})")
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+  """The trainer: sampling, training, checkpoints and policy publication."""
+  replay_address: str = setting(f"localhost:{DEFAULT_REPLAY_PORT}", "Reverb server host:port.")
+  port: int = setting(DEFAULT_TRAINER_PORT, "Port of the policy API, status RPC and health check.",
+                      minimum=0, maximum=65535)
+  run_dir: str = setting("runs/trainer", "Directory for checkpoints, policies/ and TensorBoard logs.")
+  # A published version is the train step; collectors reload each one.
+  publish_every: int = setting(1000, "Publish the policy every N train steps.", minimum=1,
+                               classic=100)
+  keep_policies: int = setting(5, "Published versions kept on disk.", minimum=1)
+  checkpoint_every: int = setting(10_000, "Write a training checkpoint every N train steps.",
+                                  minimum=1, classic=2_000)
+  max_train_steps: int = setting(0, "Stop after this many train steps (0: run until stopped).",
+                                 minimum=0)
+  # Batches sampled ahead of the train step, overlapping gRPC with compute.
+  prefetch_batches: int = setting(4, "Batches prefetched from replay.", minimum=1, maximum=1024)
+  log_every_s: float = setting(10.0, "Seconds between progress log lines.", minimum=0.1)
+
+
+@dataclasses.dataclass
+class UpConfig:
+  """The local launcher: the whole fleet as processes on this machine."""
+  collectors: int = setting(2, "Collector processes to start.", minimum=1, maximum=64)
+  run_dir: str = setting("runs/latest", "Directory for checkpoints, policies/, logs/ and "
+                                        "TensorBoard summaries of this run.")
+  progress_every_s: float = setting(5.0, "Seconds between progress lines.", minimum=0.5)
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+  """Greedy evaluation of a published policy."""
+  policy: str = setting("", "A policies directory (its newest version is used), one version's "
+                            "directory, a run directory, or a trainer's host:port.")
+  episodes: int = setting(20, "Episodes to run.", minimum=1, maximum=100_000)
+  num_envs: int = setting(10, "Environments run at once.", minimum=1, maximum=256)
+  # A small epsilon keeps Atari agents from stalling in states where the
+  # greedy action does nothing (e.g. never pressing FIRE in Breakout).
+  epsilon: float = setting(0.0, "Probability of a random action.", minimum=0.0, maximum=1.0)
+  seed: int = setting(12345, "Seed of the evaluation environments.", minimum=0)
+  json: bool = setting(False, "Print one JSON object (mean_return, episodes, returns, ...).")
+
+  def validate(self) -> None:
+    if not self.policy:
+      raise ConfigError("--policy is required: a policies directory or a trainer's host:port")

@@ -1,0 +1,163 @@
+"""Gymnasium environments as one batched TF-Agents environment.
+
+tf-agents 0.19 has no gymnasium adapter, so `BatchedGymEnvironment` is ours:
+E gymnasium environments stepped together (gymnasium's SyncVectorEnv) and
+presented as a single batched `PyEnvironment`, so that the driver calls the
+policy once per step for all E. Gymnasium's next-step autoreset is exactly
+TF-Agents' convention: the step after LAST returns FIRST and ignores its action.
+
+Atari ids get the standard DQN preprocessing (Machado et al. 2018): up to 30
+no-op starts, frame skip 4 with max-pooling of the last two frames, 84x84
+grayscale, a stack of the last 4 frames (channels last, as the Nature CNN
+expects), rewards clipped for training, episode returns reported unclipped,
+optionally a lost life cutting the bootstrap.
+"""
+import collections
+import functools
+
+import ale_py
+import gymnasium as gym
+import numpy as np
+from tf_agents.environments import py_environment
+from tf_agents.specs import array_spec
+from tf_agents.trajectories import time_step as ts
+
+from dqnfleet.core.config import EnvConfig
+from dqnfleet.core.settings import ConfigError
+
+gym.register_envs(ale_py)
+
+ATARI_FRAME_SKIP = 4
+ATARI_SCREEN_SIZE = 84
+
+
+def is_atari(env_id: str) -> bool:
+  return env_id.startswith("ALE/")
+
+
+def make_env(config: EnvConfig) -> gym.Env:
+  """One gymnasium environment with the preprocessing its family needs."""
+  if not is_atari(config.env_id):
+    return gym.make(config.env_id)
+  # Frame skipping belongs to the preprocessing (it max-pools the last two
+  # frames), so the emulator itself must not skip.
+  env = gym.make(config.env_id, frameskip=1)
+  env = gym.wrappers.AtariPreprocessing(
+      env, noop_max=config.noop_max, frame_skip=ATARI_FRAME_SKIP,
+      screen_size=ATARI_SCREEN_SIZE, grayscale_obs=True, scale_obs=False,
+      terminal_on_life_loss=False)  # life loss is handled below without a reset
+  return gym.wrappers.FrameStackObservation(env, stack_size=config.frame_stack)
+
+
+def validate_env(config: EnvConfig) -> None:
+  """Refuses ids that are unknown or that DQN cannot act in."""
+  try:
+    gym.spec(config.env_id)
+  except gym.error.Error:
+    raise ConfigError(
+        f"--env-id {config.env_id!r} is not a registered gymnasium environment; use an Atari "
+        "id such as ALE/Breakout-v5 or a classic-control id such as CartPole-v1") from None
+  env = make_env(config)
+  try:
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+      raise ConfigError(f"--env-id {config.env_id!r} has {env.action_space} actions; DQN "
+                        "needs a Discrete action space (e.g. CartPole-v1, ALE/Breakout-v5)")
+    space = env.observation_space
+    if not is_atari(config.env_id) and not (isinstance(space, gym.spaces.Box)
+                                            and len(space.shape) == 1):
+      raise ConfigError(f"--env-id {config.env_id!r} observes {space}; non-Atari ids need a "
+                        "1-D Box observation (a state vector, e.g. CartPole-v1)")
+  finally:
+    env.close()
+
+
+class BatchedGymEnvironment(py_environment.PyEnvironment):
+  """E gymnasium environments as one batched TF-Agents environment.
+
+  With `training=True`, rewards are clipped and life loss ends the bootstrap
+  as the config says; with `training=False` (evaluation) neither happens.
+  Finished episodes are queued in `finished_episodes` for the caller to report.
+  """
+
+  def __init__(self, config: EnvConfig, num_envs: int, seed: int, *, training: bool = True):
+    super().__init__(handle_auto_reset=False)
+    self._vec = gym.vector.SyncVectorEnv(
+        [functools.partial(make_env, config) for _ in range(num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    self._num_envs = num_envs
+    self._seed = seed
+    self._pixels = is_atari(config.env_id)
+    self._clip = training and config.clip_rewards
+    self._life_loss = training and config.terminal_on_life_loss and self._pixels
+    single_obs = self._vec.single_observation_space
+    n_actions = int(self._vec.single_action_space.n)
+    if self._pixels:
+      self._observation_spec = array_spec.BoundedArraySpec(
+          single_obs.shape[1:] + single_obs.shape[:1], np.uint8, 0, 255, name="observation")
+    else:
+      self._observation_spec = array_spec.ArraySpec(single_obs.shape, np.float32, "observation")
+    self._action_spec = array_spec.BoundedArraySpec((), np.int64, 0, n_actions - 1, "action")
+    self._was_last = np.zeros(num_envs, bool)
+    self._lives = np.zeros(num_envs)
+    self._returns = np.zeros(num_envs)
+    self._lengths = np.zeros(num_envs, np.int64)
+    # (env index, unclipped return, length) of each finished episode
+    self.finished_episodes: collections.deque = collections.deque()
+
+  @property
+  def batched(self) -> bool:
+    return True
+
+  @property
+  def batch_size(self) -> int:
+    return self._num_envs
+
+  def observation_spec(self):
+    return self._observation_spec
+
+  def action_spec(self):
+    return self._action_spec
+
+  def _observe(self, obs: np.ndarray) -> np.ndarray:
+    # FrameStackObservation stacks on the first axis; the CNN wants channels last.
+    return np.moveaxis(obs, 1, -1) if self._pixels else obs.astype(np.float32)
+
+  def _reset(self) -> ts.TimeStep:
+    obs, info = self._vec.reset(seed=self._seed)
+    self._was_last[:] = False
+    self._returns[:] = 0
+    self._lengths[:] = 0
+    self._lives = np.asarray(info.get("lives", self._lives), dtype=np.float64)
+    n = self._num_envs
+    return ts.TimeStep(step_type=np.full(n, ts.StepType.FIRST, np.int32),
+                       reward=np.zeros(n, np.float32), discount=np.ones(n, np.float32),
+                       observation=self._observe(obs))
+
+  def _step(self, action: np.ndarray) -> ts.TimeStep:
+    obs, reward, terminated, truncated, info = self._vec.step(np.asarray(action))
+    # Environments that were LAST were just reset by the vector env and
+    # ignored their action: this step is their FIRST.
+    first = self._was_last
+    last = (terminated | truncated) & ~first
+    reward = np.where(first, 0.0, reward.astype(np.float64))
+    self._returns = np.where(first, 0.0, self._returns + reward)
+    self._lengths = np.where(first, 0, self._lengths + 1)
+    for i in np.flatnonzero(last):
+      self.finished_episodes.append((int(i), float(self._returns[i]), int(self._lengths[i])))
+
+    discount = np.where(terminated & ~first, 0.0, 1.0)
+    if "lives" in info:
+      lives = np.asarray(info["lives"], dtype=np.float64)
+      if self._life_loss:
+        discount = np.where((lives < self._lives) & ~first, 0.0, discount)
+      self._lives = lives
+    if self._clip:
+      reward = np.sign(reward)
+    self._was_last = last
+    step_type = np.where(first, ts.StepType.FIRST,
+                         np.where(last, ts.StepType.LAST, ts.StepType.MID)).astype(np.int32)
+    return ts.TimeStep(step_type=step_type, reward=reward.astype(np.float32),
+                       discount=discount.astype(np.float32), observation=self._observe(obs))
+
+  def close(self) -> None:
+    self._vec.close()

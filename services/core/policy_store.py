@@ -1,0 +1,144 @@
+"""Published policies on disk: versioned, written atomically, pruned.
+
+    <run_dir>/policies/
+      v000000001000/            version = the trainer's train step
+        manifest.json           env and network settings needed to rebuild the net
+        weights.index           TF checkpoint of the Q-network's variables
+        weights.data-00000-of-00001
+
+A version is written into a hidden temporary directory and renamed into place,
+so a reader (the trainer's PolicyService, `evaluate`) never sees a half-written
+one. Collectors receive the same files over gRPC and keep their own copy.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import time
+
+import tensorflow as tf
+
+from dqnfleet.core import networks, specs
+from dqnfleet.core.config import EnvConfig, NetworkConfig
+
+FORMAT = "dqnfleet-policy-v1"
+MANIFEST = "manifest.json"
+WEIGHTS_PREFIX = "weights"
+_VERSION_DIR = re.compile(r"^v(\d{12})$")
+
+
+def version_dir(policies_dir: str | os.PathLike, version: int) -> pathlib.Path:
+  return pathlib.Path(policies_dir) / f"v{version:012d}"
+
+
+def list_versions(policies_dir: str | os.PathLike) -> list[int]:
+  """Complete versions in `policies_dir`, oldest first."""
+  root = pathlib.Path(policies_dir)
+  if not root.is_dir():
+    return []
+  found = (_VERSION_DIR.match(p.name) for p in root.iterdir())
+  return sorted(int(m.group(1)) for m in found if m)
+
+
+def publish(policies_dir: str | os.PathLike, version: int, network: tf.keras.Model,
+            env: EnvConfig, net: NetworkConfig, keep: int) -> pathlib.Path:
+  """Writes `network`'s weights as `version` atomically; keeps the newest `keep`."""
+  root = pathlib.Path(policies_dir)
+  root.mkdir(parents=True, exist_ok=True)
+  final = version_dir(root, version)
+  tmp = root / f".tmp-{final.name}-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  tf.train.Checkpoint(q_network=network).write(str(tmp / WEIGHTS_PREFIX))
+  manifest = {"format": FORMAT, "version": version, "published_unix_ms": int(time.time() * 1000),
+              "env": dataclasses.asdict(env), "network": dataclasses.asdict(net)}
+  (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+  for path in tmp.iterdir():
+    with open(path, "rb") as f:
+      os.fsync(f.fileno())
+  if final.exists():  # republishing the same step (e.g. after a restart)
+    shutil.rmtree(final)
+  os.rename(tmp, final)
+  for old in list_versions(root)[:-keep]:
+    # Rename first so no reader ever lists a half-deleted version.
+    doomed = root / f".del-v{old:012d}-{os.getpid()}"
+    os.rename(version_dir(root, old), doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+  return final
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+  path = pathlib.Path(path)
+  try:
+    manifest = json.loads((path / MANIFEST).read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is not a published dqnfleet policy ({e})") from None
+  if manifest.get("format") != FORMAT:
+    raise ValueError(f"{path}: unknown policy format {manifest.get('format')!r}, expected {FORMAT}")
+  return manifest
+
+
+def file_digests(path: str | os.PathLike) -> list[tuple[str, int, str]]:
+  """(name, size, sha256) of every file of a version, sorted by name."""
+  out = []
+  for file in sorted(pathlib.Path(path).iterdir()):
+    out.append((file.name, file.stat().st_size, hashlib.sha256(file.read_bytes()).hexdigest()))
+  return out
+
+
+def configs_of(manifest: dict) -> tuple[EnvConfig, NetworkConfig]:
+  net = dict(manifest["network"])
+  net["fc_layers"] = tuple(net["fc_layers"])
+  return EnvConfig(**manifest["env"]), NetworkConfig(**net)
+
+
+def restore_weights(network: tf.keras.Model, path: str | os.PathLike) -> None:
+  tf.train.Checkpoint(q_network=network).read(
+      str(pathlib.Path(path) / WEIGHTS_PREFIX)).assert_existing_objects_matched()
+
+
+def load(path: str | os.PathLike):
+  """Rebuilds the published network: returns (env config, specs, network, version)."""
+  manifest = read_manifest(path)
+  env, net = configs_of(manifest)
+  env_specs = specs.env_specs(env)
+  network = networks.q_net(env_specs, net)
+  restore_weights(network, path)
+  return env, env_specs, network, manifest["version"]
+
+
+def fetch(stub, info, dest_root: str | os.PathLike) -> pathlib.Path:
+  """Downloads version `info` (a PolicyVersion) over gRPC into dest_root/v..., verified.
+
+  `stub` is a PolicyServiceStub. Raises ValueError if a file arrives
+  corrupted; grpc.RpcError if the trainer is unreachable or dropped the version.
+  """
+  from dqnfleet.core.api import fleet_pb2  # keeps this module usable without gRPC
+  dest_root = pathlib.Path(dest_root)
+  dest_root.mkdir(parents=True, exist_ok=True)
+  tmp = dest_root / f".fetch-v{info.version:012d}-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  handles = {}
+  try:
+    for chunk in stub.FetchPolicy(fleet_pb2.FetchPolicyRequest(version=info.version), timeout=300):
+      if chunk.file_name not in handles:
+        if "/" in chunk.file_name or chunk.file_name.startswith("."):
+          raise ValueError(f"refusing policy file name {chunk.file_name!r}")
+        handles[chunk.file_name] = open(tmp / chunk.file_name, "wb")
+      handles[chunk.file_name].write(chunk.data)
+  finally:
+    for handle in handles.values():
+      handle.close()
+  expected = {(f.name, f.size_bytes, f.sha256) for f in info.files}
+  got = set(file_digests(tmp))
+  if got != expected:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise ValueError(f"policy v{info.version} arrived incomplete or corrupted")
+  final = version_dir(dest_root, info.version)
+  shutil.rmtree(final, ignore_errors=True)
+  os.rename(tmp, final)
+  return final

@@ -1,0 +1,118 @@
+"""gRPC plumbing every service shares: servers, health, status, retries."""
+import logging
+import threading
+import time
+from concurrent import futures
+from typing import Callable, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Keepalives notice a peer that vanished (a killed pod) instead of hanging.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+class StatusServicer(fleet_pb2_grpc.StatusServiceServicer):
+  """Answers GetStatus from a snapshot function the service provides."""
+
+  def __init__(self, role: str, service_id: str, env_id: str,
+               snapshot: Callable[[], dict]):
+    self._role, self._id, self._env_id = role, service_id, env_id
+    self._snapshot = snapshot
+    self._started = time.monotonic()
+
+  def GetStatus(self, request, context):
+    snap = self._snapshot()
+    return fleet_pb2.ServiceStatus(
+        role=self._role, id=self._id, env_id=self._env_id,
+        counters={k: float(v) for k, v in snap.get("counters", {}).items()},
+        policy_version=int(snap.get("policy_version", -1)),
+        replay_size=int(snap.get("replay_size", -1)),
+        recent_returns=list(snap.get("recent_returns", [])),
+        uptime_s=time.monotonic() - self._started)
+
+
+def start_server(port: int, status: StatusServicer,
+                 extra: Callable[[grpc.Server], None] | None = None,
+                 max_workers: int = 16) -> tuple[grpc.Server, int]:
+  """Starts a server with health, status and `extra` services; returns it and its port."""
+  server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                       options=SERVER_OPTIONS)
+  health_servicer = health.HealthServicer()
+  health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+  fleet_pb2_grpc.add_StatusServiceServicer_to_server(status, server)
+  if extra:
+    extra(server)
+  bound = server.add_insecure_port(f"[::]:{port}")
+  if bound == 0:
+    raise OSError(f"cannot listen on port {port}: it is in use or not allowed")
+  server.start()
+  # "" is the whole server's status, as grpc_health_probe and Kubernetes ask.
+  for name in ("", "dqnfleet.v1.StatusService"):
+    health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+  return server, bound
+
+
+def channel(address: str) -> grpc.Channel:
+  return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def get_status(address: str, timeout: float = 5.0) -> fleet_pb2.ServiceStatus:
+  with channel(address) as ch:
+    return fleet_pb2_grpc.StatusServiceStub(ch).GetStatus(fleet_pb2.GetStatusRequest(),
+                                                          timeout=timeout)
+
+
+def check_health(address: str, timeout: float = 3.0) -> bool:
+  try:
+    with channel(address) as ch:
+      reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""),
+                                                   timeout=timeout)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+  except grpc.RpcError:
+    return False
+
+
+class Backoff:
+  """Exponential backoff with a cap, for reconnect loops."""
+
+  def __init__(self, first: float = 0.5, cap: float = 15.0):
+    self._first, self._cap = first, cap
+    self.delay = first
+
+  def reset(self) -> None:
+    self.delay = self._first
+
+  def wait(self, stop: threading.Event | None = None) -> bool:
+    """Sleeps the current delay (or until `stop`), doubles it; True if stopped."""
+    stopped = stop.wait(self.delay) if stop else (time.sleep(self.delay) or False)
+    self.delay = min(self.delay * 2, self._cap)
+    return bool(stopped)
+
+
+def retry(fn: Callable[[], T], what: str, stop: threading.Event | None = None,
+          errors: tuple[type[BaseException], ...] = (Exception,)) -> T | None:
+  """Calls `fn` until it succeeds, logging each failure; None if `stop` is set first."""
+  backoff = Backoff()
+  while True:
+    try:
+      return fn()
+    except errors as e:  # the peer is down or not up yet: say so, then wait
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      log.warning("%s failed (%s); retrying in %.1fs", what, reason[:200], backoff.delay)
+      if backoff.wait(stop):
+        return None

@@ -1,0 +1,48 @@
+"""Process set-up shared by every service: logging, quiet TensorFlow, signals."""
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import types
+
+
+def quiet_imports() -> None:
+  """Keeps start-up chatter that is not ours out of the services' logs.
+
+  Must run before TensorFlow is imported. TF_CPP_MIN_LOG_LEVEL hides the C++
+  CUDA probing on CPU hosts (a user's own setting wins). tf-agents imports the
+  deprecated `gym` for suites dqnfleet does not use, and gym prints a banner
+  telling the user to move to gymnasium, which dqnfleet already uses.
+  """
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  sys.modules.setdefault("gym_notices.notices", types.SimpleNamespace(notices={}))
+
+
+def setup_logging(role: str, service_id: str, level: str = "INFO") -> None:
+  logging.basicConfig(
+      level=getattr(logging, level),
+      format=f"%(asctime)s %(levelname)s {role}[{service_id}] %(message)s",
+      datefmt="%H:%M:%S", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  # TensorFlow's deprecation notices (from inside tf-agents) are not actionable here.
+  logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def default_id(role: str) -> str:
+  """hostname-pid: unique per process, and a pod's or container's name in clusters."""
+  return f"{socket.gethostname()}-{os.getpid()}" if role == "collector" else role
+
+
+def stop_on_signals() -> threading.Event:
+  """An event set by SIGTERM or SIGINT, so services shut down cleanly."""
+  stop = threading.Event()
+
+  def handler(signum, _frame):
+    logging.info("received %s, shutting down", signal.Signals(signum).name)
+    stop.set()
+
+  signal.signal(signal.SIGTERM, handler)
+  signal.signal(signal.SIGINT, handler)
+  return stop

@@ -1,0 +1,161 @@
+"""Settings as dataclass fields, exposed as flags and environment variables.
+
+Each field declared with `setting()` becomes a `--field-name` flag and a
+`DQNFLEET_FIELD_NAME` environment variable (the same names in docker compose
+and Kubernetes). A value is taken from, in order: the flag, the environment
+variable, the environment family's default (`classic=` for classic-control
+ids such as CartPole-v1, whose defaults differ from Atari's), the default.
+
+Invalid values are refused with `ConfigError`, whose message names the setting
+and what is allowed, before any service starts.
+"""
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Any, Callable, Sequence
+
+ENV_PREFIX = "DQNFLEET_"
+_UNSET = object()
+
+
+class ConfigError(ValueError):
+  """A setting has a value that is not allowed; the message says which and why."""
+
+
+def setting(default: Any, help: str, *, minimum: float | None = None,
+            maximum: float | None = None, choices: Sequence[Any] | None = None,
+            classic: Any = _UNSET) -> Any:
+  """Declares one setting: default, help text, allowed values, family default."""
+  metadata = {"help": help, "minimum": minimum, "maximum": maximum,
+              "choices": tuple(choices) if choices else None, "classic": classic}
+  if isinstance(default, (list, tuple)):
+    return dataclasses.field(default_factory=lambda: tuple(default), metadata=metadata)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_name(field: dataclasses.Field) -> str:
+  return "--" + field.name.replace("_", "-")
+
+
+def env_name(field: dataclasses.Field) -> str:
+  return ENV_PREFIX + field.name.upper()
+
+
+def _field_type(cls: type, field: dataclasses.Field) -> Any:
+  return typing.get_type_hints(cls)[field.name]
+
+
+def _parse_bool(text: str) -> bool:
+  lowered = text.strip().lower()
+  if lowered in ("1", "true", "yes", "on"):
+    return True
+  if lowered in ("0", "false", "no", "off"):
+    return False
+  raise ValueError(f"{text!r} is not a boolean (use true/false)")
+
+
+def _converter(kind: Any) -> Callable[[str], Any]:
+  if kind is bool:
+    return _parse_bool
+  if kind in (int, float, str):
+    return kind
+  if typing.get_origin(kind) is tuple:
+    item = typing.get_args(kind)[0]
+    return lambda text: tuple(item(part) for part in text.split(",") if part.strip())
+  raise TypeError(f"unsupported setting type {kind}")
+
+
+def _describe_default(field: dataclasses.Field) -> str:
+  def show(value):
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+  default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+  text = f"default {show(default)!s}" if default not in ("", None) else "default unset"
+  classic = field.metadata["classic"]
+  if classic is not _UNSET:
+    text += f"; classic control: {show(classic)}"
+  return text
+
+
+def add_flags(parser: argparse.ArgumentParser, *config_classes: type,
+              exclude: frozenset[str] = frozenset()) -> None:
+  """Adds one flag per setting of each dataclass (but `exclude`), grouped by class."""
+  for cls in config_classes:
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    for field in dataclasses.fields(cls):
+      if field.name in exclude:
+        continue
+      kind = _field_type(cls, field)
+      meta = field.metadata
+      help_text = f"{meta['help']} ({_describe_default(field)}; env {env_name(field)})"
+      if meta["choices"]:
+        help_text += f" One of: {', '.join(map(str, meta['choices']))}."
+      if kind is bool:
+        group.add_argument(flag_name(field), dest=field.name, default=_UNSET,
+                           action=argparse.BooleanOptionalAction, help=help_text)
+      else:
+        group.add_argument(flag_name(field), dest=field.name, default=_UNSET, type=str,
+                           metavar=field.name.upper(), help=help_text)
+
+
+def build(cls: type, args: argparse.Namespace | None = None,
+          environ: dict[str, str] | None = None, *, classic_control: bool = False) -> Any:
+  """Builds a config of `cls` from flags, environment variables and defaults."""
+  environ = os.environ if environ is None else environ
+  values = {}
+  for field in dataclasses.fields(cls):
+    kind = _field_type(cls, field)
+    convert = _converter(kind)
+    raw = getattr(args, field.name, _UNSET) if args is not None else _UNSET
+    source = flag_name(field)
+    if raw is _UNSET and env_name(field) in environ:
+      raw, source = environ[env_name(field)], env_name(field)
+    if raw is _UNSET:
+      if classic_control and field.metadata["classic"] is not _UNSET:
+        values[field.name] = field.metadata["classic"]
+      continue
+    if isinstance(raw, str):
+      try:
+        raw = convert(raw)
+      except ValueError:
+        raise ConfigError(f"{source}={raw!r} is not a valid {_type_word(kind)}") from None
+    values[field.name] = raw
+  config = cls(**values)
+  check_bounds(config)
+  return config
+
+
+def _type_word(kind: Any) -> str:
+  if typing.get_origin(kind) is tuple:
+    return f"comma-separated list of {typing.get_args(kind)[0].__name__}"
+  return {bool: "boolean (true/false)", int: "integer", float: "number", str: "string"}[kind]
+
+
+def check_bounds(config: Any) -> None:
+  """Refuses values outside a setting's declared minimum, maximum or choices."""
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    meta = field.metadata
+    items = value if isinstance(value, tuple) else (value,)
+    for item in items:
+      if meta["minimum"] is not None and item < meta["minimum"]:
+        raise ConfigError(f"{flag_name(field)} must be >= {meta['minimum']}, got {value}")
+      if meta["maximum"] is not None and item > meta["maximum"]:
+        raise ConfigError(f"{flag_name(field)} must be <= {meta['maximum']}, got {value}")
+      if meta["choices"] and item not in meta["choices"]:
+        allowed = ", ".join(map(str, meta["choices"]))
+        raise ConfigError(f"{flag_name(field)} must be one of {allowed}, got {value!r}")
+
+
+def to_flags(config: Any) -> list[str]:
+  """The flags that reproduce `config` (for launching a service as a process)."""
+  out = []
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if isinstance(value, bool):
+      out.append(flag_name(field) if value else "--no-" + flag_name(field)[2:])
+    elif isinstance(value, tuple):
+      out.append(f"{flag_name(field)}={','.join(map(str, value))}")
+    else:
+      out.append(f"{flag_name(field)}={value}")
+  return out

@@ -1,0 +1,105 @@
+"""Specs shared by all services: the environment's, and the replay item layout.
+
+Replay item layout. An Atari observation stacks the last k=4 frames, so two
+consecutive observations share k-1 frames; storing (obs, next_obs) pairs would
+keep every frame 2k = 8 times. Instead each environment step appends ONE row
+to its environment's Reverb trajectory writer, holding one new frame only:
+
+    episode start: k rows, the frames of s_0 (scalars are padding)
+    transition t:  frame = newest frame of s_t+1, action a_t, reward r_t,
+                   discount d_t, policy_version of the policy that chose a_t,
+                   collector = source_id() of the collector that wrote it
+
+and the item for transition t references the last k+1 rows' frames (Reverb
+chunks are shared between items, so each frame is stored once) and the last
+row's scalars:
+
+    item:   frames[k+1] (s_t = frames[0:k], s_t+1 = frames[1:k+1]),
+            action, reward, discount, policy_version, collector
+
+A state-vector environment is the same with k=1: frames[2] = (s_t, s_t+1).
+The signature depends only on the environment settings, so the replay server
+derives it without waiting for a collector or the trainer.
+"""
+import dataclasses
+import functools
+import zlib
+
+import numpy as np
+import tensorflow as tf
+from tf_agents.specs import array_spec
+from tf_agents.trajectories import time_step as ts
+
+from dqnfleet.core import envs
+from dqnfleet.core.config import EnvConfig
+
+TABLE = "transitions"
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpecs:
+  """What every service needs to know about the environment."""
+  observation: array_spec.ArraySpec   # what the policy sees (frames stacked last)
+  action: array_spec.BoundedArraySpec
+  frame: array_spec.ArraySpec         # one row's slice of an observation
+  stack: int                          # frames per observation (1: state vectors)
+
+  @property
+  def time_step(self) -> ts.TimeStep:
+    return ts.time_step_spec(self.observation)
+
+  @property
+  def num_actions(self) -> int:
+    return int(self.action.maximum) + 1
+
+  def frames_of(self, observation: np.ndarray) -> list[np.ndarray]:
+    """The frames of one (unbatched) observation, oldest first."""
+    if self.stack == 1:
+      return [observation]
+    return [observation[..., i] for i in range(self.stack)]
+
+
+@functools.lru_cache(maxsize=None)
+def _specs_for(env_id: str, frame_stack: int, noop_max: int) -> EnvSpecs:
+  env = envs.BatchedGymEnvironment(EnvConfig(env_id=env_id, frame_stack=frame_stack,
+                                             noop_max=noop_max), num_envs=1, seed=0)
+  try:
+    obs, act = env.observation_spec(), env.action_spec()
+  finally:
+    env.close()
+  if envs.is_atari(env_id):
+    frame = array_spec.ArraySpec(obs.shape[:-1], obs.dtype, "frame")
+    return EnvSpecs(obs, act, frame, frame_stack)
+  return EnvSpecs(obs, act, array_spec.ArraySpec(obs.shape, obs.dtype, "frame"), 1)
+
+
+def env_specs(config: EnvConfig) -> EnvSpecs:
+  return _specs_for(config.env_id, config.frame_stack, config.noop_max)
+
+
+def replay_signature(specs: EnvSpecs) -> dict[str, tf.TensorSpec]:
+  """The replay table's signature: one transition, frames stored once."""
+  return {
+      "frames": tf.TensorSpec((specs.stack + 1,) + specs.frame.shape,
+                              tf.as_dtype(specs.frame.dtype), "frames"),
+      "action": tf.TensorSpec((), tf.int64, "action"),
+      "reward": tf.TensorSpec((), tf.float32, "reward"),
+      "discount": tf.TensorSpec((), tf.float32, "discount"),
+      "policy_version": tf.TensorSpec((), tf.int64, "policy_version"),
+      "collector": tf.TensorSpec((), tf.int64, "collector"),
+  }
+
+
+def source_id(collector_id: str) -> int:
+  """The number that marks a collector's items in replay (a hash of its id)."""
+  return zlib.crc32(collector_id.encode())
+
+
+def split_frames(frames: tf.Tensor, stack: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """[B, k+1, *frame] -> observations s_t and s_t+1, each [B, *obs]."""
+  if stack == 1:
+    return frames[:, 0], frames[:, 1]
+  # [B, k, H, W] -> [B, H, W, k]: frames are stacked on the channel axis.
+  rank = len(frames.shape)
+  perm = [0] + list(range(2, rank)) + [1]
+  return tf.transpose(frames[:, :stack], perm), tf.transpose(frames[:, 1:], perm)

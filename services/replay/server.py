@@ -1,0 +1,86 @@
+"""The replay service: a Reverb server holding the fleet's replay table.
+
+Collectors insert transitions, the trainer samples batches; a SampleToInsertRatio
+rate limiter keeps the number of times each transition is sampled steady,
+whichever side is faster. The table's signature is derived from the
+environment settings (core/specs.py), so services may start in any order.
+"""
+import logging
+import threading
+
+import reverb
+
+from dqnfleet.core import rpc, specs
+from dqnfleet.core.config import EnvConfig, ReplayConfig
+
+log = logging.getLogger(__name__)
+
+
+def make_table(env: EnvConfig, config: ReplayConfig) -> reverb.Table:
+  return reverb.Table(
+      name=specs.TABLE,
+      sampler=reverb.selectors.Uniform(),
+      remover=reverb.selectors.Fifo(),
+      max_size=config.max_size,
+      max_times_sampled=0,  # uniform replay: items leave by FIFO only
+      rate_limiter=reverb.rate_limiters.SampleToInsertRatio(
+          samples_per_insert=config.samples_per_insert,
+          min_size_to_sample=config.min_size,
+          error_buffer=config.error_buffer()),
+      signature=specs.replay_signature(specs.env_specs(env)))
+
+
+def table_snapshot(client: reverb.Client) -> dict:
+  """Counters of the replay table, for the status RPC."""
+  info = client.server_info(timeout=5)[specs.TABLE]
+  limiter = info.rate_limiter_info
+  return {
+      "replay_size": info.current_size,
+      "counters": {
+          "replay_size": info.current_size,
+          "max_size": info.max_size,
+          "min_size_to_sample": limiter.min_size_to_sample,
+          "items_inserted": limiter.insert_stats.completed,
+          "items_sampled": limiter.sample_stats.completed,
+          "episodes": info.num_episodes,
+      },
+  }
+
+
+def serve(env: EnvConfig, config: ReplayConfig, stop: threading.Event,
+          service_id: str = "replay") -> None:
+  """Runs the Reverb server until `stop`; checkpoints periodically and at the end."""
+  checkpointer = (reverb.checkpointers.DefaultCheckpointer(path=config.checkpoint_dir)
+                  if config.checkpoint_dir else None)
+  # Reverb restores the newest checkpoint under checkpoint_dir while starting.
+  server = reverb.Server(tables=[make_table(env, config)], port=config.port or None,
+                         checkpointer=checkpointer)
+  client = reverb.Client(f"localhost:{server.port}")
+  size = client.server_info(timeout=30)[specs.TABLE].current_size
+  log.info("Reverb listening on port %d, table %r (%s), %d items%s", server.port, specs.TABLE,
+           env.env_id, size, " restored from " + config.checkpoint_dir if size else "")
+
+  def snapshot():
+    try:
+      return table_snapshot(client)
+    except reverb.errors.DeadlineExceededError:
+      return {}
+
+  status = rpc.StatusServicer("replay", service_id, env.env_id, snapshot)
+  side_server, side_port = rpc.start_server(config.status_port, status)
+  log.info("health and status on port %d", side_port)
+
+  def checkpoint():
+    path = client.checkpoint()
+    log.info("checkpointed %d items to %s", snapshot().get("replay_size", -1), path)
+
+  try:
+    while not stop.wait(config.checkpoint_every_s or None):
+      if checkpointer:
+        checkpoint()
+  finally:
+    side_server.stop(grace=1)
+    if checkpointer:
+      checkpoint()
+    server.stop()
+    log.info("stopped")

@@ -1,0 +1,36 @@
+"""The agent: TF-Agents DQN (or Double DQN) on the shared Q-network."""
+import tensorflow as tf
+from tf_agents.agents.dqn import dqn_agent
+from tf_agents.utils import common
+
+from dqnfleet.core.config import AgentConfig
+from dqnfleet.core.specs import EnvSpecs
+
+
+def make_optimizer(config: AgentConfig) -> tf.keras.optimizers.Optimizer:
+  if config.optimizer == "rmsprop":
+    # The Nature-DQN flavour of RMSprop (as in TF-Agents' Atari example).
+    return tf.keras.optimizers.RMSprop(config.learning_rate, rho=0.95, momentum=0.0,
+                                       epsilon=0.01, centered=True)
+  return tf.keras.optimizers.Adam(config.learning_rate)
+
+
+def make_agent(env_specs: EnvSpecs, q_network: tf.keras.Model, config: AgentConfig,
+               train_step: tf.Variable) -> dqn_agent.DqnAgent:
+  """The agent trains `q_network` in place; the trainer publishes its weights."""
+  agent_class = dqn_agent.DdqnAgent if config.double_dqn else dqn_agent.DqnAgent
+  agent = agent_class(
+      env_specs.time_step, env_specs.action,
+      q_network=q_network,
+      optimizer=make_optimizer(config),
+      # Collectors build their own epsilon-greedy policy (core/networks.py);
+      # the agent's collect policy is never used.
+      epsilon_greedy=0.0,
+      target_update_period=config.target_update_period,
+      td_errors_loss_fn=common.element_wise_huber_loss,
+      gamma=config.gamma,
+      gradient_clipping=config.gradient_clipping or None,
+      train_step_counter=train_step)
+  agent.initialize()
+  agent.train = common.function(agent.train, autograph=False)
+  return agent

@@ -1,0 +1,82 @@
+"""The trainer's policy API: publishes versions and serves them to collectors.
+
+Versions are written to <run_dir>/policies (core/policy_store.py) and served
+over PolicyService: collectors watch for new versions and fetch their files in
+chunks, so they need no filesystem shared with the trainer.
+"""
+import logging
+import threading
+
+import grpc
+
+from dqnfleet.core import policy_store
+from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
+CHUNK_BYTES = 1 << 20
+WATCH_POLL_S = 1.0
+
+
+class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
+  """Writes new versions and answers PolicyService calls about them."""
+
+  def __init__(self, policies_dir: str, env_config, network_config, keep: int):
+    self.dir = policies_dir
+    self._env, self._net, self._keep = env_config, network_config, keep
+    self._changed = threading.Condition()
+    self._latest: fleet_pb2.PolicyVersion | None = None
+    existing = policy_store.list_versions(policies_dir)
+    if existing:  # a restarted trainer goes on serving what it published before
+      self._announce(existing[-1])
+
+  @property
+  def latest_version(self) -> int:
+    latest = self._latest
+    return latest.version if latest else -1
+
+  def publish(self, version: int, network) -> None:
+    policy_store.publish(self.dir, version, network, self._env, self._net, self._keep)
+    self._announce(version)
+
+  def _announce(self, version: int) -> None:
+    path = policy_store.version_dir(self.dir, version)
+    manifest = policy_store.read_manifest(path)
+    info = fleet_pb2.PolicyVersion(
+        version=version, published_unix_ms=manifest["published_unix_ms"],
+        files=[fleet_pb2.PolicyFile(name=n, size_bytes=s, sha256=h)
+               for n, s, h in policy_store.file_digests(path)])
+    with self._changed:
+      self._latest = info
+      self._changed.notify_all()
+
+  def GetLatestPolicy(self, request, context):
+    if self._latest is None:
+      context.abort(grpc.StatusCode.NOT_FOUND, "no policy has been published yet")
+    return self._latest
+
+  def WatchPolicies(self, request, context):
+    last = request.after_version
+    while context.is_active():
+      with self._changed:
+        self._changed.wait_for(lambda: self._latest is not None and self._latest.version > last,
+                               timeout=WATCH_POLL_S)
+        latest = self._latest
+      if latest is not None and latest.version > last:
+        last = latest.version
+        yield latest
+
+  def FetchPolicy(self, request, context):
+    chunk_bytes = request.max_chunk_bytes or CHUNK_BYTES
+    path = policy_store.version_dir(self.dir, request.version)
+    try:
+      files = sorted(p for p in path.iterdir())
+      for file in files:
+        with open(file, "rb") as f:
+          offset = 0
+          while data := f.read(chunk_bytes):
+            yield fleet_pb2.PolicyChunk(file_name=file.name, offset=offset, data=data)
+            offset += len(data)
+    except FileNotFoundError:
+      kept = policy_store.list_versions(self.dir)
+      context.abort(grpc.StatusCode.NOT_FOUND,
+                    f"policy v{request.version} is not kept; kept versions: {kept}")

@@ -1,0 +1,199 @@
+"""The trainer service: replay -> agent -> published policy.
+
+Samples batches from Reverb, trains the DQN agent, checkpoints it (and resumes
+from the newest checkpoint on restart), and publishes the policy every
+`publish_every` train steps as version = train step.
+"""
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+import reverb
+import tensorflow as tf
+
+from dqnfleet.core import networks, rpc, specs
+from dqnfleet.core.api import fleet_pb2_grpc
+from dqnfleet.core.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
+from dqnfleet.trainer.dataset import make_dataset
+from dqnfleet.trainer.learner import make_agent
+from dqnfleet.trainer.publisher import PolicyPublisher
+
+log = logging.getLogger(__name__)
+# Train steps per call into TensorFlow: one graph runs several steps, which
+# nearly doubles the steps/s of small networks (see docs/performance.md).
+STEPS_PER_CALL = 10
+
+
+class Trainer:
+  def __init__(self, env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig,
+               config: TrainerConfig, stop: threading.Event):
+    self.env, self.config, self._stop = env, config, stop
+    self.specs = specs.env_specs(env)
+    self.train_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="train_step")
+    self.q_network = networks.q_net(self.specs, net)
+    self.agent = make_agent(self.specs, self.q_network, agent_config, self.train_step)
+    self.batch_size = agent_config.batch_size
+    self.checkpoints = tf.train.CheckpointManager(
+        tf.train.Checkpoint(agent=self.agent, train_step=self.train_step),
+        os.path.join(config.run_dir, "checkpoints"), max_to_keep=3)
+    restored = self.checkpoints.restore_or_initialize()
+    if restored:
+      log.info("resumed from %s at train step %d", restored, self.step)
+    self.publisher = PolicyPublisher(os.path.join(config.run_dir, "policies"), env, net,
+                                     config.keep_policies)
+    self.summaries = tf.summary.create_file_writer(
+        os.path.join(config.run_dir, "tensorboard", "trainer"))
+    self.steps_per_call = min(STEPS_PER_CALL, config.publish_every, config.checkpoint_every)
+    self._train = tf.function(self._train_steps)
+    self.replay = reverb.Client(config.replay_address)
+    self.replay_size = -1
+    self.last_loss = float("nan")
+    self.steps_per_s = 0.0
+    self.policy_lag = 0.0
+
+  @property
+  def step(self) -> int:
+    return int(self.train_step.numpy())
+
+  def snapshot(self) -> dict:
+    return {"policy_version": self.publisher.latest_version, "replay_size": self.replay_size,
+            "counters": {"train_steps": self.step, "loss": self.last_loss,
+                         "train_steps_per_s": self.steps_per_s,
+                         "published_version": self.publisher.latest_version,
+                         "policy_lag_steps": self.policy_lag}}
+
+  def _replay_info(self):
+    info = self.replay.server_info(timeout=5)
+    if specs.TABLE not in info:
+      raise RuntimeError(f"replay server at {self.config.replay_address} has no table "
+                         f"{specs.TABLE!r}")
+    table = info[specs.TABLE]
+    self.replay_size = table.current_size
+    return table
+
+  def _check_signature(self) -> None:
+    """Refuses to train on a replay server built for another environment."""
+    table = rpc.retry(self._replay_info, f"connecting to replay at {self.config.replay_address}",
+                      self._stop)
+    if table is None:
+      return
+    ours = specs.replay_signature(self.specs)
+    if table.signature is not None and not all(
+        table.signature[k].shape == ours[k].shape and table.signature[k].dtype == ours[k].dtype
+        for k in ours):
+      raise SystemExit(f"replay table signature {table.signature} does not match this trainer's "
+                       f"environment {self.env.env_id} ({ours}); start both with the same "
+                       "--env-id and --frame-stack")
+
+  def _explain_wait(self) -> None:
+    """Says why no batch came (called after a sampling timeout)."""
+    try:
+      table = self._replay_info()
+    except Exception as e:  # replay down: say so, the caller retries
+      log.warning("replay at %s unreachable (%s); retrying", self.config.replay_address,
+                  str(e).splitlines()[0][:200])
+      return
+    needed = table.rate_limiter_info.min_size_to_sample
+    if table.current_size < needed:
+      log.info("waiting for data: replay holds %d of the %d transitions needed before training",
+               table.current_size, needed)
+    else:
+      log.info("waiting for data: the rate limiter holds sampling until collectors insert more "
+               "(replay holds %d)", table.current_size)
+
+  def _train_steps(self, iterator, steps):
+    """`steps` train steps on batches from `iterator`, in one TensorFlow graph."""
+    loss = tf.constant(0.0)
+    versions = tf.zeros([self.batch_size], tf.int64)
+    for _ in tf.range(steps):
+      experience, versions = next(iterator)
+      loss = self.agent.train(experience).loss
+    return loss, versions
+
+  def publish(self) -> None:
+    self.publisher.publish(self.step, self.q_network)
+
+  def run(self) -> None:
+    self._check_signature()
+    if self._stop.is_set():
+      return
+    if self.publisher.latest_version != self.step:
+      self.publish()
+    dataset = make_dataset(self.config.replay_address, self.specs, self.batch_size,
+                           self.config.prefetch_batches)
+    iterator = iter(dataset)
+    max_steps = self.config.max_train_steps
+    last_log, last_step = time.monotonic(), self.step
+    backoff = rpc.Backoff()
+    log.info("training %s from replay %s; policy API on the trainer port", self.env.env_id,
+             self.config.replay_address)
+    while not self._stop.is_set() and not (max_steps and self.step >= max_steps):
+      before = self.step
+      steps = self.steps_per_call if not max_steps else min(self.steps_per_call, max_steps - before)
+      try:
+        loss, versions = self._train(iterator, tf.constant(steps))
+      except (StopIteration, tf.errors.OutOfRangeError):
+        # Sampling timed out: steps run before that still count.
+        self._explain_wait()
+        iterator = iter(dataset)
+        continue
+      except (tf.errors.UnavailableError, tf.errors.InternalError,
+              tf.errors.CancelledError) as e:
+        log.warning("replay at %s unavailable (%s); retrying in %.1fs",
+                    self.config.replay_address, e.message.splitlines()[0][:200], backoff.delay)
+        backoff.wait(self._stop)
+        iterator = iter(dataset)
+        continue
+      finally:
+        self._after_steps(before)
+      backoff.reset()
+      now = time.monotonic()
+      if now - last_log >= self.config.log_every_s:
+        step = self.step
+        self.last_loss = float(loss)
+        self.steps_per_s = (step - last_step) / (now - last_log)
+        self.policy_lag = float(step - np.mean(versions.numpy()))
+        try:
+          self._replay_info()
+        except Exception:  # reported by the sampling path if it persists
+          pass
+        self._summarize(step)
+        log.info("train step %d (%.1f/s), loss %.4f, replay %d, published v%d, policy lag %.0f",
+                 step, self.steps_per_s, self.last_loss, self.replay_size,
+                 self.publisher.latest_version, self.policy_lag)
+        last_log, last_step = now, step
+    self.checkpoints.save(checkpoint_number=self.step)
+    if self.publisher.latest_version != self.step:
+      self.publish()
+    log.info("stopped at train step %d", self.step)
+
+  def _after_steps(self, before: int) -> None:
+    """Publishes and checkpoints when the last call crossed a multiple of their periods."""
+    step = self.step
+    if step // self.config.publish_every > before // self.config.publish_every:
+      self.publish()
+    if step // self.config.checkpoint_every > before // self.config.checkpoint_every:
+      self.checkpoints.save(checkpoint_number=step)
+
+  def _summarize(self, step: int) -> None:
+    with self.summaries.as_default(step=step):
+      tf.summary.scalar("trainer/loss", self.last_loss)
+      tf.summary.scalar("trainer/train_steps_per_s", self.steps_per_s)
+      tf.summary.scalar("trainer/replay_size", self.replay_size)
+      tf.summary.scalar("trainer/policy_lag_steps", self.policy_lag)
+
+
+def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config: TrainerConfig,
+          stop: threading.Event, service_id: str = "trainer") -> None:
+  trainer = Trainer(env, net, agent_config, config, stop)
+  status = rpc.StatusServicer("trainer", service_id, env.env_id, trainer.snapshot)
+  server, port = rpc.start_server(
+      config.port, status, max_workers=256,  # each collector holds one WatchPolicies stream
+      extra=lambda s: fleet_pb2_grpc.add_PolicyServiceServicer_to_server(trainer.publisher, s))
+  log.info("policy API, health and status on port %d", port)
+  try:
+    trainer.run()
+  finally:
+    server.stop(grace=2)
