@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
   for name, groups in SERVICE_GROUPS.items():
     sub = commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name],
                               epilog=ENV_NOTE)
-    settings.add_flags(sub, *groups, exclude=UP_OWNS if name == "up" else frozenset())
+    if name == "up":  # up's own settings, then the services' that it does not set itself
+      settings.add_flags(sub, *groups[:2])
+      settings.add_flags(sub, *groups[2:], exclude=UP_OWNS)
+    else:
+      settings.add_flags(sub, *groups)
   status = commands.add_parser("status", help="Print what services report over their status RPC.",
                                description="Print role, id, counters, policy version and replay "
                                            "size of each service.")

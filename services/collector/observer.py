@@ -20,7 +20,7 @@ KEEP_ALIVE_ROWS = 32
 # Items a writer may have sent but not yet seen inserted; beyond this the
 # collector waits, so a rate-limited replay slows collection instead of
 # letting unsent items pile up in memory.
-MAX_IN_FLIGHT_ITEMS = 64
+MAX_IN_FLIGHT_ITEMS = 20
 WAIT_TIMEOUT_MS = 10_000
 
 
@@ -102,8 +102,13 @@ class ReplayObserver:
         log.info("replay (%d items) is holding inserts back: the trainer samples slower than "
                  "the target ratio allows; waiting", size)
 
-  def close(self) -> None:
+  def close(self, flush_timeout_ms: int = 5_000) -> None:
+    """Sends pending items (unless replay is gone or keeps them waiting), then closes."""
     for writer in self._writers:
+      try:
+        writer.flush(timeout_ms=flush_timeout_ms)
+      except Exception as e:  # gone or rate limited: the items of unfinished steps are lost
+        log.warning("could not send the last items to replay: %s", str(e).splitlines()[0][:200])
       try:
         writer.close()
       except Exception:  # the server may already be gone at shutdown

@@ -72,8 +72,12 @@ class AgentConfig:
   double_dqn: bool = setting(True, "Use Double DQN targets.")
   # Hard target updates every N train steps (Nature DQN: 10k env steps = 2.5k
   # updates); the MLP tolerates much more frequent copies.
-  target_update_period: int = setting(2500, "Copy online weights to the target net every N train steps.",
+  target_update_period: int = setting(2500, "Update the target net every N train steps.",
                                       minimum=1, classic=100)
+  # 1.0 copies the online weights (Nature DQN); smaller values move the
+  # target a fraction of the way each update (Polyak averaging).
+  target_update_tau: float = setting(1.0, "Fraction of the way the target net moves per update.",
+                                     minimum=0.0001, maximum=1.0)
   # Gradient norm clipping guards the first updates against huge TD errors.
   gradient_clipping: float = setting(10.0, "Clip gradient norm to this (0 disables).", minimum=0.0)
 

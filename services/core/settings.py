@@ -108,7 +108,9 @@ def build(cls: type, args: argparse.Namespace | None = None,
     convert = _converter(kind)
     raw = getattr(args, field.name, _UNSET) if args is not None else _UNSET
     source = flag_name(field)
-    if raw is _UNSET and env_name(field) in environ:
+    # An empty variable counts as unset, so compose files can pass through
+    # `${DQNFLEET_X:-}` for every setting without overriding the defaults.
+    if raw is _UNSET and environ.get(env_name(field), "") != "":
       raw, source = environ[env_name(field)], env_name(field)
     if raw is _UNSET:
       if classic_control and field.metadata["classic"] is not _UNSET:

@@ -27,6 +27,7 @@ def make_agent(env_specs: EnvSpecs, q_network: tf.keras.Model, config: AgentConf
       # the agent's collect policy is never used.
       epsilon_greedy=0.0,
       target_update_period=config.target_update_period,
+      target_update_tau=config.target_update_tau,
       td_errors_loss_fn=common.element_wise_huber_loss,
       gamma=config.gamma,
       gradient_clipping=config.gradient_clipping or None,

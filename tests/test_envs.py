@@ -1,0 +1,73 @@
+"""The gymnasium -> TF-Agents adapter on real ALE and classic-control environments."""
+import numpy as np
+
+from dqnfleet.core import envs
+from dqnfleet.core.config import EnvConfig
+from tf_agents.trajectories import time_step as ts
+
+
+def run_random(env, steps, seed=0):
+  rng = np.random.default_rng(seed)
+  out = [env.reset()]
+  n = env.action_spec().maximum + 1
+  for _ in range(steps):
+    out.append(env.step(rng.integers(0, n, env.batch_size)))
+  return out
+
+
+def test_breakout_is_preprocessed_for_dqn_and_batched():
+  env = envs.BatchedGymEnvironment(EnvConfig(env_id="ALE/Breakout-v5"), num_envs=2, seed=3)
+  assert env.batched and env.batch_size == 2
+  assert env.observation_spec().shape == (84, 84, 4) and env.observation_spec().dtype == np.uint8
+  assert env.action_spec().maximum == 3
+  steps = run_random(env, 600)
+  env.close()
+  first = steps[0]
+  assert (first.step_type == ts.StepType.FIRST).all()
+  # A reset observation is the first frame repeated (padding), channels last.
+  np.testing.assert_array_equal(first.observation[0, ..., 0], first.observation[0, ..., 3])
+  # Consecutive observations share 3 of their 4 frames.
+  a, b = steps[10].observation[0], steps[11].observation[0]
+  if steps[11].step_type[0] == ts.StepType.MID:
+    np.testing.assert_array_equal(a[..., 1:], b[..., :3])
+  rewards = np.concatenate([s.reward for s in steps])
+  assert set(np.unique(rewards)) <= {0.0, 1.0}  # clipped for training
+  # Every LAST is followed by FIRST, with the finished episode reported.
+  types = np.stack([s.step_type for s in steps])
+  for t, i in zip(*np.nonzero(types[:-1] == ts.StepType.LAST)):
+    assert types[t + 1, i] == ts.StepType.FIRST
+  assert len(env.finished_episodes) == int((types == ts.StepType.LAST).sum()) > 0
+
+
+def test_life_loss_cuts_the_bootstrap_without_ending_the_episode():
+  config = EnvConfig(env_id="ALE/Breakout-v5", terminal_on_life_loss=True)
+  env = envs.BatchedGymEnvironment(config, num_envs=1, seed=5)
+  steps = run_random(env, 800)
+  env.close()
+  zero_discount_mid = [s for s in steps if s.step_type[0] == ts.StepType.MID and s.discount[0] == 0]
+  assert zero_discount_mid, "a lost life should give discount 0 on a MID step"
+
+
+def test_rewards_are_clipped_for_training_and_returns_are_not():
+  # Space Invaders pays 5 to 30 points per alien, so clipping shows at once.
+  config = EnvConfig(env_id="ALE/SpaceInvaders-v5")
+  train = envs.BatchedGymEnvironment(config, num_envs=1, seed=2, training=True)
+  evaluation = envs.BatchedGymEnvironment(config, num_envs=1, seed=2, training=False)
+  train_steps, eval_steps = run_random(train, 300, seed=9), run_random(evaluation, 300, seed=9)
+  train.close()
+  evaluation.close()
+  clipped = np.concatenate([s.reward for s in train_steps])
+  raw = np.concatenate([s.reward for s in eval_steps])
+  assert set(np.unique(clipped)) <= {0.0, 1.0} and raw.max() >= 5
+  np.testing.assert_array_equal(np.sign(raw), clipped)  # same seed, same actions
+
+
+def test_classic_control_observations_are_float_vectors():
+  env = envs.BatchedGymEnvironment(EnvConfig(env_id="CartPole-v1"), num_envs=4, seed=1)
+  steps = run_random(env, 200)
+  env.close()
+  assert env.observation_spec().shape == (4,) and steps[5].observation.dtype == np.float32
+  returns = [r for _, r, _ in env.finished_episodes]
+  lengths = [n for _, _, n in env.finished_episodes]
+  assert returns == [float(n) for n in lengths]  # CartPole: +1 per step, unclipped
+  assert 5 < np.mean(returns) < 60  # a random policy lasts about 22 steps

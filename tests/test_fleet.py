@@ -1,0 +1,156 @@
+"""The fleet end to end: replay, trainer and two collectors as separate processes on
+loopback, with real Reverb, TensorFlow, gymnasium and gRPC between them."""
+import json
+import re
+
+import pytest
+import reverb
+
+from dqnfleet.core import rpc, specs
+
+from conftest import Service, dqnfleet, free_port, wait_until
+
+ENV = {"DQNFLEET_ENV_ID": "CartPole-v1", "DQNFLEET_LOG_LEVEL": "INFO"}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+  """Collectors first, then replay, then the trainer: any start order must work."""
+  root = tmp_path_factory.mktemp("fleet")
+  ports = {name: free_port() for name in ("replay", "replay_status", "trainer", "c0", "c1")}
+  replay_address = f"localhost:{ports['replay']}"
+  trainer_address = f"localhost:{ports['trainer']}"
+  common = ["--env-id", "CartPole-v1"]
+  replay_args = common + ["--port", str(ports["replay"]), "--status-port", str(ports["replay_status"]),
+                          "--min-size", "300", "--checkpoint-dir", str(root / "replay_ckpt"),
+                          "--checkpoint-every-s", "0"]
+  trainer_args = common + ["--replay-address", replay_address, "--port", str(ports["trainer"]),
+                           "--run-dir", str(root / "run"), "--publish-every", "50",
+                           "--checkpoint-every", "200", "--log-every-s", "2"]
+  procs = {}
+  for i in (0, 1):
+    procs[f"c{i}"] = Service(f"collector-{i}", ["collector", *common, "--replay-address", replay_address,
+                                                "--trainer-address", trainer_address,
+                                                "--collector-id", f"c{i}", "--num-envs", "4",
+                                                "--status-port", str(ports[f"c{i}"])], root, ENV)
+  wait_until(lambda: "retrying" in procs["c0"].log(), 60, "collector to report replay is down")
+  procs["replay"] = Service("replay", ["replay", *replay_args], root, ENV)
+  procs["trainer"] = Service("trainer", ["trainer", *trainer_args], root, ENV)
+  state = {"procs": procs, "ports": ports, "root": root, "replay_args": replay_args,
+           "trainer_args": trainer_args, "replay_address": replay_address,
+           "trainer_address": trainer_address}
+  yield state
+  for name in ("c0", "c1", "trainer", "replay"):
+    procs[name].stop()
+
+
+def status(fleet, name):
+  port = fleet["ports"]["replay_status" if name == "replay" else name]
+  return rpc.get_status(f"localhost:{port}", timeout=5)
+
+
+def test_a_collector_whose_replay_is_down_says_so_and_retries(fleet):
+  log = fleet["procs"]["c0"].log()
+  assert re.search(r"connecting to replay at localhost:\d+ failed .*retrying in", log), log[-2000:]
+  # ...and once replay is up, its items arrive.
+  wait_until(lambda: status(fleet, "c0").counters["env_steps"] > 0, 120, "c0 to collect")
+
+
+def test_items_from_both_collectors_reach_the_replay_table(fleet):
+  wait_until(lambda: status(fleet, "replay").replay_size >= 300, 180, "replay to fill to min size")
+  sources = {status(fleet, name).counters["source_id"]: name for name in ("c0", "c1")}
+  assert len(sources) == 2
+  client = reverb.Client(fleet["replay_address"])
+
+  def sampled_sources():
+    samples = client.sample(specs.TABLE, num_samples=300)
+    return {int(s[0].data["collector"]) for s in samples}
+
+  wait_until(lambda: set(sources) <= sampled_sources(), 120, "items of both collectors")
+
+
+def test_the_trainer_trains_and_publishes_increasing_versions(fleet):
+  first = wait_until(lambda: status(fleet, "trainer").policy_version >= 50, 240,
+                     "a first published version")
+  first = status(fleet, "trainer")
+  later = wait_until(lambda: (s := status(fleet, "trainer")).policy_version > first.policy_version
+                     and s, 120, "a newer version")
+  assert later.counters["train_steps"] > first.counters["train_steps"]
+  assert later.policy_version % 50 == 0 or later.policy_version == later.counters["train_steps"]
+  policies = fleet["root"] / "run" / "policies"
+  assert sorted(p.name for p in policies.iterdir())[-1].startswith("v")
+
+
+def test_both_collectors_switch_to_each_new_version(fleet):
+  for _ in range(3):
+    published = status(fleet, "trainer").policy_version
+    for name in ("c0", "c1"):
+      wait_until(lambda: status(fleet, name).policy_version >= published, 60,
+                 f"{name} to act with v{published}")
+    wait_until(lambda: status(fleet, "trainer").policy_version > published, 120, "a newer version")
+  for name in ("c0", "c1"):
+    collector = status(fleet, name)
+    assert collector.counters["policy_updates"] >= 3
+    assert "acting with policy v" in fleet["procs"][name].log()
+
+
+def test_status_command_reports_every_service(fleet):
+  ports = fleet["ports"]
+  addresses = [f"localhost:{ports[n]}" for n in ("replay_status", "trainer", "c0", "c1")]
+  result = dqnfleet("status", "--json", *addresses, timeout=60)
+  assert result.returncode == 0, result.stderr
+  reports = json.loads(result.stdout)
+  assert [r["role"] for r in reports] == ["replay", "trainer", "collector", "collector"]
+  assert reports[0]["replay_size"] > 0 and reports[1]["counters"]["train_steps"] > 0
+  assert reports[2]["id"] == "c0" and reports[2]["policy_version"] > 0
+  text = dqnfleet("status", *addresses[:2], timeout=60)
+  assert "replay" in text.stdout and "train_steps" in text.stdout
+  down = dqnfleet("status", f"localhost:{free_port()}", timeout=60)
+  assert down.returncode == 1 and "unreachable" in down.stdout
+
+
+def test_health_endpoints_answer_serving(fleet):
+  for port in ("replay_status", "trainer", "c0"):
+    assert dqnfleet("health", f"localhost:{fleet['ports'][port]}", timeout=60).returncode == 0
+  assert dqnfleet("health", f"localhost:{free_port()}", timeout=60).returncode == 1
+
+
+def test_evaluate_fetches_the_latest_policy_from_the_trainer(fleet):
+  result = dqnfleet("evaluate", "--policy", fleet["trainer_address"], "--episodes", "3", "--json")
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout)
+  assert report["episodes"] == 3 and report["policy_version"] > 0
+  assert len(report["returns"]) == 3 and report["min_return"] <= report["mean_return"]
+
+
+def test_a_restarted_trainer_resumes_from_its_checkpoint(fleet):
+  procs = fleet["procs"]
+  wait_until(lambda: status(fleet, "trainer").counters["train_steps"] >= 200, 240, "200 steps")
+  before = status(fleet, "trainer").counters["train_steps"]
+  assert procs["trainer"].stop() == 0
+  procs["trainer"] = Service("trainer-2", ["trainer", *fleet["trainer_args"]], fleet["root"], ENV)
+  wait_until(lambda: status(fleet, "trainer").counters["train_steps"] > before, 180, "resumed steps")
+  log = procs["trainer"].log()
+  assert re.search(r"resumed from .*ckpt-\d+ at train step (\d+)", log), log[-2000:]
+  step = int(re.search(r"at train step (\d+)", log).group(1))
+  assert step >= before  # a checkpoint is written at shutdown, so no step is lost
+
+
+def test_replay_restores_its_checkpoint_and_collectors_reconnect(fleet):
+  procs = fleet["procs"]
+  size = status(fleet, "replay").replay_size
+  assert procs["replay"].stop() == 0
+  assert "checkpointed" in procs["replay"].log()
+  procs["replay"] = Service("replay-2", ["replay", *fleet["replay_args"]], fleet["root"], ENV)
+  restored = wait_until(lambda: status(fleet, "replay").replay_size, 120, "replay to come back")
+  assert restored >= size
+  log = procs["replay"].log()
+  assert "restored from" in log, log[-2000:]
+  # Collectors notice, reconnect and insert again; the trainer samples again.
+  steps = status(fleet, "c0").counters["env_steps"]
+  wait_until(lambda: status(fleet, "c0").counters["env_steps"] > steps + 100, 180,
+             "c0 to insert into the restarted replay")
+  assert "reconnecting" in procs["c0"].log() or "does not answer" in procs["c0"].log()
+  trained = status(fleet, "trainer").counters["train_steps"]
+  wait_until(lambda: status(fleet, "trainer").counters["train_steps"] > trained, 180,
+             "the trainer to sample from the restarted replay")
