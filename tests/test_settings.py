@@ -20,7 +20,7 @@ def test_flag_beats_environment_beats_family_default():
   replay = settings.build(ReplayConfig, args, env, classic_control=True)
   assert replay.max_size == 777          # flag
   assert replay.min_size == 50           # environment variable
-  assert replay.samples_per_insert == 32.0  # classic-control default
+  assert replay.samples_per_insert == 64.0  # classic-control default
   atari = settings.build(ReplayConfig, parse("replay"), {}, classic_control=False)
   assert atari.samples_per_insert == 8.0 and atari.max_size == 1_000_000
 

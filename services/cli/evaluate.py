@@ -21,6 +21,9 @@ from dqnfleet.core.config import CommonConfig, EvaluateConfig
 from dqnfleet.core.settings import ConfigError
 
 
+LOAD_ATTEMPTS = 3
+
+
 def resolve(policy: str, scratch: str) -> pathlib.Path:
   """The version directory that `policy` names, fetching it if it is an address."""
   path = pathlib.Path(policy)
@@ -80,7 +83,15 @@ def evaluate(path: pathlib.Path, config: EvaluateConfig) -> dict:
 def run(common: CommonConfig, config: EvaluateConfig) -> int:
   logging.basicConfig(level=getattr(logging, common.log_level))
   with tempfile.TemporaryDirectory(prefix="dqnfleet-eval-") as scratch:
-    result = evaluate(resolve(config.policy, scratch), config)
+    for attempt in range(LOAD_ATTEMPTS):
+      path = resolve(config.policy, scratch)
+      try:
+        result = evaluate(path, config)
+        break
+      except (tf.errors.NotFoundError, FileNotFoundError):
+        # A running trainer pruned the version while we loaded it: take the newest again.
+        if attempt == LOAD_ATTEMPTS - 1:
+          raise
   if config.json:
     print(json.dumps(result))
   else:
