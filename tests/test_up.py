@@ -1,0 +1,59 @@
+"""`dqnfleet up`: the embedded default. CartPole learns within a bounded budget,
+and Ctrl-C stops the whole fleet cleanly."""
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import psutil
+
+from conftest import dqnfleet, wait_until
+
+RANDOM_POLICY_RETURN = 22  # CartPole-v1's mean return when acting at random
+TRAIN_STEPS = 15_000
+
+
+def test_cartpole_learns_within_a_bounded_budget(tmp_path):
+  run_dir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "dqnfleet", "up", "--env-id", "CartPole-v1", "--collectors", "2",
+       "--run-dir", str(run_dir), "--max-train-steps", str(TRAIN_STEPS), "--progress-every-s", "5"],
+      capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "trainer reached its last train step" in result.stdout
+  assert re.search(r"train steps [\d,]+ \(", result.stdout)  # live progress was shown
+  for name in ("replay", "trainer", "collector-0", "collector-1"):
+    assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0
+  assert (run_dir / "checkpoints").is_dir() and (run_dir / "tensorboard" / "trainer").is_dir()
+  assert any((run_dir / "replay_checkpoints").iterdir())
+
+  evaluation = dqnfleet("evaluate", "--policy", str(run_dir / "policies"), "--episodes", "20",
+                        "--json", timeout=600)
+  assert evaluation.returncode == 0, evaluation.stderr
+  report = json.loads(evaluation.stdout)
+  assert report["policy_version"] == TRAIN_STEPS and report["episodes"] == 20
+  # Well above random: the greedy policy balances the pole several times longer.
+  assert report["mean_return"] >= 4 * RANDOM_POLICY_RETURN, report
+
+
+def test_ctrl_c_stops_every_service(tmp_path):
+  up = subprocess.Popen([sys.executable, "-m", "dqnfleet", "up", "--env-id", "CartPole-v1",
+                         "--collectors", "1", "--run-dir", str(tmp_path / "run"),
+                         "--progress-every-s", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True)
+  lines = []
+
+  def progressed():
+    line = up.stdout.readline()
+    lines.append(line)
+    return "env steps" in line and "starting" not in line
+
+  wait_until(progressed, 240, "the first progress line", interval=0)
+  children = psutil.Process(up.pid).children(recursive=True)
+  assert len(children) >= 3  # replay, trainer, collector
+  up.send_signal(signal.SIGINT)
+  output = up.communicate(timeout=180)[0]
+  assert up.returncode == 0, "".join(lines) + output
+  assert "stopped; policies in" in output
+  assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
