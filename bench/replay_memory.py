@@ -74,8 +74,10 @@ def measure(layout: str, transitions: int, num_envs: int) -> dict:
   port, status_port = free_port(), free_port()
   if layout == "dqnfleet":
     server = subprocess.Popen([sys.executable, "-m", "dqnfleet", "replay", f"--env-id={ENV.env_id}",
-                               f"--port={port}", f"--status-port={status_port}", "--min-size=1",
-                               f"--max-size={transitions * 2}"], stderr=subprocess.DEVNULL)
+                               f"--port={port}", f"--status-port={status_port}",
+                               # Below min size the rate limiter lets every insert through.
+                               f"--min-size={transitions * 2}", f"--max-size={transitions * 2}"],
+                              stderr=subprocess.DEVNULL)
   else:
     server = run_naive_server(port)
   client = reverb.Client(f"localhost:{port}")

@@ -158,3 +158,17 @@ def test_replay_restores_its_checkpoint_and_collectors_reconnect(fleet):
   trained = status(fleet, "trainer").counters["train_steps"]
   wait_until(lambda: status(fleet, "trainer").counters["train_steps"] > trained, 180,
              "the trainer to sample from the restarted replay")
+
+
+def test_a_trainer_without_data_says_it_is_waiting(services, tmp_path):
+  replay_port, status_port, trainer_port = free_port(), free_port(), free_port()
+  services("replay", "replay", "--env-id", "CartPole-v1", "--port", str(replay_port),
+           "--status-port", str(status_port), "--min-size", "5000")
+  trainer = services("trainer", "trainer", "--env-id", "CartPole-v1", "--replay-address",
+                     f"localhost:{replay_port}", "--port", str(trainer_port),
+                     "--run-dir", str(tmp_path / "run"))
+  wait_until(lambda: "waiting for data: replay holds 0 of the 5000 transitions" in trainer.log(),
+             120, "the trainer to say it waits for data")
+  reply = rpc.get_status(f"localhost:{trainer_port}")
+  assert reply.role == "trainer" and reply.counters["train_steps"] == 0
+  assert trainer.stop() == 0  # and it stops cleanly while waiting

@@ -10,7 +10,8 @@ Heavy imports (TensorFlow, Reverb) happen inside the handlers, so `status`
 and `health` answer in a fraction of a second.
 """
 import argparse
-import dataclasses
+import logging
+import os
 import sys
 
 from dqnfleet.core import settings
@@ -130,7 +131,13 @@ def run_command(command: str, configs: list) -> int:
   elif command == "trainer":
     from dqnfleet.trainer.trainer import serve
     serve(env, by_type[NetworkConfig], by_type[AgentConfig], by_type[TrainerConfig], stop)
-  return 0
+  # Everything is saved and every server stopped. Exit now: Reverb's sampling
+  # threads inside tf.data can otherwise keep the interpreter alive after a
+  # clean shutdown, and a stopped service must not linger.
+  logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)
 
 
 if __name__ == "__main__":
