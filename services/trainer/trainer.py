@@ -104,13 +104,23 @@ class Trainer:
                "(replay holds %d)", table.current_size)
 
   def _train_steps(self, iterator, steps):
-    """`steps` train steps on batches from `iterator`, in one TensorFlow graph."""
+    """Up to `steps` train steps in one TensorFlow graph; returns how many ran.
+
+    Fewer than `steps` means sampling timed out (no data, or the rate limiter
+    waits for collectors). An empty optional, unlike an exception, leaves no
+    half-run step behind: the train step counter moves only with real steps.
+    """
+    done = tf.constant(0)
     loss = tf.constant(0.0)
     versions = tf.zeros([self.batch_size], tf.int64)
     for _ in tf.range(steps):
-      experience, versions = next(iterator)
+      batch = iterator.get_next_as_optional()
+      if not batch.has_value():
+        break
+      experience, versions = batch.get_value()
       loss = self.agent.train(experience).loss
-    return loss, versions
+      done += 1
+    return done, loss, versions
 
   def publish(self) -> None:
     self.publisher.publish(self.step, self.q_network)
@@ -133,12 +143,12 @@ class Trainer:
       before = self.step
       steps = self.steps_per_call if not max_steps else min(self.steps_per_call, max_steps - before)
       try:
-        loss, versions = self._train(iterator, tf.constant(steps))
-      except (StopIteration, tf.errors.OutOfRangeError):
-        # Sampling timed out: steps run before that still count.
-        self._explain_wait()
-        iterator = iter(dataset)
-        continue
+        done, loss, versions = self._train(iterator, tf.constant(steps))
+        if int(done) < steps:  # sampling timed out; the steps that ran still count
+          self._explain_wait()
+          iterator = iter(dataset)
+          if int(done) == 0:
+            continue
       except (tf.errors.UnavailableError, tf.errors.InternalError,
               tf.errors.CancelledError) as e:
         log.warning("replay at %s unavailable (%s); retrying in %.1fs",
