@@ -29,11 +29,20 @@ class PolicyFollower:
     self._cache = pathlib.Path(tempfile.mkdtemp(prefix="dqnfleet-policies-"))
     self._lock = threading.Lock()
     self._pending = None  # (version, weights) not yet taken by the acting loop
+    self._stream = None   # the open WatchPolicies call, cancelled at stop
     self.latest_seen = -1
     self._thread = threading.Thread(target=self._run, name="policy-follower", daemon=True)
 
   def start(self) -> None:
     self._thread.start()
+    # A stream blocks until the trainer announces something; stop must not wait for that.
+    threading.Thread(target=self._cancel_at_stop, name="policy-follower-stop", daemon=True).start()
+
+  def _cancel_at_stop(self) -> None:
+    self._stop.wait()
+    stream = self._stream
+    if stream is not None:
+      stream.cancel()
 
   def take(self):
     """The newest downloaded (version, weights) since the last call, or None."""
@@ -48,7 +57,9 @@ class PolicyFollower:
         with rpc.channel(self._address) as channel:
           stub = fleet_pb2_grpc.PolicyServiceStub(channel)
           stream = stub.WatchPolicies(fleet_pb2.WatchPoliciesRequest(after_version=self.latest_seen))
-          self._stop_cancels(stream)
+          self._stream = stream
+          if self._stop.is_set():  # stopped while connecting
+            break
           for info in stream:
             backoff.reset()
             if info.version > self.latest_seen:
@@ -64,9 +75,6 @@ class PolicyFollower:
       if backoff.wait(self._stop):
         break
     shutil.rmtree(self._cache, ignore_errors=True)
-
-  def _stop_cancels(self, stream) -> None:
-    threading.Thread(target=lambda: self._stop.wait() or stream.cancel(), daemon=True).start()
 
   def _load(self, stub, info) -> None:
     path = policy_store.fetch(stub, info, self._cache)
