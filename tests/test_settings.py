@@ -1,11 +1,10 @@
 """Settings: flags, environment variables, family defaults, refusal of bad input."""
-import argparse
 
 import pytest
 
 from dqnfleet.cli.main import build_configs, build_parser
 from dqnfleet.core import settings
-from dqnfleet.core.config import CollectorConfig, EnvConfig, ReplayConfig
+from dqnfleet.core.config import EnvConfig, ReplayConfig
 
 from conftest import dqnfleet
 

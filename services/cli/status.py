@@ -1,6 +1,5 @@
 """`dqnfleet status`: what each service reports, for people and scripts."""
 import json
-import sys
 
 import grpc
 

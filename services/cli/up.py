@@ -6,7 +6,6 @@ polls their status RPCs, and stops them (collectors, trainer, replay) on
 Ctrl-C, when the trainer reaches --max-train-steps, or when one of them dies.
 """
 import dataclasses
-import os
 import pathlib
 import signal
 import socket
