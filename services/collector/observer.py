@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 
 # Long enough for any item (k+1 rows) and for chunks that compress well.
 KEEP_ALIVE_ROWS = 32
+# Frames go to the server in chunks of this many rows, compressed together:
+# longer chunks compress consecutive, similar frames better (see
+# docs/performance.md) at the price of items waiting for their chunk to fill.
+FRAME_CHUNK_ROWS = 32
 # Items a writer may have sent but not yet seen inserted; beyond this the
 # collector waits, so a rate-limited replay slows collection instead of
 # letting unsent items pile up in memory.
@@ -43,6 +47,9 @@ class ReplayObserver:
     self._policy_version = policy_version  # callable: version acting right now
     self._writers = [client.trajectory_writer(num_keep_alive_refs=KEEP_ALIVE_ROWS)
                      for _ in range(num_envs)]
+    for writer in self._writers:
+      writer.configure(("frame",), num_keep_alive_refs=KEEP_ALIVE_ROWS,
+                       max_chunk_length=FRAME_CHUNK_ROWS)
     self.items_written = 0
 
   def __call__(self, transition) -> None:
