@@ -22,7 +22,7 @@ from dqnfleet.trainer.publisher import PolicyPublisher
 
 log = logging.getLogger(__name__)
 # Train steps per call into TensorFlow: one graph runs several steps, which
-# nearly doubles the steps/s of small networks (see docs/performance.md).
+# gives about 1.5x the steps/s of small networks (see docs/performance.md).
 STEPS_PER_CALL = 10
 
 
