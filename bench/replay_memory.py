@@ -13,13 +13,14 @@ Prints one JSON object.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from dqnfleet.core import runtime
+
+runtime.quiet_imports()  # before TensorFlow is imported
 
 import numpy as np
 import psutil
@@ -28,17 +29,12 @@ from tf_agents.drivers import py_driver
 from tf_agents.policies import random_py_policy
 from tf_agents.trajectories import time_step as ts
 
+from dqnfleet.cli.up import free_port
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core import envs, rpc, specs
 from dqnfleet.core.config import EnvConfig
 
 ENV = EnvConfig(env_id="ALE/Breakout-v5")
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 class NaiveObserver:

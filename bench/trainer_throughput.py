@@ -15,7 +15,9 @@ import json
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from dqnfleet.core import runtime
+
+runtime.quiet_imports()  # before TensorFlow is imported
 
 import numpy as np
 import reverb
