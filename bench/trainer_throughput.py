@@ -12,7 +12,6 @@ Prints one JSON object.
 """
 import argparse
 import json
-import os
 import time
 
 from dqnfleet.core import runtime
