@@ -22,6 +22,9 @@ def test_cartpole_learns_within_a_bounded_budget(tmp_path):
       capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "trainer reached its last train step" in result.stdout
+  # Every service stops by itself, even collectors whose inserts the rate
+  # limiter holds back once the trainer has stopped sampling.
+  assert "did not stop" not in result.stdout, result.stdout[-3000:]
   assert re.search(r"train steps [\d,]+ \(", result.stdout)  # live progress was shown
   for name in ("replay", "trainer", "collector-0", "collector-1"):
     assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0

@@ -6,6 +6,7 @@ core/specs.py describes (each frame stored once). It is a TF-Agents
 environments at once.
 """
 import logging
+import time
 
 import numpy as np
 import reverb
@@ -109,13 +110,24 @@ class ReplayObserver:
         log.info("replay (%d items) is holding inserts back: the trainer samples slower than "
                  "the target ratio allows; waiting", size)
 
-  def close(self, flush_timeout_ms: int = 5_000) -> None:
-    """Sends pending items (unless replay is gone or keeps them waiting), then closes."""
+  def close(self, flush_timeout_s: float = 5.0) -> None:
+    """Sends pending items (unless replay is gone or keeps them waiting), then closes.
+
+    One deadline covers all writers: a rate limiter that holds one writer's
+    items back holds every writer's, and E sequential timeouts would outlast
+    the grace period a supervisor gives the process.
+    """
+    deadline = time.monotonic() + flush_timeout_s
     for writer in self._writers:
+      remaining_ms = int((deadline - time.monotonic()) * 1000)
+      if remaining_ms <= 0:
+        break
       try:
-        writer.flush(timeout_ms=flush_timeout_ms)
+        writer.flush(timeout_ms=remaining_ms)
       except Exception as e:  # gone or rate limited: the items of unfinished steps are lost
         log.warning("could not send the last items to replay: %s", str(e).splitlines()[0][:200])
+        break
+    for writer in self._writers:
       try:
         writer.close()
       except Exception:  # the server may already be gone at shutdown
