@@ -37,8 +37,9 @@ def test_cartpole_learns_within_a_bounded_budget(tmp_path):
   report = json.loads(evaluation.stdout)
   assert report["policy_version"] == TRAIN_STEPS and report["episodes"] == 20
   # Well above random: the greedy policy balances the pole three times longer
-  # or more. At this budget DQN's greedy return varies from run to run (73 to
-  # 190 seen, docs/performance.md); 15k steps is before it first reaches 500.
+  # or more. DQN's greedy return still swings from version to version; with
+  # the default reward scaling, 104 to 500 were seen from 5k train steps on
+  # (docs/performance.md), so the margin over 66 is wide.
   print("greedy mean return after", TRAIN_STEPS, "train steps:", report["mean_return"])
   assert report["mean_return"] >= 3 * RANDOM_POLICY_RETURN, report
 

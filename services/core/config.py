@@ -78,6 +78,15 @@ class AgentConfig:
   # target a fraction of the way each update (Polyak averaging).
   target_update_tau: float = setting(1.0, "Fraction of the way the target net moves per update.",
                                      minimum=0.0001, maximum=1.0)
+  # Huber loss is linear beyond a TD error of 1. With values near 100
+  # (CartPole: +1 per step, gamma 0.99) the rare terminal transitions then
+  # pull no harder than any other, and the greedy policy stalls at ~100 steps
+  # with the cart drifting off the track. Scaling rewards by 0.01 keeps TD
+  # errors inside Huber's quadratic zone; measured in docs/performance.md.
+  td_loss: str = setting("huber", "Loss on the TD error.", choices=("huber", "squared"))
+  reward_scale: float = setting(
+      1.0, "Multiply training rewards by this (Q-values scale with it; episode returns are "
+           "reported unscaled).", minimum=1e-6, maximum=1e6, classic=0.01)
   # Gradient norm clipping guards the first updates against huge TD errors.
   gradient_clipping: float = setting(10.0, "Clip gradient norm to this (0 disables).", minimum=0.0)
 

@@ -28,7 +28,9 @@ def make_agent(env_specs: EnvSpecs, q_network: tf.keras.Model, config: AgentConf
       epsilon_greedy=0.0,
       target_update_period=config.target_update_period,
       target_update_tau=config.target_update_tau,
-      td_errors_loss_fn=common.element_wise_huber_loss,
+      td_errors_loss_fn=(common.element_wise_huber_loss if config.td_loss == "huber"
+                         else common.element_wise_squared_loss),
+      reward_scale_factor=config.reward_scale,
       gamma=config.gamma,
       gradient_clipping=config.gradient_clipping or None,
       train_step_counter=train_step)
