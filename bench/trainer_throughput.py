@@ -34,15 +34,12 @@ def fill(client, env_specs, items):
   rng = np.random.default_rng(0)
   for t in range(items + env_specs.stack):
     frame = rng.integers(0, 255, env_specs.frame.shape).astype(env_specs.frame.dtype)
-    writer.append({"frame": frame, "action": np.int64(t % env_specs.num_actions),
-                   "reward": np.float32(1), "discount": np.float32(1),
-                   "policy_version": np.int64(0), "collector": np.int64(0)})
+    writer.append({"frame": frame,
+                   "step": specs.pack_step(t % env_specs.num_actions, 1, 1, 0, 0)})
     if t >= env_specs.stack:
       h = writer.history
-      writer.create_item(specs.TABLE, 1.0, {
-          "frames": h["frame"][-(env_specs.stack + 1):], "action": h["action"][-1],
-          "reward": h["reward"][-1], "discount": h["discount"][-1],
-          "policy_version": h["policy_version"][-1], "collector": h["collector"][-1]})
+      writer.create_item(specs.TABLE, 1.0, {"frames": h["frame"][-(env_specs.stack + 1):],
+                                            "step": h["step"][-1]})
   writer.end_episode()
 
 

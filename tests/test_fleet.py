@@ -66,7 +66,7 @@ def test_items_from_both_collectors_reach_the_replay_table(fleet):
   def sampled_sources():
     samples = client.sample(specs.TABLE, num_samples=300, emit_timesteps=False,
                             unpack_as_table_signature=True)
-    return {int(s.data["collector"]) for s in samples}
+    return {int(specs.unpack_step(s.data["step"])["collector"]) for s in samples}
 
   wait_until(lambda: set(sources) <= sampled_sources(), 120, "items of both collectors")
 

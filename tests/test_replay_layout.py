@@ -82,6 +82,7 @@ def test_a_frame_stack_is_not_stored_twice():
   env_specs = specs.env_specs(config)
   signature = specs.replay_signature(env_specs)
   assert signature["frames"].shape == (5, 84, 84)  # s_t and s_t+1 share 3 of 4 frames
+  assert set(signature) == {"frames", "step"}  # every column costs bookkeeping per item
   assert env_specs.observation.shape == (84, 84, 4)
   obs = np.arange(84 * 84 * 4, dtype=np.int64).reshape(1, 84, 84, 4) % 251
   frames = np.stack(env_specs.frames_of(obs[0]) + [np.full((84, 84), 7)])[None].astype(np.uint8)
@@ -89,3 +90,16 @@ def test_a_frame_stack_is_not_stored_twice():
   np.testing.assert_array_equal(first.numpy(), obs.astype(np.uint8))
   np.testing.assert_array_equal(second.numpy()[0, ..., :3], obs[0, ..., 1:].astype(np.uint8))
   np.testing.assert_array_equal(second.numpy()[0, ..., 3], np.full((84, 84), 7, np.uint8))
+
+
+def test_packed_scalars_come_back_exactly():
+  """The five scalars share one float64 column and lose nothing on the way."""
+  reward = np.float32(0.1)  # not exactly representable: must survive float32 -> 64 -> 32
+  step = specs.pack_step(17, reward, np.float32(0.99), 2**52 + 1, 2**32 - 1)
+  fields = specs.unpack_step(np.stack([step, step]))
+  assert fields["action"].dtype == tf.int64 and fields["policy_version"].dtype == tf.int64
+  assert fields["reward"].dtype == tf.float32 and fields["collector"].dtype == tf.int64
+  assert fields["action"].numpy().tolist() == [17, 17]
+  assert fields["reward"].numpy()[0] == reward and fields["discount"].numpy()[0] == np.float32(0.99)
+  assert fields["policy_version"].numpy()[0] == 2**52 + 1
+  assert fields["collector"].numpy()[0] == 2**32 - 1

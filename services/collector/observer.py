@@ -18,10 +18,13 @@ log = logging.getLogger(__name__)
 
 # Long enough for any item (k+1 rows) and for chunks that compress well.
 KEEP_ALIVE_ROWS = 32
-# Frames go to the server in chunks of this many rows, compressed together:
-# longer chunks compress consecutive, similar frames better (see
-# docs/performance.md) at the price of items waiting for their chunk to fill.
-FRAME_CHUNK_ROWS = 32
+# Both row columns go to the server in chunks of this many rows, compressed
+# together: longer chunks compress consecutive, similar frames better, and
+# the `step` column, which Reverb's auto-tuning would send as one chunk per
+# row, costs one chunk per 32 rows (see docs/performance.md). Items wait for
+# their chunks to fill, or for the flush that keeps in-flight items low.
+CHUNK_ROWS = 32
+ROW_COLUMNS = ("frame", "step")
 # Items a writer may have sent but not yet seen inserted; beyond this the
 # collector waits, so a rate-limited replay slows collection instead of
 # letting unsent items pile up in memory.
@@ -43,14 +46,15 @@ class ReplayObserver:
   def __init__(self, client: reverb.Client, env_specs: specs.EnvSpecs, num_envs: int,
                policy_version, stop, source: int):
     self._client, self._stop = client, stop
-    self._source = np.int64(source)
+    self._source = source
     self._specs = env_specs
     self._policy_version = policy_version  # callable: version acting right now
     self._writers = [client.trajectory_writer(num_keep_alive_refs=KEEP_ALIVE_ROWS)
                      for _ in range(num_envs)]
     for writer in self._writers:
-      writer.configure(("frame",), num_keep_alive_refs=KEEP_ALIVE_ROWS,
-                       max_chunk_length=FRAME_CHUNK_ROWS)
+      for column in ROW_COLUMNS:
+        writer.configure((column,), num_keep_alive_refs=KEEP_ALIVE_ROWS,
+                         max_chunk_length=CHUNK_ROWS)
     self.items_written = 0
 
   def __call__(self, transition) -> None:
@@ -63,25 +67,16 @@ class ReplayObserver:
         continue  # the LAST -> FIRST step of an autoreset carries no transition
       if step_type == ts.StepType.FIRST:
         for frame in self._specs.frames_of(time_step.observation[i]):
-          writer.append({"frame": frame, "action": np.int64(0), "reward": np.float32(0),
-                         "discount": np.float32(1), "policy_version": np.int64(-1),
-                         "collector": self._source})
+          writer.append({"frame": frame, "step": specs.pack_step(0, 0, 1, -1, self._source)})
       writer.append({
           "frame": self._specs.frames_of(next_time_step.observation[i])[-1],
-          "action": np.int64(actions[i]),
-          "reward": np.float32(next_time_step.reward[i]),
-          "discount": np.float32(next_time_step.discount[i]),
-          "policy_version": np.int64(version),
-          "collector": self._source,
+          "step": specs.pack_step(actions[i], next_time_step.reward[i],
+                                  next_time_step.discount[i], version, self._source),
       })
       history = writer.history
       writer.create_item(specs.TABLE, priority=1.0, trajectory={
           "frames": history["frame"][-(self._specs.stack + 1):],
-          "action": history["action"][-1],
-          "reward": history["reward"][-1],
-          "discount": history["discount"][-1],
-          "policy_version": history["policy_version"][-1],
-          "collector": history["collector"][-1],
+          "step": history["step"][-1],
       })
       self.items_written += 1
       if next_time_step.step_type[i] == ts.StepType.LAST:

@@ -15,7 +15,15 @@ chunks are shared between items, so each frame is stored once) and the last
 row's scalars:
 
     item:   frames[k+1] (s_t = frames[0:k], s_t+1 = frames[1:k+1]),
-            action, reward, discount, policy_version, collector
+            step = (action, reward, discount, policy_version, collector)
+
+The five scalars travel packed in one float64 vector, `step`: Reverb keeps
+bookkeeping per column of every item, and with one column per scalar that,
+not the frames (about 80 bytes each, compressed in chunks of 32 rows), was
+most of a transition's memory: 2,256 bytes per Breakout transition with six
+columns, 1,401 with two (docs/performance.md). float64 holds each scalar
+exactly: actions, versions and collector ids are integers below 2**53, and
+rewards and discounts are float32.
 
 A state-vector environment is the same with k=1: frames[2] = (s_t, s_t+1).
 The signature depends only on the environment settings, so the replay server
@@ -34,6 +42,10 @@ from dqnfleet.core import envs
 from dqnfleet.core.config import EnvConfig
 
 TABLE = "transitions"
+# The scalars of a transition, in their order in the packed `step` vector.
+STEP_FIELDS = ("action", "reward", "discount", "policy_version", "collector")
+STEP_DTYPES = {"action": tf.int64, "reward": tf.float32, "discount": tf.float32,
+               "policy_version": tf.int64, "collector": tf.int64}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +94,19 @@ def replay_signature(specs: EnvSpecs) -> dict[str, tf.TensorSpec]:
   return {
       "frames": tf.TensorSpec((specs.stack + 1,) + specs.frame.shape,
                               tf.as_dtype(specs.frame.dtype), "frames"),
-      "action": tf.TensorSpec((), tf.int64, "action"),
-      "reward": tf.TensorSpec((), tf.float32, "reward"),
-      "discount": tf.TensorSpec((), tf.float32, "discount"),
-      "policy_version": tf.TensorSpec((), tf.int64, "policy_version"),
-      "collector": tf.TensorSpec((), tf.int64, "collector"),
+      "step": tf.TensorSpec((len(STEP_FIELDS),), tf.float64, "step"),
   }
+
+
+def pack_step(action, reward, discount, policy_version, collector) -> np.ndarray:
+  """One row's scalars as the `step` vector of the replay layout."""
+  return np.array([action, reward, discount, policy_version, collector], np.float64)
+
+
+def unpack_step(step) -> dict[str, tf.Tensor]:
+  """`step` vectors [..., 5] -> each scalar field [...] in its own dtype."""
+  step = tf.convert_to_tensor(step, tf.float64)
+  return {name: tf.cast(step[..., i], STEP_DTYPES[name]) for i, name in enumerate(STEP_FIELDS)}
 
 
 def source_id(collector_id: str) -> int:

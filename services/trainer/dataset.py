@@ -17,8 +17,8 @@ SAMPLE_TIMEOUT_MS = 5_000
 
 def to_experience(sample: reverb.ReplaySample, stack: int):
   """A batch of replay items -> (Trajectory [B, 2], policy versions [B])."""
-  data = sample.data
-  obs, next_obs = specs.split_frames(data["frames"], stack)
+  obs, next_obs = specs.split_frames(sample.data["frames"], stack)
+  data = specs.unpack_step(sample.data["step"])
   mid = tf.fill(tf.shape(data["action"]), ts.StepType.MID)
   pair = lambda first, second: tf.stack([first, second], axis=1)
   experience = trajectory.Trajectory(
