@@ -6,7 +6,7 @@ from dqnfleet.cli.main import build_configs, build_parser
 from dqnfleet.core import settings
 from dqnfleet.core.config import EnvConfig, ReplayConfig
 
-from conftest import dqnfleet
+from conftest import dqnfleet, wait_until
 
 
 def parse(*argv):
@@ -66,3 +66,22 @@ def test_bad_settings_exit_nonzero_with_a_clear_message(tmp_path):
   result = dqnfleet("replay", env={"DQNFLEET_SAMPLES_PER_INSERT": "lots"})
   assert result.returncode == 2
   assert "DQNFLEET_SAMPLES_PER_INSERT='lots' is not a valid number" in result.stderr
+
+
+def test_a_replay_checkpoint_of_another_environment_is_refused_and_kept(services, tmp_path):
+  checkpoints = tmp_path / "replay_checkpoints"
+  cartpole = services("replay", "replay", "--env-id", "CartPole-v1", "--port", "0",
+                      "--status-port", "0", "--checkpoint-dir", str(checkpoints),
+                      "--checkpoint-every-s", "0")
+  wait_until(lambda: "health and status on port" in cartpole.log(), 120, "replay to start")
+  assert cartpole.stop() == 0
+  saved = {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()}
+  assert saved  # checkpointed at shutdown
+
+  result = dqnfleet("replay", "--env-id", "Acrobot-v1", "--port", "0", "--status-port", "0",
+                    "--checkpoint-dir", str(checkpoints), timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert (f"dqnfleet replay: error: the replay checkpoint in --checkpoint-dir {checkpoints} "
+          "does not match --env-id Acrobot-v1") in result.stderr
+  assert "frames float32[2, 6]" in result.stderr  # what Acrobot's layout needs
+  assert {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()} == saved

@@ -98,6 +98,20 @@ def replay_signature(specs: EnvSpecs) -> dict[str, tf.TensorSpec]:
   }
 
 
+def describe_signature(signature) -> str:
+  return ", ".join(f"{name} {tf.as_dtype(spec.dtype).name}{list(spec.shape)}"
+                   for name, spec in sorted(signature.items()))
+
+
+def signature_mismatch(signature, env_specs: EnvSpecs) -> str | None:
+  """Why a replay table's signature is not this environment's layout (None if it is)."""
+  ours = replay_signature(env_specs)
+  if signature is None or (set(signature) == set(ours) and all(
+      signature[k].shape == ours[k].shape and signature[k].dtype == ours[k].dtype for k in ours)):
+    return None
+  return f"the table holds {describe_signature(signature)}; this needs {describe_signature(ours)}"
+
+
 def pack_step(action, reward, discount, policy_version, collector) -> np.ndarray:
   """One row's scalars as the `step` vector of the replay layout."""
   return np.array([action, reward, discount, policy_version, collector], np.float64)

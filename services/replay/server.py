@@ -12,6 +12,7 @@ import reverb
 
 from dqnfleet.core import rpc, specs
 from dqnfleet.core.config import EnvConfig, ReplayConfig
+from dqnfleet.core.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,17 @@ def serve(env: EnvConfig, config: ReplayConfig, stop: threading.Event,
   server = reverb.Server(tables=[make_table(env, config)], port=config.port or None,
                          checkpointer=checkpointer)
   client = reverb.Client(f"localhost:{server.port}")
-  size = client.server_info(timeout=30)[specs.TABLE].current_size
+  table = client.server_info(timeout=30)[specs.TABLE]
+  # A restored table keeps the signature it was saved with: a checkpoint of
+  # another environment (or of an older item layout) would take every insert
+  # and sample of this fleet down with signature errors. Refuse it, untouched.
+  mismatch = specs.signature_mismatch(table.signature, specs.env_specs(env))
+  if mismatch:
+    server.stop()
+    raise ConfigError(f"the replay checkpoint in --checkpoint-dir {config.checkpoint_dir} does not "
+                      f"match --env-id {env.env_id} ({mismatch}). Start with the settings it "
+                      "was saved with, or point --checkpoint-dir elsewhere; nothing was deleted")
+  size = table.current_size
   log.info("Reverb listening on port %d, table %r (%s), %d items%s", server.port, specs.TABLE,
            env.env_id, size, " restored from " + config.checkpoint_dir if size else "")
 

@@ -79,13 +79,11 @@ class Trainer:
                       self._stop)
     if table is None:
       return
-    ours = specs.replay_signature(self.specs)
-    if table.signature is not None and not all(
-        table.signature[k].shape == ours[k].shape and table.signature[k].dtype == ours[k].dtype
-        for k in ours):
-      raise SystemExit(f"replay table signature {table.signature} does not match this trainer's "
-                       f"environment {self.env.env_id} ({ours}); start both with the same "
-                       "--env-id and --frame-stack")
+    mismatch = specs.signature_mismatch(table.signature, self.specs)
+    if mismatch:
+      raise SystemExit(f"the replay table does not match this trainer's environment "
+                       f"{self.env.env_id} ({mismatch}); start both with the same --env-id and "
+                       "--frame-stack")
 
   def _explain_wait(self) -> None:
     """Says why no batch came (called after a sampling timeout)."""
