@@ -111,9 +111,9 @@ def test_a_third_collector_reaches_the_replay_table(fleet):
   (container,) = new
   source = wait_until(lambda: exec_json(container, "localhost:8020", container=True)[0]
                       ["counters"].get("source_id"), 300, "the new collector to start", interval=5)
-  probe = ("import reverb; c = reverb.Client('replay:8000'); "
-           "print(sorted({int(s.data['collector']) for s in c.sample('transitions', 2000, "
-           "emit_timesteps=False, unpack_as_table_signature=True)}))")
+  probe = ("import reverb; from dqnfleet.core import specs; c = reverb.Client('replay:8000'); "
+           "print(sorted({int(specs.unpack_step(s.data['step'])['collector']) for s in "
+           "c.sample('transitions', 2000, emit_timesteps=False, unpack_as_table_signature=True)}))")
 
   def sampled_sources():
     out = run("docker", "compose", "-p", PROJECT, "exec", "-T", "trainer", "python", "-c", probe,
