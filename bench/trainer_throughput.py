@@ -23,7 +23,7 @@ import reverb
 import tensorflow as tf
 
 from dqnfleet.core import networks, settings, specs
-from dqnfleet.core.config import AgentConfig, EnvConfig, NetworkConfig
+from dqnfleet.core.config import AgentConfig, EnvConfig, NetworkConfig, is_atari
 from dqnfleet.trainer import trainer as trainer_lib
 from dqnfleet.trainer.dataset import make_dataset
 from dqnfleet.trainer.learner import make_agent
@@ -55,7 +55,7 @@ def main():
   parser.add_argument("--steps", type=int, default=300)
   args = parser.parse_args()
   env = EnvConfig(env_id=args.env_id)
-  classic = not args.env_id.startswith("ALE/")
+  classic = not is_atari(args.env_id)
   agent_config = settings.build(AgentConfig, None, {}, classic_control=classic)
   net = settings.build(NetworkConfig, None, {}, classic_control=classic)
   env_specs = specs.env_specs(env)

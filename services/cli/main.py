@@ -17,7 +17,7 @@ import sys
 from dqnfleet.core import settings
 from dqnfleet.core.config import (AgentConfig, CollectorConfig, CommonConfig, EnvConfig,
                                   EvaluateConfig, NetworkConfig, ReplayConfig, TrainerConfig,
-                                  UpConfig)
+                                  UpConfig, is_atari)
 from dqnfleet.core.settings import ConfigError
 
 # What `up` sets itself for each service, so it takes no flag for them.
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 def build_configs(groups, args) -> list:
   """Each group's config from flags, environment and the env family's defaults."""
   env = settings.build(EnvConfig, args) if EnvConfig in groups else None
-  classic = env is not None and not env.env_id.startswith("ALE/")
+  classic = env is not None and not is_atari(env.env_id)
   configs = []
   for group in groups:
     config = env if group is EnvConfig else settings.build(group, args, classic_control=classic)

@@ -18,6 +18,11 @@ DEFAULT_TRAINER_PORT = 8010
 DEFAULT_COLLECTOR_STATUS_PORT = 8020
 
 
+def is_atari(env_id: str) -> bool:
+  """Atari ids train from pixels; every other id is a classic-control one."""
+  return env_id.startswith("ALE/")
+
+
 @dataclasses.dataclass
 class CommonConfig:
   """Settings every service has."""

@@ -22,17 +22,13 @@ from tf_agents.environments import py_environment
 from tf_agents.specs import array_spec
 from tf_agents.trajectories import time_step as ts
 
-from dqnfleet.core.config import EnvConfig
+from dqnfleet.core.config import EnvConfig, is_atari
 from dqnfleet.core.settings import ConfigError
 
 gym.register_envs(ale_py)
 
 ATARI_FRAME_SKIP = 4
 ATARI_SCREEN_SIZE = 84
-
-
-def is_atari(env_id: str) -> bool:
-  return env_id.startswith("ALE/")
 
 
 def make_env(config: EnvConfig) -> gym.Env:

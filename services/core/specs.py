@@ -39,7 +39,7 @@ from tf_agents.specs import array_spec
 from tf_agents.trajectories import time_step as ts
 
 from dqnfleet.core import envs
-from dqnfleet.core.config import EnvConfig
+from dqnfleet.core.config import EnvConfig, is_atari
 
 TABLE = "transitions"
 # The scalars of a transition, in their order in the packed `step` vector.
@@ -79,7 +79,7 @@ def _specs_for(env_id: str, frame_stack: int, noop_max: int) -> EnvSpecs:
     obs, act = env.observation_spec(), env.action_spec()
   finally:
     env.close()
-  if envs.is_atari(env_id):
+  if is_atari(env_id):
     frame = array_spec.ArraySpec(obs.shape[:-1], obs.dtype, "frame")
     return EnvSpecs(obs, act, frame, frame_stack)
   return EnvSpecs(obs, act, array_spec.ArraySpec(obs.shape, obs.dtype, "frame"), 1)
