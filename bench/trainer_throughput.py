@@ -34,12 +34,9 @@ def fill(client, env_specs, items):
   rng = np.random.default_rng(0)
   for t in range(items + env_specs.stack):
     frame = rng.integers(0, 255, env_specs.frame.shape).astype(env_specs.frame.dtype)
-    writer.append({"frame": frame,
-                   "step": specs.pack_step(t % env_specs.num_actions, 1, 1, 0, 0)})
+    writer.append(specs.row(frame, t % env_specs.num_actions, 1, 1, 0, 0))
     if t >= env_specs.stack:
-      h = writer.history
-      writer.create_item(specs.TABLE, 1.0, {"frames": h["frame"][-(env_specs.stack + 1):],
-                                            "step": h["step"][-1]})
+      writer.create_item(specs.TABLE, 1.0, specs.item(writer.history, env_specs.stack))
   writer.end_episode()
 
 

@@ -24,7 +24,6 @@ KEEP_ALIVE_ROWS = 32
 # row, costs one chunk per 32 rows (see docs/performance.md). Items wait for
 # their chunks to fill, or for the flush that keeps in-flight items low.
 CHUNK_ROWS = 32
-ROW_COLUMNS = ("frame", "step")
 # Items a writer may have sent but not yet seen inserted; beyond this the
 # collector waits, so a rate-limited replay slows collection instead of
 # letting unsent items pile up in memory.
@@ -52,7 +51,7 @@ class ReplayObserver:
     self._writers = [client.trajectory_writer(num_keep_alive_refs=KEEP_ALIVE_ROWS)
                      for _ in range(num_envs)]
     for writer in self._writers:
-      for column in ROW_COLUMNS:
+      for column in specs.ROW_COLUMNS:
         writer.configure((column,), num_keep_alive_refs=KEEP_ALIVE_ROWS,
                          max_chunk_length=CHUNK_ROWS)
     self.items_written = 0
@@ -67,17 +66,12 @@ class ReplayObserver:
         continue  # the LAST -> FIRST step of an autoreset carries no transition
       if step_type == ts.StepType.FIRST:
         for frame in self._specs.frames_of(time_step.observation[i]):
-          writer.append({"frame": frame, "step": specs.pack_step(0, 0, 1, -1, self._source)})
-      writer.append({
-          "frame": self._specs.frames_of(next_time_step.observation[i])[-1],
-          "step": specs.pack_step(actions[i], next_time_step.reward[i],
-                                  next_time_step.discount[i], version, self._source),
-      })
-      history = writer.history
-      writer.create_item(specs.TABLE, priority=1.0, trajectory={
-          "frames": history["frame"][-(self._specs.stack + 1):],
-          "step": history["step"][-1],
-      })
+          writer.append(specs.row(frame, 0, 0, 1, -1, self._source))
+      writer.append(specs.row(self._specs.frames_of(next_time_step.observation[i])[-1],
+                              actions[i], next_time_step.reward[i], next_time_step.discount[i],
+                              version, self._source))
+      writer.create_item(specs.TABLE, priority=1.0,
+                         trajectory=specs.item(writer.history, self._specs.stack))
       self.items_written += 1
       if next_time_step.step_type[i] == ts.StepType.LAST:
         self._wait(lambda: writer.end_episode(clear_buffers=True, timeout_ms=WAIT_TIMEOUT_MS))

@@ -42,10 +42,12 @@ from dqnfleet.core import envs
 from dqnfleet.core.config import EnvConfig, is_atari
 
 TABLE = "transitions"
-# The scalars of a transition, in their order in the packed `step` vector.
-STEP_FIELDS = ("action", "reward", "discount", "policy_version", "collector")
-STEP_DTYPES = {"action": tf.int64, "reward": tf.float32, "discount": tf.float32,
+# The scalars of a transition and their dtypes, in their order in the packed
+# `step` vector.
+STEP_FIELDS = {"action": tf.int64, "reward": tf.float32, "discount": tf.float32,
                "policy_version": tf.int64, "collector": tf.int64}
+# What one row of a trajectory writer holds.
+ROW_COLUMNS = ("frame", "step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +122,17 @@ def pack_step(action, reward, discount, policy_version, collector) -> np.ndarray
 def unpack_step(step) -> dict[str, tf.Tensor]:
   """`step` vectors [..., 5] -> each scalar field [...] in its own dtype."""
   step = tf.convert_to_tensor(step, tf.float64)
-  return {name: tf.cast(step[..., i], STEP_DTYPES[name]) for i, name in enumerate(STEP_FIELDS)}
+  return {name: tf.cast(step[..., i], dtype) for i, (name, dtype) in enumerate(STEP_FIELDS.items())}
+
+
+def row(frame, action, reward, discount, policy_version, collector) -> dict:
+  """One trajectory-writer row: a frame and the scalars of the step that produced it."""
+  return {"frame": frame, "step": pack_step(action, reward, discount, policy_version, collector)}
+
+
+def item(history, stack: int) -> dict:
+  """The item for the newest row of a writer's `history`: its transition."""
+  return {"frames": history["frame"][-(stack + 1):], "step": history["step"][-1]}
 
 
 def source_id(collector_id: str) -> int:
