@@ -116,8 +116,7 @@ def test_a_third_collector_reaches_the_replay_table(fleet):
            "c.sample('transitions', 2000, emit_timesteps=False, unpack_as_table_signature=True)}))")
 
   def sampled_sources():
-    out = run("docker", "compose", "-p", PROJECT, "exec", "-T", "trainer", "python", "-c", probe,
-              timeout=120).stdout
+    out = compose("exec", "-T", "trainer", "python", "-c", probe, timeout=120).stdout
     return int(source) in json.loads(out.strip().splitlines()[-1])
 
   wait_until(sampled_sources, 300, "items of the third collector in replay", interval=5)
@@ -125,7 +124,7 @@ def test_a_third_collector_reaches_the_replay_table(fleet):
 
 def test_services_run_as_a_non_root_user(fleet):
   for service in ("replay", "trainer", "collector"):
-    uid = run("docker", "compose", "-p", PROJECT, "exec", "-T", service, "id", "-u").stdout.strip()
+    uid = compose("exec", "-T", service, "id", "-u").stdout.strip()
     assert uid == "10001", f"{service} runs as uid {uid}"
 
 

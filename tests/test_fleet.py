@@ -72,9 +72,8 @@ def test_items_from_both_collectors_reach_the_replay_table(fleet):
 
 
 def test_the_trainer_trains_and_publishes_increasing_versions(fleet):
-  first = wait_until(lambda: status(fleet, "trainer").policy_version >= 50, 240,
+  first = wait_until(lambda: (s := status(fleet, "trainer")).policy_version >= 50 and s, 240,
                      "a first published version")
-  first = status(fleet, "trainer")
   later = wait_until(lambda: (s := status(fleet, "trainer")).policy_version > first.policy_version
                      and s, 120, "a newer version")
   assert later.counters["train_steps"] > first.counters["train_steps"]
