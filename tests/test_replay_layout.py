@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import reverb
 import tensorflow as tf
-from tf_agents.drivers import py_driver
 from tf_agents.policies import random_py_policy
 from tf_agents.trajectories import time_step as ts
 
+from dqnfleet.collector.driver import PipelinedDriver
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core import envs, specs
 from dqnfleet.core.config import EnvConfig
@@ -20,58 +20,87 @@ from conftest import free_port
 
 
 class Recorder:
-  """Remembers every transition the driver produced, keyed by its content."""
+  """Remembers every environment's transitions, episode by episode."""
 
-  def __init__(self):
-    self.keys = set()  # identical transitions happen (Breakout's still frames): count apart
+  def __init__(self, num_envs):
+    self.current = [[] for _ in range(num_envs)]
+    self.episodes = []
     self.count = 0
 
   def __call__(self, transition):
     time_step, action_step, next_time_step = transition
     for i in range(len(time_step.step_type)):
-      if time_step.step_type[i] != ts.StepType.LAST:
-        self.count += 1
-        self.keys.add(key(time_step.observation[i], action_step.action[i],
-                          next_time_step.reward[i], next_time_step.discount[i],
-                          next_time_step.observation[i]))
+      if time_step.step_type[i] == ts.StepType.LAST:
+        continue
+      self.count += 1
+      self.current[i].append((np.asarray(time_step.observation[i]).tobytes(),
+                              int(action_step.action[i]), float(next_time_step.reward[i]),
+                              float(next_time_step.discount[i]),
+                              np.asarray(next_time_step.observation[i]).tobytes()))
+      if next_time_step.step_type[i] == ts.StepType.LAST:
+        self.episodes.append(self.current[i])
+        self.current[i] = []
+
+  def n_step_keys(self, n):
+    """What each n-step item must hold: s_t, a_t, n rewards and discounts, s_t+n.
+
+    The last n-1 transitions of an episode are padded with reward 0 and
+    discount 0; their final observation is never used, so it is not keyed.
+    """
+    keys = set()
+    for episode, finished in [(e, True) for e in self.episodes] + [(e, False) for e in self.current]:
+      for t in range(len(episode)):
+        window = episode[t:t + n]
+        if len(window) < n and not finished:
+          continue  # an unfinished episode's tail has no items yet
+        rewards = tuple(w[2] for w in window) + (0.0,) * (n - len(window))
+        discounts = tuple(w[3] for w in window) + (0.0,) * (n - len(window))
+        final = window[-1][4] if len(window) == n else None
+        keys.add((episode[t][0], episode[t][1], rewards, discounts, final))
+    return keys
 
 
-def key(obs, action, reward, discount, next_obs):
-  return (np.asarray(obs).tobytes(), int(action), float(reward), float(discount),
-          np.asarray(next_obs).tobytes())
-
-
-@pytest.mark.parametrize("env_id, steps", [("CartPole-v1", 600), ("ALE/Breakout-v5", 400)])
-def test_sampled_transitions_are_exactly_the_collected_ones(env_id, steps):
-  config = EnvConfig(env_id=env_id)
+@pytest.mark.parametrize("env_id, n_step, steps", [("CartPole-v1", 1, 600),
+                                                    ("CartPole-v1", 3, 600),
+                                                    ("ALE/Breakout-v5", 3, 400)])
+def test_sampled_transitions_are_exactly_the_collected_ones(env_id, n_step, steps):
+  config = EnvConfig(env_id=env_id, n_step=n_step)
   env_specs = specs.env_specs(config)
   table = reverb.Table(specs.TABLE, reverb.selectors.Uniform(), reverb.selectors.Fifo(),
                        max_size=100_000, rate_limiter=reverb.rate_limiters.MinSize(1),
                        signature=specs.replay_signature(env_specs))
   server = reverb.Server([table], port=free_port())
   client = reverb.Client(f"localhost:{server.port}")
-  env = envs.BatchedGymEnvironment(config, num_envs=3, seed=7)
+  env = envs.BatchedEnvironment(config, num_envs=3, seed=7)
   observer = ReplayObserver(client, env_specs, 3, lambda: 42, threading.Event(), source=1234)
-  recorder = Recorder()
+  recorder = Recorder(3)
   policy = random_py_policy.RandomPyPolicy(env.time_step_spec(), env.action_spec(),
                                            outer_dims=(3,))
-  driver = py_driver.PyDriver(env, policy, [], transition_observers=[recorder, observer],
-                              max_steps=steps * 3)
-  driver.run(env.reset())
+  driver = PipelinedDriver(env, policy, lambda t: (recorder(t), observer(t)))
+  driver.run(env.reset(), steps)
+  driver.flush()
   observer.close()  # flushes every pending item
   env.close()
 
   info = client.server_info()[specs.TABLE]
-  assert info.current_size == observer.items_written == recorder.count > 0
+  assert recorder.count == observer.steps_observed
+  unfinished = sum(min(n_step - 1, len(episode)) for episode in recorder.current)
+  assert info.current_size == observer.items_written == recorder.count - unfinished > 0
+  expected = recorder.n_step_keys(n_step)
   # Several episodes ended (CartPole) or lives were played (Breakout) on the way.
   batch = 64
   dataset = make_dataset(f"localhost:{server.port}", env_specs, batch, prefetch_batches=1)
-  for experience, versions in dataset.take(10):
+  for experience, versions, _ in dataset.take(10):
     obs = experience.observation.numpy()
-    assert obs.shape[:2] == (batch, 2) and obs.shape[2:] == env_specs.observation.shape
+    assert obs.shape[:2] == (batch, n_step + 1)
+    assert obs.shape[2:] == env_specs.observation.shape
     for b in range(batch):
-      assert key(obs[b, 0], experience.action[b, 0], experience.reward[b, 0],
-                 experience.discount[b, 0], obs[b, 1]) in recorder.keys
+      rewards = tuple(float(r) for r in experience.reward[b, :n_step].numpy())
+      discounts = tuple(float(d) for d in experience.discount[b, :n_step].numpy())
+      head = (obs[b, 0].tobytes(), int(experience.action[b, 0]), rewards, discounts)
+      # A padded item's final observation is not keyed (it is never used).
+      candidates = {head + (obs[b, -1].tobytes(),), head + (None,)}
+      assert candidates & expected, f"item {b} is no transition the environments produced"
   assert set(versions.numpy()) == {42}
   server.stop()
 
@@ -81,15 +110,16 @@ def test_a_frame_stack_is_not_stored_twice():
   config = EnvConfig(env_id="ALE/Breakout-v5")
   env_specs = specs.env_specs(config)
   signature = specs.replay_signature(env_specs)
-  assert signature["frames"].shape == (5, 84, 84)  # s_t and s_t+1 share 3 of 4 frames
+  assert signature["frames"].shape == (4 + 3, 84, 84)  # s_t ... s_t+3 share their frames
   assert set(signature) == {"frames", "step"}  # every column costs bookkeeping per item
   assert env_specs.observation.shape == (84, 84, 4)
   obs = np.arange(84 * 84 * 4, dtype=np.int64).reshape(1, 84, 84, 4) % 251
   frames = np.stack(env_specs.frames_of(obs[0]) + [np.full((84, 84), 7)])[None].astype(np.uint8)
-  first, second = specs.split_frames(tf.constant(frames), 4)
-  np.testing.assert_array_equal(first.numpy(), obs.astype(np.uint8))
-  np.testing.assert_array_equal(second.numpy()[0, ..., :3], obs[0, ..., 1:].astype(np.uint8))
-  np.testing.assert_array_equal(second.numpy()[0, ..., 3], np.full((84, 84), 7, np.uint8))
+  both = specs.observations(tf.constant(frames), 4).numpy()
+  first, second = both[:, 0], both[:, 1]
+  np.testing.assert_array_equal(first, obs.astype(np.uint8))
+  np.testing.assert_array_equal(second[0, ..., :3], obs[0, ..., 1:].astype(np.uint8))
+  np.testing.assert_array_equal(second[0, ..., 3], np.full((84, 84), 7, np.uint8))
 
 
 def test_packed_scalars_come_back_exactly():

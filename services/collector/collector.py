@@ -2,7 +2,8 @@
 
 E environments step together; the epsilon-greedy collect policy picks all E
 actions in one call; the observer writes the transitions to Reverb; the
-policy follower swaps in each newly published policy between steps.
+policy follower swaps in each newly published policy between steps; epsilon
+follows the agent steps the whole fleet has written to replay.
 """
 import collections
 import logging
@@ -12,11 +13,11 @@ import time
 import numpy as np
 import reverb
 import tensorflow as tf
-from tf_agents.drivers import py_driver
 from tf_agents.policies import py_tf_eager_policy
 
+from dqnfleet.collector.driver import PipelinedDriver
 from dqnfleet.collector.observer import ReplayObserver, Stopped
-from dqnfleet.collector.policy_follower import PolicyFollower
+from dqnfleet.core.policy_follower import PolicyFollower
 from dqnfleet.core import envs, networks, rpc, specs
 from dqnfleet.core.config import CollectorConfig, EnvConfig, NetworkConfig
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 STEPS_PER_RUN = 16        # driver steps between checks for new policies and stop
 RECENT_EPISODES = 20
 LOG_EVERY_S = 10.0
+# How often the fleet's step count (replay's insert count) is read for epsilon.
+FLEET_STEPS_EVERY_S = 2.0
 
 
 def seed_for(collector_id: str, seed: int) -> int:
@@ -31,12 +34,16 @@ def seed_for(collector_id: str, seed: int) -> int:
   return seed if seed >= 0 else specs.source_id(collector_id) % (2**31)
 
 
-def epsilon_at(version: int, config: CollectorConfig) -> float:
-  """Linear decay over the acting policy's train steps; random before any policy."""
-  if version <= 0:
-    return config.epsilon_start
-  fraction = min(1.0, version / config.epsilon_decay_steps)
+def epsilon_at(fleet_steps: int, config: CollectorConfig) -> float:
+  """Linear decay over the agent steps the whole fleet has collected."""
+  fraction = min(1.0, max(0, fleet_steps) / config.epsilon_decay_steps)
   return config.epsilon_start + fraction * (config.epsilon_end - config.epsilon_start)
+
+
+def fleet_steps(client: reverb.Client, timeout: float = 5) -> int:
+  """Agent steps all collectors have written: one replay item each."""
+  table = client.server_info(timeout=timeout)[specs.TABLE]
+  return int(table.rate_limiter_info.insert_stats.completed)
 
 
 class Collector:
@@ -54,6 +61,7 @@ class Collector:
         networks.epsilon_greedy(self.specs, self.network, self.epsilon), use_tf_function=True,
         batch_time_steps=False)
     self.version = 0  # 0: initial random weights, acting with epsilon_start
+    self.fleet_steps = 0
     self.follower = PolicyFollower(config.trainer_address, networks.q_net(self.specs, net), stop)
     self.env_steps = 0
     self.episodes = 0
@@ -68,6 +76,7 @@ class Collector:
             "counters": {"env_steps": self.env_steps, "episodes": self.episodes,
                          "policy_updates": self.policy_updates,
                          "epsilon": float(self.epsilon.numpy()), "seed": self.seed,
+                         "fleet_env_steps": self.fleet_steps,
                          "source_id": specs.source_id(self.id)}}
 
   def _apply_new_policy(self) -> None:
@@ -77,12 +86,20 @@ class Collector:
     version, weights = update
     self.network.set_weights(weights)
     previous, self.version = self.version, version
-    self.epsilon.assign(epsilon_at(version, self.config))
+    self.epsilon.assign(epsilon_at(self.fleet_steps, self.config))
     self.policy_updates += 1
     log.info("acting with policy v%d (was v%d), epsilon %.3f", version, previous,
              self.epsilon.numpy())
 
-  def _record_episodes(self, env: envs.BatchedGymEnvironment) -> None:
+  def _update_epsilon(self, client: reverb.Client) -> None:
+    try:
+      self.fleet_steps = max(self.fleet_steps, fleet_steps(client))
+    except Exception:  # replay unreachable: the writers notice and reconnect
+      return
+    if self.version > 0:  # random weights act with epsilon_start whatever the count
+      self.epsilon.assign(epsilon_at(self.fleet_steps, self.config))
+
+  def _record_episodes(self, env: envs.BatchedEnvironment) -> None:
     while env.finished_episodes:
       _, episode_return, length = env.finished_episodes.popleft()
       self.episodes += 1
@@ -100,7 +117,7 @@ class Collector:
 
   def run(self) -> None:
     self.follower.start()
-    env = envs.BatchedGymEnvironment(self.env_config, self.config.num_envs, self.seed)
+    env = envs.BatchedEnvironment(self.env_config, self.config.num_envs, self.seed)
     log.info("%d x %s, seed %d, replay %s, trainer %s", self.config.num_envs,
              self.env_config.env_id, self.seed, self.config.replay_address,
              self.config.trainer_address)
@@ -113,7 +130,7 @@ class Collector:
         observer = ReplayObserver(client, self.specs, self.config.num_envs, lambda: self.version,
                                   self._stop, specs.source_id(self.id))
         try:
-          self._collect(env, observer)
+          self._collect(env, observer, client)
           backoff.reset()
         except Stopped:
           break
@@ -132,24 +149,27 @@ class Collector:
   def _budget_spent(self) -> bool:
     return 0 < self.config.max_env_steps <= self.env_steps
 
-  def _collect(self, env, observer: ReplayObserver) -> None:
-    driver = py_driver.PyDriver(env, self.policy, observers=[],
-                                transition_observers=[observer],
-                                max_steps=STEPS_PER_RUN * self.config.num_envs)
+  def _collect(self, env, observer: ReplayObserver, client: reverb.Client) -> None:
+    driver = PipelinedDriver(env, self.policy, observer)
     time_step = env.reset()
     last_log, last_steps = time.monotonic(), self.env_steps
+    last_fleet = 0.0
     while not self._stop.is_set() and not self._budget_spent():
       self._apply_new_policy()
-      before = observer.items_written
-      time_step, _ = driver.run(time_step)
-      self.env_steps += observer.items_written - before
-      self._record_episodes(env)
       now = time.monotonic()
+      if now - last_fleet >= FLEET_STEPS_EVERY_S:
+        self._update_epsilon(client)
+        last_fleet = now
+      before = observer.steps_observed
+      time_step = driver.run(time_step, STEPS_PER_RUN)
+      self.env_steps += observer.steps_observed - before
+      self._record_episodes(env)
       if now - last_log >= LOG_EVERY_S:
         rate = (self.env_steps - last_steps) / (now - last_log)
         mean = np.mean(self.recent_returns) if self.recent_returns else float("nan")
-        log.info("env steps %d (%.0f/s), episodes %d, mean return %.1f, policy v%d, eps %.3f",
-                 self.env_steps, rate, self.episodes, mean, self.version, self.epsilon.numpy())
+        log.info("env steps %d (%.0f/s, fleet %d), episodes %d, mean return %.1f, policy v%d, "
+                 "eps %.3f", self.env_steps, rate, self.fleet_steps, self.episodes, mean,
+                 self.version, self.epsilon.numpy())
         last_log, last_steps = now, self.env_steps
 
 

@@ -48,36 +48,52 @@ class ReplayObserver:
     self._source = source
     self._specs = env_specs
     self._policy_version = policy_version  # callable: version acting right now
-    self._writers = [client.trajectory_writer(num_keep_alive_refs=KEEP_ALIVE_ROWS)
+    keep_alive = max(KEEP_ALIVE_ROWS, env_specs.stack + env_specs.n_step)
+    self._writers = [client.trajectory_writer(num_keep_alive_refs=keep_alive)
                      for _ in range(num_envs)]
     for writer in self._writers:
       for column in specs.ROW_COLUMNS:
-        writer.configure((column,), num_keep_alive_refs=KEEP_ALIVE_ROWS,
-                         max_chunk_length=CHUNK_ROWS)
+        writer.configure((column,), num_keep_alive_refs=keep_alive, max_chunk_length=CHUNK_ROWS)
+    # Transitions of each environment's episode so far: an n-step item needs n.
+    self._episode_steps = np.zeros(num_envs, np.int64)
     self.items_written = 0
+    self.steps_observed = 0
 
   def __call__(self, transition) -> None:
     time_step, action_step, next_time_step = transition
     version = self._policy_version()
     actions = np.asarray(action_step.action)
+    n, stack = self._specs.n_step, self._specs.stack
     for i, writer in enumerate(self._writers):
       step_type = time_step.step_type[i]
       if step_type == ts.StepType.LAST:
         continue  # the LAST -> FIRST step of an autoreset carries no transition
       if step_type == ts.StepType.FIRST:
+        self._episode_steps[i] = 0
         for frame in self._specs.frames_of(time_step.observation[i]):
           writer.append(specs.row(frame, 0, 0, 1, -1, self._source))
-      writer.append(specs.row(self._specs.frames_of(next_time_step.observation[i])[-1],
-                              actions[i], next_time_step.reward[i], next_time_step.discount[i],
-                              version, self._source))
-      writer.create_item(specs.TABLE, priority=1.0,
-                         trajectory=specs.item(writer.history, self._specs.stack))
-      self.items_written += 1
+      last_frame = self._specs.frames_of(next_time_step.observation[i])[-1]
+      writer.append(specs.row(last_frame, actions[i], next_time_step.reward[i],
+                              next_time_step.discount[i], version, self._source))
+      self._episode_steps[i] += 1
+      self.steps_observed += 1
+      if self._episode_steps[i] >= n:
+        self._create_item(writer)
       if next_time_step.step_type[i] == ts.StepType.LAST:
+        # The episode's last n-1 transitions still wait for their items.
+        for _ in range(min(n - 1, self._episode_steps[i])):
+          writer.append(specs.padding_row(last_frame, version, self._source))
+          self._create_item(writer)
         self._wait(lambda: writer.end_episode(clear_buffers=True, timeout_ms=WAIT_TIMEOUT_MS))
       else:
         self._wait(lambda: writer.flush(block_until_num_items=MAX_IN_FLIGHT_ITEMS,
                                         timeout_ms=WAIT_TIMEOUT_MS))
+
+  def _create_item(self, writer) -> None:
+    writer.create_item(specs.TABLE, priority=1.0,
+                       trajectory=specs.item(writer.history, self._specs.stack,
+                                             self._specs.n_step))
+    self.items_written += 1
 
   def _wait(self, call) -> None:
     """Runs a blocking writer call, telling a rate-limited replay from a lost one.

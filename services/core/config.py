@@ -16,6 +16,7 @@ DEFAULT_REPLAY_PORT = 8000
 DEFAULT_REPLAY_STATUS_PORT = 8001
 DEFAULT_TRAINER_PORT = 8010
 DEFAULT_COLLECTOR_STATUS_PORT = 8020
+DEFAULT_EVALUATOR_STATUS_PORT = 8030
 
 
 def is_atari(env_id: str) -> bool:
@@ -46,9 +47,18 @@ class EnvConfig:
   # Up to 30 random no-ops at reset de-correlate the starts of episodes.
   noop_max: int = setting(30, "Atari: at most this many no-op actions at each episode start.",
                           minimum=0, maximum=1000)
-  # The game continues after a life is lost; only the bootstrap is cut.
+  # The game continues after a life is lost; only the bootstrap is cut (as in
+  # Nature DQN). Evaluation always plays whole games of all lives.
   terminal_on_life_loss: bool = setting(
-      False, "Atari: a lost life ends the value bootstrap (discount 0) without resetting the game.")
+      True, "Atari, training only: a lost life ends the value bootstrap (discount 0) without "
+            "resetting the game.")
+  # Sticky actions (Machado et al. 2018, Dopamine) repeat the previous action
+  # with probability 0.25 per frame; off is the Nature DQN protocol.
+  sticky_actions: bool = setting(False, "Atari: sticky actions (repeat probability 0.25).")
+  # Part of the replay item layout, so replay, collectors and trainer agree
+  # on it like on the environment (core/specs.py).
+  n_step: int = setting(3, "Transitions per n-step return target (1: one-step DQN).",
+                        minimum=1, maximum=32, classic=1)
   # Clipping keeps TD errors in the same range across games; episode returns
   # are always reported unclipped.
   clip_rewards: bool = setting(True, "Clip training rewards to [-1, 1] (Atari).", classic=False)
@@ -70,14 +80,18 @@ class AgentConfig:
   learning_rate: float = setting(1e-4, "Optimizer learning rate.", minimum=1e-9, maximum=1.0,
                                  classic=1e-3)
   optimizer: str = setting("adam", "Optimizer.", choices=("adam", "rmsprop"))
+  # Keras' 1e-7 lets Adam take huge steps on weights with tiny gradients;
+  # Dopamine and Rainbow use 1.5e-4 (0.01 / batch 32).
+  adam_epsilon: float = setting(1.5e-4, "Adam's epsilon.", minimum=1e-12, maximum=1.0,
+                                classic=1e-7)
   # Per-step discount of future rewards.
   gamma: float = setting(0.99, "Discount factor.", minimum=0.0, maximum=1.0)
   # Double DQN picks the next action with the online net, scores it with the
   # target net; it curbs the max-operator's overestimation.
   double_dqn: bool = setting(True, "Use Double DQN targets.")
-  # Hard target updates every N train steps (Nature DQN: 10k env steps = 2.5k
-  # updates); the MLP tolerates much more frequent copies.
-  target_update_period: int = setting(2500, "Update the target net every N train steps.",
+  # Hard target updates every N train steps (Dopamine: 8k agent steps = 2k
+  # updates; Nature DQN 2.5k); the MLP tolerates much more frequent copies.
+  target_update_period: int = setting(2000, "Update the target net every N train steps.",
                                       minimum=1, classic=100)
   # 1.0 copies the online weights (Nature DQN); smaller values move the
   # target a fraction of the way each update (Polyak averaging).
@@ -92,6 +106,12 @@ class AgentConfig:
   reward_scale: float = setting(
       1.0, "Multiply training rewards by this (Q-values scale with it; episode returns are "
            "reported unscaled).", minimum=1e-6, maximum=1e6, classic=0.01)
+  # Prioritized replay (replay's --prioritized) biases sampling; importance
+  # weights (N * P(i))^-exponent, normalised by their batch maximum, undo the
+  # bias in the loss. Uniform replay gives every weight 1.
+  importance_exponent: float = setting(0.5, "Prioritized replay: importance-weight exponent "
+                                            "(0: no correction, 1: full).",
+                                       minimum=0.0, maximum=1.0)
   # Gradient norm clipping guards the first updates against huge TD errors.
   gradient_clipping: float = setting(10.0, "Clip gradient norm to this (0 disables).", minimum=0.0)
 
@@ -119,6 +139,13 @@ class ReplayConfig:
   # side, as a fraction of min_size * samples_per_insert.
   rate_limit_tolerance: float = setting(0.1, "Allowed drift of the ratio before blocking.",
                                         minimum=0.0, maximum=100.0)
+  # Prioritized replay samples transitions with probability ~ priority^alpha;
+  # the trainer sets priorities to |TD error|. New items enter with priority
+  # 1.0, of the order of clipped-reward TD errors, so they are seen soon.
+  prioritized: bool = setting(False, "Sample by priority (|TD error|, set by the trainer) "
+                                     "instead of uniformly.")
+  priority_exponent: float = setting(0.6, "Prioritized replay: exponent alpha of the priorities.",
+                                     minimum=0.0, maximum=1.0)
   checkpoint_dir: str = setting("", "Directory for table checkpoints; the newest one is restored "
                                     "at start. Empty: no checkpoints.")
   checkpoint_every_s: float = setting(600.0, "Seconds between checkpoints (0: only at shutdown).",
@@ -152,13 +179,15 @@ class CollectorConfig:
   collector_id: str = setting("", "Unique id of this collector (default: hostname-pid).")
   # Negative: derived from the collector id, so replicas differ without edits.
   seed: int = setting(-1, "Random seed (-1: derived from the collector id).", minimum=-1)
-  # Epsilon decays with the acting policy's version (= train steps), the same
-  # clock for every collector; version 0 (no policy yet) acts at random.
+  # Epsilon decays with the agent steps the whole fleet has collected (the
+  # replay table's insert count), the same clock for every collector however
+  # many there are; before the first policy every collector acts at random.
   epsilon_start: float = setting(1.0, "Exploration rate before any training.", minimum=0.0, maximum=1.0)
   epsilon_end: float = setting(0.01, "Exploration rate after the decay.", minimum=0.0, maximum=1.0,
                                classic=0.02)
-  epsilon_decay_steps: int = setting(250_000, "Train steps over which epsilon decays linearly.",
-                                     minimum=1, classic=4_000)
+  # Nature DQN and Dopamine: 1 M frames = 250k agent steps at frame skip 4.
+  epsilon_decay_steps: int = setting(250_000, "Agent steps of the whole fleet over which epsilon "
+                                              "decays linearly.", minimum=1, classic=8_000)
   status_port: int = setting(DEFAULT_COLLECTOR_STATUS_PORT,
                              "Port of the health check and status RPC (0: any free port).",
                              minimum=0, maximum=65535)
@@ -199,21 +228,75 @@ class UpConfig:
   run_dir: str = setting("runs/latest", "Directory for checkpoints, policies/, logs/ and "
                                         "TensorBoard summaries of this run.")
   progress_every_s: float = setting(5.0, "Seconds between progress lines.", minimum=0.5)
+  # Collector i gets seed 1000 * seed + i; the networks' initial weights are
+  # not seeded, so two runs differ even with one seed.
+  seed: int = setting(0, "Seed of the collectors' environments and exploration.", minimum=0,
+                      maximum=2**20)
+  # Measured to cost the trainer little on 2 cores (docs/breakout.md).
+  evaluator: bool = setting(True, "Also run the evaluator (history and GIF in <run-dir>/eval).",
+                            classic=False)
+
+
+@dataclasses.dataclass
+class ProtocolConfig:
+  """How a policy is evaluated; `evaluate` and the evaluator share it."""
+  # Nature DQN (Mnih et al. 2015): epsilon 0.05 keeps an agent from stalling
+  # where the greedy action does nothing (never pressing FIRE in Breakout);
+  # Dopamine evaluates with 0.001.
+  epsilon: float = setting(0.05, "Probability of a random action (Nature DQN: 0.05, Dopamine: "
+                                 "0.001).", minimum=0.0, maximum=1.0)
+  episodes: int = setting(10, "Episodes per evaluation; Atari episodes are whole games of all "
+                              "lives, capped at 108,000 frames.", minimum=1, maximum=100_000)
+  # Off is the Nature protocol (deterministic emulator, no-op starts); on is
+  # Machado et al. 2018 and Dopamine's.
+  sticky_actions: bool = setting(False, "Atari: sticky actions (repeat probability 0.25) during "
+                                        "evaluation.")
+  num_envs: int = setting(10, "Environments run at once.", minimum=1, maximum=256)
+  seed: int = setting(12345, "Seed of the evaluation environments.", minimum=0)
 
 
 @dataclasses.dataclass
 class EvaluateConfig:
-  """Greedy evaluation of a published policy."""
+  """`dqnfleet evaluate`: one evaluation of a published policy."""
   policy: str = setting("", "A policies directory (its newest version is used), one version's "
                             "directory, a run directory, or a trainer's host:port.")
-  episodes: int = setting(20, "Episodes to run.", minimum=1, maximum=100_000)
-  num_envs: int = setting(10, "Environments run at once.", minimum=1, maximum=256)
-  # A small epsilon keeps Atari agents from stalling in states where the
-  # greedy action does nothing (e.g. never pressing FIRE in Breakout).
-  epsilon: float = setting(0.0, "Probability of a random action.", minimum=0.0, maximum=1.0)
-  seed: int = setting(12345, "Seed of the evaluation environments.", minimum=0)
+  video: str = setting("", "Write the best evaluated episode, as the agent sees it, to this "
+                           "animated GIF (.gif).")
   json: bool = setting(False, "Print one JSON object (mean_return, episodes, returns, ...).")
 
   def validate(self) -> None:
     if not self.policy:
       raise ConfigError("--policy is required: a policies directory or a trainer's host:port")
+    validate_video(self.video, "--video")
+
+
+@dataclasses.dataclass
+class EvaluatorConfig:
+  """The evaluator service: evaluates new policy versions while the fleet trains."""
+  trainer_address: str = setting(f"localhost:{DEFAULT_TRAINER_PORT}",
+                                 "Trainer's policy API host:port.")
+  # Whichever comes first; each evaluation takes the newest version.
+  every_minutes: float = setting(5.0, "Evaluate the newest version every M minutes (0: never by "
+                                      "time).", minimum=0.0, maximum=10_000.0)
+  every_versions: int = setting(0, "Evaluate every N new versions (0: never by count).",
+                                minimum=0)
+  out_dir: str = setting("runs/evaluator", "Directory for history.jsonl, history.csv and "
+                                           "best_episode.gif.")
+  summary_dir: str = setting("", "Directory for TensorBoard summaries (empty: none).")
+  status_port: int = setting(DEFAULT_EVALUATOR_STATUS_PORT,
+                             "Port of the health check and status RPC (0: any free port).",
+                             minimum=0, maximum=65535)
+  # One thread keeps the evaluator off the trainer's cores (docs/breakout.md).
+  threads: int = setting(1, "CPU threads for the environments and the Q-network.",
+                         minimum=1, maximum=256)
+
+  def validate(self) -> None:
+    if not self.every_minutes and not self.every_versions:
+      raise ConfigError("--every-minutes and --every-versions are both 0: the evaluator would "
+                        "never evaluate; set one of them")
+
+
+def validate_video(path: str, flag: str) -> None:
+  if path and not path.lower().endswith(".gif"):
+    raise ConfigError(f"{flag} {path!r}: only animated GIFs are written; use a path ending "
+                      "in .gif")

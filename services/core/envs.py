@@ -1,16 +1,18 @@
-"""Gymnasium environments as one batched TF-Agents environment.
+"""Gymnasium vector environments as one batched TF-Agents environment.
 
-tf-agents 0.19 has no gymnasium adapter, so `BatchedGymEnvironment` is ours:
-E gymnasium environments stepped together (gymnasium's SyncVectorEnv) and
-presented as a single batched `PyEnvironment`, so that the driver calls the
-policy once per step for all E. Gymnasium's next-step autoreset is exactly
-TF-Agents' convention: the step after LAST returns FIRST and ignores its action.
+tf-agents 0.19 has no gymnasium adapter, so `BatchedEnvironment` is ours: a
+gymnasium `VectorEnv` of E environments presented as a single batched
+`PyEnvironment`, so that the driver calls the policy once per step for all E.
+Gymnasium's next-step autoreset is exactly TF-Agents' convention: the step
+after LAST returns FIRST and ignores its action.
 
-Atari ids get the standard DQN preprocessing (Machado et al. 2018): up to 30
-no-op starts, frame skip 4 with max-pooling of the last two frames, 84x84
-grayscale, a stack of the last 4 frames (channels last, as the Nature CNN
-expects), rewards clipped for training, episode returns reported unclipped,
-optionally a lost life cutting the bootstrap.
+Atari ids run on ale-py's native `AtariVectorEnv` (C++ threads, no Python per
+environment) with the standard DQN preprocessing (Machado et al. 2018): up to
+30 no-op starts, frame skip 4 with max-pooling of the last two frames, 84x84
+grayscale, a stack of the last 4 frames. Training rewards are clipped, episode
+returns are reported unclipped, and a lost life may cut the bootstrap without
+resetting the game. Classic-control ids (and Atari when a video is rendered)
+use gymnasium's Python environments and wrappers, which do the same.
 """
 import collections
 import functools
@@ -18,6 +20,7 @@ import functools
 import ale_py
 import gymnasium as gym
 import numpy as np
+from ale_py.vector_env import AtariVectorEnv
 from tf_agents.environments import py_environment
 from tf_agents.specs import array_spec
 from tf_agents.trajectories import time_step as ts
@@ -29,20 +32,50 @@ gym.register_envs(ale_py)
 
 ATARI_FRAME_SKIP = 4
 ATARI_SCREEN_SIZE = 84
+# ALE's per-frame probability of repeating the previous action when sticky
+# actions are on (Machado et al. 2018; Dopamine's protocol).
+STICKY_ACTION_PROBABILITY = 0.25
+# Episodes end after 108,000 emulator frames (30 minutes of play) at most.
+MAX_EPISODE_FRAMES = 108_000
 
 
-def make_env(config: EnvConfig) -> gym.Env:
+def make_env(config: EnvConfig, render_mode: str | None = None) -> gym.Env:
   """One gymnasium environment with the preprocessing its family needs."""
   if not is_atari(config.env_id):
-    return gym.make(config.env_id)
+    return gym.make(config.env_id, render_mode=render_mode)
   # Frame skipping belongs to the preprocessing (it max-pools the last two
   # frames), so the emulator itself must not skip.
-  env = gym.make(config.env_id, frameskip=1)
+  env = gym.make(config.env_id, frameskip=1, render_mode=render_mode,
+                 repeat_action_probability=sticky_probability(config),
+                 max_num_frames_per_episode=MAX_EPISODE_FRAMES)
   env = gym.wrappers.AtariPreprocessing(
       env, noop_max=config.noop_max, frame_skip=ATARI_FRAME_SKIP,
       screen_size=ATARI_SCREEN_SIZE, grayscale_obs=True, scale_obs=False,
       terminal_on_life_loss=False)  # life loss is handled below without a reset
   return gym.wrappers.FrameStackObservation(env, stack_size=config.frame_stack)
+
+
+def sticky_probability(config: EnvConfig) -> float:
+  return STICKY_ACTION_PROBABILITY if config.sticky_actions else 0.0
+
+
+def make_vector_env(config: EnvConfig, num_envs: int, *, render: bool = False,
+                    threads: int = 0) -> gym.vector.VectorEnv:
+  """E environments with next-step autoreset: native ALE for Atari, else Python ones."""
+  if is_atari(config.env_id) and not render:
+    return AtariVectorEnv(
+        gym.spec(config.env_id).kwargs["game"], num_envs, num_threads=threads or num_envs,
+        frameskip=ATARI_FRAME_SKIP, img_height=ATARI_SCREEN_SIZE, img_width=ATARI_SCREEN_SIZE,
+        stack_num=config.frame_stack, grayscale=True, maxpool=True, noop_max=config.noop_max,
+        repeat_action_probability=sticky_probability(config),
+        max_num_frames_per_episode=MAX_EPISODE_FRAMES,
+        # Clipping, life loss and FIRE are ours to decide (see BatchedEnvironment).
+        reward_clipping=False, episodic_life=False, use_fire_reset=False,
+        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+  return gym.vector.SyncVectorEnv(
+      [functools.partial(make_env, config, "rgb_array" if render else None)
+       for _ in range(num_envs)],
+      autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
 def validate_env(config: EnvConfig) -> None:
@@ -67,19 +100,20 @@ def validate_env(config: EnvConfig) -> None:
     env.close()
 
 
-class BatchedGymEnvironment(py_environment.PyEnvironment):
-  """E gymnasium environments as one batched TF-Agents environment.
+class BatchedEnvironment(py_environment.PyEnvironment):
+  """E environments as one batched TF-Agents environment.
 
   With `training=True`, rewards are clipped and life loss ends the bootstrap
   as the config says; with `training=False` (evaluation) neither happens.
   Finished episodes are queued in `finished_episodes` for the caller to report.
+  `send` and `receive` split a step in two, so that the caller can work (write
+  the last transition to replay) while native environments step in C++.
   """
 
-  def __init__(self, config: EnvConfig, num_envs: int, seed: int, *, training: bool = True):
+  def __init__(self, config: EnvConfig, num_envs: int, seed: int, *, training: bool = True,
+               render: bool = False, threads: int = 0):
     super().__init__(handle_auto_reset=False)
-    self._vec = gym.vector.SyncVectorEnv(
-        [functools.partial(make_env, config) for _ in range(num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    self._vec = make_vector_env(config, num_envs, render=render, threads=threads)
     self._num_envs = num_envs
     self._seed = seed
     self._pixels = is_atari(config.env_id)
@@ -114,8 +148,12 @@ class BatchedGymEnvironment(py_environment.PyEnvironment):
   def action_spec(self):
     return self._action_spec
 
+  def render_frames(self) -> tuple:
+    """RGB frames of every environment (only with `render=True`)."""
+    return self._vec.render()
+
   def _observe(self, obs: np.ndarray) -> np.ndarray:
-    # FrameStackObservation stacks on the first axis; the CNN wants channels last.
+    # Frames come stacked on the first axis; the CNN wants channels last.
     return np.moveaxis(obs, 1, -1) if self._pixels else obs.astype(np.float32)
 
   def _reset(self) -> ts.TimeStep:
@@ -129,8 +167,27 @@ class BatchedGymEnvironment(py_environment.PyEnvironment):
                        reward=np.zeros(n, np.float32), discount=np.ones(n, np.float32),
                        observation=self._observe(obs))
 
+  def send(self, action) -> None:
+    """Starts a step; native environments run it in their own threads."""
+    action = np.asarray(action, np.int64)
+    if isinstance(self._vec, AtariVectorEnv):
+      self._vec.send(action)
+    else:
+      self._sent = action
+
+  def receive(self) -> ts.TimeStep:
+    """Waits for the step that `send` started."""
+    if isinstance(self._vec, AtariVectorEnv):
+      result = self._vec.recv()
+    else:
+      result = self._vec.step(self._sent)
+    return self._time_step(*result)
+
   def _step(self, action: np.ndarray) -> ts.TimeStep:
-    obs, reward, terminated, truncated, info = self._vec.step(np.asarray(action))
+    self.send(action)
+    return self.receive()
+
+  def _time_step(self, obs, reward, terminated, truncated, info) -> ts.TimeStep:
     # Environments that were LAST were just reset by the vector env and
     # ignored their action: this step is their FIRST.
     first = self._was_last

@@ -17,6 +17,14 @@ row's scalars:
     item:   frames[k+1] (s_t = frames[0:k], s_t+1 = frames[1:k+1]),
             step = (action, reward, discount, policy_version, collector)
 
+With n-step returns (n > 1) the item for transition t is created once row
+t+n-1 is written: it references the last k+n frames (s_t ... s_t+n) and the
+last n rows' scalars (r_t ... r_t+n-1 and their discounts), from which the
+trainer computes the n-step target. When an episode ends, n-1 padding rows
+(the last frame again, reward 0, discount 0) close the items of its last
+transitions; a time-limit truncation is therefore treated as terminal for
+the last n-1 transitions of such an episode (one in 27,000 agent steps).
+
 The five scalars travel packed in one float64 vector, `step`: Reverb keeps
 bookkeeping per column of every item, and with one column per scalar that,
 not the frames (about 80 bytes each, compressed in chunks of 32 rows), was
@@ -57,6 +65,7 @@ class EnvSpecs:
   action: array_spec.BoundedArraySpec
   frame: array_spec.ArraySpec         # one row's slice of an observation
   stack: int                          # frames per observation (1: state vectors)
+  n_step: int = 1                     # transitions per replay item (n-step returns)
 
   @property
   def time_step(self) -> ts.TimeStep:
@@ -74,29 +83,29 @@ class EnvSpecs:
 
 
 @functools.lru_cache(maxsize=None)
-def _specs_for(env_id: str, frame_stack: int, noop_max: int) -> EnvSpecs:
-  env = envs.BatchedGymEnvironment(EnvConfig(env_id=env_id, frame_stack=frame_stack,
-                                             noop_max=noop_max), num_envs=1, seed=0)
+def _specs_for(env_id: str, frame_stack: int, noop_max: int, n_step: int) -> EnvSpecs:
+  env = envs.BatchedEnvironment(EnvConfig(env_id=env_id, frame_stack=frame_stack,
+                                          noop_max=noop_max), num_envs=1, seed=0)
   try:
     obs, act = env.observation_spec(), env.action_spec()
   finally:
     env.close()
   if is_atari(env_id):
     frame = array_spec.ArraySpec(obs.shape[:-1], obs.dtype, "frame")
-    return EnvSpecs(obs, act, frame, frame_stack)
-  return EnvSpecs(obs, act, array_spec.ArraySpec(obs.shape, obs.dtype, "frame"), 1)
+    return EnvSpecs(obs, act, frame, frame_stack, n_step)
+  return EnvSpecs(obs, act, array_spec.ArraySpec(obs.shape, obs.dtype, "frame"), 1, n_step)
 
 
 def env_specs(config: EnvConfig) -> EnvSpecs:
-  return _specs_for(config.env_id, config.frame_stack, config.noop_max)
+  return _specs_for(config.env_id, config.frame_stack, config.noop_max, config.n_step)
 
 
 def replay_signature(specs: EnvSpecs) -> dict[str, tf.TensorSpec]:
   """The replay table's signature: one transition, frames stored once."""
   return {
-      "frames": tf.TensorSpec((specs.stack + 1,) + specs.frame.shape,
+      "frames": tf.TensorSpec((specs.stack + specs.n_step,) + specs.frame.shape,
                               tf.as_dtype(specs.frame.dtype), "frames"),
-      "step": tf.TensorSpec((len(STEP_FIELDS),), tf.float64, "step"),
+      "step": tf.TensorSpec((specs.n_step, len(STEP_FIELDS)), tf.float64, "step"),
   }
 
 
@@ -130,9 +139,14 @@ def row(frame, action, reward, discount, policy_version, collector) -> dict:
   return {"frame": frame, "step": pack_step(action, reward, discount, policy_version, collector)}
 
 
-def item(history, stack: int) -> dict:
-  """The item for the newest row of a writer's `history`: its transition."""
-  return {"frames": history["frame"][-(stack + 1):], "step": history["step"][-1]}
+def padding_row(frame, policy_version, collector) -> dict:
+  """A row after an episode's end: no reward, no bootstrap (closes n-step items)."""
+  return row(frame, 0, 0.0, 0.0, policy_version, collector)
+
+
+def item(history, stack: int, n_step: int) -> dict:
+  """The item whose last row is the newest of a writer's `history`: one n-step transition."""
+  return {"frames": history["frame"][-(stack + n_step):], "step": history["step"][-n_step:]}
 
 
 def source_id(collector_id: str) -> int:
@@ -140,11 +154,12 @@ def source_id(collector_id: str) -> int:
   return zlib.crc32(collector_id.encode())
 
 
-def split_frames(frames: tf.Tensor, stack: int) -> tuple[tf.Tensor, tf.Tensor]:
-  """[B, k+1, *frame] -> observations s_t and s_t+1, each [B, *obs]."""
+def observations(frames: tf.Tensor, stack: int) -> tf.Tensor:
+  """[B, k+n, *frame] -> the observations s_t ... s_t+n, [B, n+1, *obs]."""
+  steps = frames.shape[1] - stack + 1
   if stack == 1:
-    return frames[:, 0], frames[:, 1]
+    return frames
   # [B, k, H, W] -> [B, H, W, k]: frames are stacked on the channel axis.
   rank = len(frames.shape)
   perm = [0] + list(range(2, rank)) + [1]
-  return tf.transpose(frames[:, :stack], perm), tf.transpose(frames[:, 1:], perm)
+  return tf.stack([tf.transpose(frames[:, i:i + stack], perm) for i in range(steps)], axis=1)

@@ -18,12 +18,16 @@ log = logging.getLogger(__name__)
 
 
 def make_table(env: EnvConfig, config: ReplayConfig) -> reverb.Table:
+  # The trainer reads the sampler from server_info: with a prioritized one
+  # it corrects with importance weights and sends back |TD error| priorities.
+  sampler = (reverb.selectors.Prioritized(config.priority_exponent) if config.prioritized
+             else reverb.selectors.Uniform())
   return reverb.Table(
       name=specs.TABLE,
-      sampler=reverb.selectors.Uniform(),
+      sampler=sampler,
       remover=reverb.selectors.Fifo(),
       max_size=config.max_size,
-      max_times_sampled=0,  # uniform replay: items leave by FIFO only
+      max_times_sampled=0,  # items leave by FIFO only
       rate_limiter=reverb.rate_limiters.SampleToInsertRatio(
           samples_per_insert=config.samples_per_insert,
           min_size_to_sample=config.min_size,

@@ -1,7 +1,7 @@
 """Replay -> agent: batches of transitions sampled from Reverb over gRPC.
 
 Items come in the replay layout of core/specs.py (frames stored once) and
-leave as the [batch, 2] `Trajectory` that TF-Agents' DqnAgent trains on.
+leave as the [batch, n+1] `Trajectory` that TF-Agents' DqnAgent trains on.
 """
 import reverb
 import tensorflow as tf
@@ -16,22 +16,25 @@ SAMPLE_TIMEOUT_MS = 5_000
 
 
 def to_experience(sample: reverb.ReplaySample, stack: int):
-  """A batch of replay items -> (Trajectory [B, 2], policy versions [B])."""
-  obs, next_obs = specs.split_frames(sample.data["frames"], stack)
-  data = specs.unpack_step(sample.data["step"])
-  mid = tf.fill(tf.shape(data["action"]), ts.StepType.MID)
-  pair = lambda first, second: tf.stack([first, second], axis=1)
+  """A batch of n-step replay items -> (Trajectory [B, n+1], policy versions [B], info).
+
+  DqnAgent(n_step_update=n) reads the first observation and action, the last
+  observation, and the n rewards and discounts between them; the last
+  column's reward, discount and action are placeholders it ignores.
+  """
+  observations = specs.observations(sample.data["frames"], stack)
+  data = specs.unpack_step(sample.data["step"])  # each [B, n]
+  mid = tf.fill(tf.shape(observations)[:2], ts.StepType.MID)
+  extend = lambda x, value: tf.concat([x, tf.fill([tf.shape(x)[0], 1], value)], axis=1)
   experience = trajectory.Trajectory(
-      step_type=pair(mid, mid),
-      observation=pair(obs, next_obs),
-      action=pair(data["action"], data["action"]),
+      step_type=mid,
+      observation=observations,
+      action=extend(data["action"], tf.constant(0, data["action"].dtype)),
       policy_info=(),
-      next_step_type=pair(mid, mid),
-      # Only the first column's reward and discount are used: DQN's target is
-      # r_t + gamma * d_t * Q(s_t+1).
-      reward=pair(data["reward"], tf.zeros_like(data["reward"])),
-      discount=pair(data["discount"], tf.ones_like(data["discount"])))
-  return experience, data["policy_version"]
+      next_step_type=mid,
+      reward=extend(data["reward"], 0.0),
+      discount=extend(data["discount"], 1.0))
+  return experience, data["policy_version"][:, 0], sample.info
 
 
 def make_dataset(replay_address: str, env_specs: specs.EnvSpecs, batch_size: int,

@@ -12,7 +12,13 @@ def make_optimizer(config: AgentConfig) -> tf.keras.optimizers.Optimizer:
     # The Nature-DQN flavour of RMSprop (as in TF-Agents' Atari example).
     return tf.keras.optimizers.RMSprop(config.learning_rate, rho=0.95, momentum=0.0,
                                        epsilon=0.01, centered=True)
-  return tf.keras.optimizers.Adam(config.learning_rate)
+  return tf.keras.optimizers.Adam(config.learning_rate, epsilon=config.adam_epsilon)
+
+
+def importance_weights(info, exponent: float) -> tf.Tensor:
+  """Prioritized replay's correction (N * P(i))^-exponent, scaled so the largest is 1."""
+  weights = tf.pow(tf.cast(info.table_size, tf.float64) * info.probability, -exponent)
+  return tf.cast(weights / tf.reduce_max(weights), tf.float32)
 
 
 def make_agent(env_specs: EnvSpecs, q_network: tf.keras.Model, config: AgentConfig,
@@ -32,6 +38,9 @@ def make_agent(env_specs: EnvSpecs, q_network: tf.keras.Model, config: AgentConf
                          else common.element_wise_squared_loss),
       reward_scale_factor=config.reward_scale,
       gamma=config.gamma,
+      # Items carry n transitions (core/specs.py); the agent sums their
+      # discounted rewards and bootstraps from the n-th next observation.
+      n_step_update=env_specs.n_step,
       gradient_clipping=config.gradient_clipping or None,
       train_step_counter=train_step)
   agent.initialize()

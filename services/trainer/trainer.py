@@ -17,13 +17,15 @@ from dqnfleet.core import networks, rpc, specs
 from dqnfleet.core.api import fleet_pb2_grpc
 from dqnfleet.core.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
 from dqnfleet.trainer.dataset import make_dataset
-from dqnfleet.trainer.learner import make_agent
+from dqnfleet.trainer.learner import importance_weights, make_agent
 from dqnfleet.trainer.publisher import PolicyPublisher
 
 log = logging.getLogger(__name__)
 # Train steps per call into TensorFlow: one graph runs several steps, which
 # gives about 1.5x the steps/s of small networks (see docs/performance.md).
 STEPS_PER_CALL = 10
+# Keeps every item sampleable under prioritized replay.
+PRIORITY_FLOOR = 1e-3
 
 
 class Trainer:
@@ -35,6 +37,8 @@ class Trainer:
     self.q_network = networks.q_net(self.specs, net)
     self.agent = make_agent(self.specs, self.q_network, agent_config, self.train_step)
     self.batch_size = agent_config.batch_size
+    self.importance_exponent = agent_config.importance_exponent
+    self.prioritized = False  # read from the replay table's sampler in run()
     self.checkpoints = tf.train.CheckpointManager(
         tf.train.Checkpoint(agent=self.agent, train_step=self.train_step),
         os.path.join(config.run_dir, "checkpoints"), max_to_keep=3)
@@ -49,6 +53,7 @@ class Trainer:
     self._train = tf.function(self._train_steps)
     self.replay = reverb.Client(config.replay_address)
     self.replay_size = -1
+    self.fleet_env_steps = 0  # agent steps all collectors wrote (replay's insert count)
     self.last_loss = float("nan")
     self.steps_per_s = 0.0
     self.policy_lag = 0.0
@@ -62,7 +67,8 @@ class Trainer:
             "counters": {"train_steps": self.step, "loss": self.last_loss,
                          "train_steps_per_s": self.steps_per_s,
                          "published_version": self.publisher.latest_version,
-                         "policy_lag_steps": self.policy_lag}}
+                         "policy_lag_steps": self.policy_lag,
+                         "fleet_env_steps": self.fleet_env_steps}}
 
   def _replay_info(self):
     info = self.replay.server_info(timeout=5)
@@ -71,6 +77,7 @@ class Trainer:
                          f"{specs.TABLE!r}")
     table = info[specs.TABLE]
     self.replay_size = table.current_size
+    self.fleet_env_steps = table.rate_limiter_info.insert_stats.completed
     return table
 
   def _check_signature(self) -> None:
@@ -82,8 +89,13 @@ class Trainer:
     mismatch = specs.signature_mismatch(table.signature, self.specs)
     if mismatch:
       raise SystemExit(f"the replay table does not match this trainer's environment "
-                       f"{self.env.env_id} ({mismatch}); start both with the same --env-id and "
-                       "--frame-stack")
+                       f"{self.env.env_id} ({mismatch}); start both with the same --env-id, "
+                       "--frame-stack and --n-step")
+    self.prioritized = table.sampler_options.HasField("prioritized")
+    if self.prioritized:
+      self.tf_replay = reverb.TFClient(self.config.replay_address)
+      log.info("replay samples by priority: importance exponent %.2f, priorities = |TD error|",
+               self.importance_exponent)
 
   def _explain_wait(self) -> None:
     """Says why no batch came (called after a sampling timeout)."""
@@ -115,8 +127,16 @@ class Trainer:
       batch = iterator.get_next_as_optional()
       if not batch.has_value():
         break
-      experience, versions = batch.get_value()
-      loss = self.agent.train(experience).loss
+      experience, versions, info = batch.get_value()
+      if self.prioritized:
+        loss_info = self.agent.train(experience,
+                                     weights=importance_weights(info, self.importance_exponent))
+        # Priorities of the sampled items become their new |TD error|.
+        priorities = tf.abs(tf.cast(loss_info.extra.td_error, tf.float64)) + PRIORITY_FLOOR
+        self.tf_replay.update_priorities(specs.TABLE, info.key, priorities)
+      else:
+        loss_info = self.agent.train(experience)
+      loss = loss_info.loss
       done += 1
     return done, loss, versions
 

@@ -23,8 +23,10 @@ class PolicyFollower:
   """Background subscription to new policy versions."""
 
   def __init__(self, trainer_address: str, staging_network, stop: threading.Event):
+    """`staging_network` None: build it from the first version's manifest."""
     self._address = trainer_address
     self._staging = staging_network
+    self.env_config = self.network_config = None  # set from the manifest if not given
     self._stop = stop
     self._cache = pathlib.Path(tempfile.mkdtemp(prefix="dqnfleet-policies-"))
     self._lock = threading.Lock()
@@ -78,6 +80,10 @@ class PolicyFollower:
 
   def _load(self, stub, info) -> None:
     path = policy_store.fetch(stub, info, self._cache)
+    if self._staging is None:  # a follower told nothing of the env learns it from the manifest
+      self.env_config, self.network_config = policy_store.configs_of(
+          policy_store.read_manifest(path))
+      self._staging = policy_store.load(path)[2]
     policy_store.restore_weights(self._staging, path)
     weights = self._staging.get_weights()
     with self._lock:
