@@ -1,24 +1,22 @@
-"""`dqnfleet evaluate`: greedy episode returns of a published policy.
+"""`dqnfleet evaluate`: episode returns of a published policy, by a published protocol.
 
 The policy comes from a directory (a run directory, its policies/ folder, or
 one version's folder; the newest version is used) or from a trainer's gRPC
-address (its latest version is fetched). Every environment counts only its
-first episode of a round, so short episodes do not crowd out long ones.
+address (its latest version is fetched). The protocol is in
+evaluator/protocol.py, shared with the evaluator service.
 """
 import json
 import logging
-import math
 import pathlib
 import tempfile
 
-import numpy as np
 import tensorflow as tf
-from tf_agents.policies import py_tf_eager_policy
 
-from dqnfleet.core import envs, networks, policy_store, rpc
+from dqnfleet.core import policy_store, rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
-from dqnfleet.core.config import CommonConfig, EvaluateConfig
+from dqnfleet.core.config import CommonConfig, EvaluateConfig, ProtocolConfig
 from dqnfleet.core.settings import ConfigError
+from dqnfleet.evaluator import protocol
 
 
 LOAD_ATTEMPTS = 3
@@ -49,53 +47,39 @@ def resolve(policy: str, scratch: str) -> pathlib.Path:
                         f"({e.code().name}: {e.details()})") from None
 
 
-def evaluate(path: pathlib.Path, config: EvaluateConfig) -> dict:
+def evaluate(path: pathlib.Path, protocol_config: ProtocolConfig, record: bool) -> dict:
   env_config, env_specs, network, version = policy_store.load(path)
-  policy = networks.greedy(env_specs, network)
-  if config.epsilon > 0:
-    epsilon = tf.Variable(config.epsilon, dtype=tf.float32, trainable=False)
-    policy = networks.epsilon_greedy(env_specs, network, epsilon)
-  policy = py_tf_eager_policy.PyTFEagerPolicy(policy, use_tf_function=True,
-                                              batch_time_steps=False)
-  returns = []
-  num_envs = min(config.num_envs, config.episodes)
-  for round_ in range(math.ceil(config.episodes / num_envs)):
-    wanted = min(num_envs, config.episodes - len(returns))
-    env = envs.BatchedGymEnvironment(env_config, wanted, config.seed + round_ * num_envs,
-                                     training=False)
-    done = {}
-    try:
-      time_step = env.reset()
-      while len(done) < wanted:
-        time_step = env.step(policy.action(time_step).action)
-        while env.finished_episodes:
-          index, episode_return, _ = env.finished_episodes.popleft()
-          done.setdefault(index, episode_return)
-    finally:
-      env.close()
-    returns.extend(done[i] for i in sorted(done))
-  return {"env_id": env_config.env_id, "policy_version": version, "policy_path": str(path),
-          "episodes": len(returns), "mean_return": float(np.mean(returns)),
-          "std_return": float(np.std(returns)), "min_return": float(np.min(returns)),
-          "max_return": float(np.max(returns)), "returns": returns}
+  result = protocol.run(env_config, env_specs, network, protocol_config, record=record)
+  summary = {"env_id": env_config.env_id, "policy_version": version, "policy_path": str(path),
+             "protocol": protocol.describe(protocol_config, env_config), **result.summary()}
+  return summary, result
 
 
-def run(common: CommonConfig, config: EvaluateConfig) -> int:
+def run(common: CommonConfig, protocol_config: ProtocolConfig, config: EvaluateConfig) -> int:
   logging.basicConfig(level=getattr(logging, common.log_level))
   with tempfile.TemporaryDirectory(prefix="dqnfleet-eval-") as scratch:
     for attempt in range(LOAD_ATTEMPTS):
       path = resolve(config.policy, scratch)
       try:
-        result = evaluate(path, config)
+        summary, result = evaluate(path, protocol_config, record=bool(config.video))
         break
       except (tf.errors.NotFoundError, FileNotFoundError):
         # A running trainer pruned the version while we loaded it: take the newest again.
         if attempt == LOAD_ATTEMPTS - 1:
           raise
+  if config.video:
+    if result.best_frames is None or result.best_frames[0].ndim != 2:
+      raise ConfigError(f"--video needs an Atari policy; {summary['env_id']} has no frames")
+    summary["video"] = str(protocol.write_gif(result.best_frames, config.video))
   if config.json:
-    print(json.dumps(result))
+    print(json.dumps(summary))
   else:
-    print(f"{result['env_id']} policy v{result['policy_version']}: mean return "
-          f"{result['mean_return']:.1f} (min {result['min_return']:.1f}, max "
-          f"{result['max_return']:.1f}) over {result['episodes']} episodes")
+    print(f"{summary['env_id']} policy v{summary['policy_version']}: mean return "
+          f"{summary['mean_return']:.1f} (median {summary['median_return']:.1f}, min "
+          f"{summary['min_return']:.1f}, max {summary['max_return']:.1f}) over "
+          f"{summary['episodes']} episodes, mean length {summary['mean_length']:.0f} steps")
+    print(f"protocol: {summary['protocol']}")
+    if config.video:
+      print(f"video of the best episode ({max(summary['returns']):.0f} points): "
+            f"{summary['video']}")
   return 0

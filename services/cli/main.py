@@ -1,8 +1,9 @@
 """The `dqnfleet` command: one subcommand per service, plus tools.
 
     dqnfleet replay | collector | trainer     run one service
+    dqnfleet evaluator                        evaluate new policy versions during training
     dqnfleet up                               the whole fleet on this machine
-    dqnfleet evaluate --policy DIR_OR_ADDR    greedy returns of a published policy
+    dqnfleet evaluate --policy DIR_OR_ADDR    returns of a published policy (Nature protocol)
     dqnfleet status [--json] ADDRESS...       what running services report
     dqnfleet health ADDRESS                   exit 0 iff the service is SERVING
 
@@ -16,21 +17,22 @@ import sys
 
 from dqnfleet.core import settings
 from dqnfleet.core.config import (AgentConfig, CollectorConfig, CommonConfig, EnvConfig,
-                                  EvaluateConfig, NetworkConfig, ReplayConfig, TrainerConfig,
-                                  UpConfig, is_atari)
+                                  EvaluateConfig, EvaluatorConfig, NetworkConfig, ProtocolConfig,
+                                  ReplayConfig, TrainerConfig, UpConfig, is_atari)
 from dqnfleet.core.settings import ConfigError
 
 # What `up` sets itself for each service, so it takes no flag for them.
 UP_OWNS = frozenset({"port", "status_port", "replay_address", "trainer_address", "collector_id",
-                     "seed", "summary_dir", "run_dir", "checkpoint_dir"})
+                     "seed", "summary_dir", "run_dir", "checkpoint_dir", "out_dir"})
 
 SERVICE_GROUPS = {
     "replay": (CommonConfig, EnvConfig, ReplayConfig),
     "collector": (CommonConfig, EnvConfig, NetworkConfig, CollectorConfig),
     "trainer": (CommonConfig, EnvConfig, NetworkConfig, AgentConfig, TrainerConfig),
+    "evaluator": (CommonConfig, ProtocolConfig, EvaluatorConfig),
     "up": (CommonConfig, UpConfig, EnvConfig, NetworkConfig, AgentConfig, ReplayConfig,
-           CollectorConfig, TrainerConfig),
-    "evaluate": (CommonConfig, EvaluateConfig),
+           CollectorConfig, TrainerConfig, EvaluatorConfig),
+    "evaluate": (CommonConfig, ProtocolConfig, EvaluateConfig),
 }
 DESCRIPTIONS = {
     "replay": "Run the replay service: a Reverb server with the replay table.",
@@ -39,7 +41,10 @@ DESCRIPTIONS = {
     "trainer": "Run the trainer: sample from replay, train DQN, checkpoint, publish policies.",
     "up": "Start replay, trainer and collectors as local processes and show live progress. "
           "Ctrl-C stops them all.",
-    "evaluate": "Run a published policy greedily and print its episode returns.",
+    "evaluator": "Run the evaluator: follow the trainer's new policy versions and evaluate one "
+                 "every few minutes (history, TensorBoard, GIF of the best episode).",
+    "evaluate": "Evaluate a published policy (Nature DQN protocol by default) and print its "
+                "episode returns and the protocol; --video writes a GIF.",
 }
 ENV_NOTE = ("Every setting also reads the environment variable DQNFLEET_<NAME> (shown with each "
             "flag); a flag wins over the variable. Defaults marked 'classic control' apply to "
@@ -75,6 +80,8 @@ def build_configs(groups, args) -> list:
   """Each group's config from flags, environment and the env family's defaults."""
   env = settings.build(EnvConfig, args) if EnvConfig in groups else None
   classic = env is not None and not is_atari(env.env_id)
+  if classic:  # the id decides which defaults the rest of EnvConfig takes
+    env = settings.build(EnvConfig, args, classic_control=True)
   configs = []
   for group in groups:
     config = env if group is EnvConfig else settings.build(group, args, classic_control=classic)
@@ -131,6 +138,9 @@ def run_command(command: str, configs: list) -> int:
   elif command == "trainer":
     from dqnfleet.trainer.trainer import serve
     serve(env, by_type[NetworkConfig], by_type[AgentConfig], by_type[TrainerConfig], stop)
+  elif command == "evaluator":
+    from dqnfleet.evaluator.evaluator import serve
+    serve(by_type[ProtocolConfig], by_type[EvaluatorConfig], stop, service_id)
   # Everything is saved and every server stopped. Exit now: Reverb's sampling
   # threads inside tf.data can otherwise keep the interpreter alive after a
   # clean shutdown, and a stopped service must not linger.

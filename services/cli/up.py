@@ -17,7 +17,8 @@ import numpy as np
 
 from dqnfleet.core import rpc, settings
 from dqnfleet.core.config import (AgentConfig, CollectorConfig, CommonConfig, EnvConfig,
-                                  NetworkConfig, ReplayConfig, TrainerConfig, UpConfig)
+                                  EvaluatorConfig, NetworkConfig, ReplayConfig, TrainerConfig,
+                                  UpConfig)
 
 STOP_TIMEOUT_S = 30
 
@@ -88,17 +89,22 @@ class Progress:
     self._last = (now, env_steps, train_steps)
     returns = [r for c in collectors for r in c.recent_returns]
     acting = ",".join(f"v{c.policy_version}" for c in collectors) or "-"
+    evaluator = statuses.get("evaluator")
+    evaluation = ""
+    if evaluator and evaluator.policy_version >= 0:
+      evaluation = (f" | eval v{evaluator.policy_version}: "
+                    f"{evaluator.counters['last_mean_return']:.1f}")
     return (f"[{elapsed:6.0f}s] env steps {env_steps:,.0f} ({env_rate:,.0f}/s) | "
             f"train steps {train_steps:,.0f} ({train_rate:,.1f}/s) | "
             f"replay {replay.replay_size if replay else '-':,} | "
             f"policy published v{trainer.policy_version if trainer else '-'} acting {acting} | "
             f"return {np.mean(returns) if returns else float('nan'):.1f} "
-            f"(last {len(returns)} episodes)")
+            f"(last {len(returns)} episodes){evaluation}")
 
 
 def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
         agent: AgentConfig, replay: ReplayConfig, collector: CollectorConfig,
-        trainer: TrainerConfig) -> int:
+        trainer: TrainerConfig, evaluator: EvaluatorConfig) -> int:
   run_dir = pathlib.Path(up.run_dir).resolve()
   fleet = Fleet(run_dir)
   replay_port, replay_status, trainer_port = free_port(), free_port(), free_port()
@@ -114,12 +120,22 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
     port = free_port()
     one = dataclasses.replace(collector, replay_address=f"localhost:{replay_port}",
                               trainer_address=f"localhost:{trainer_port}",
-                              collector_id=f"collector-{i}", seed=i, status_port=port,
+                              collector_id=f"collector-{i}", seed=1000 * up.seed + i, status_port=port,
                               summary_dir=str(run_dir / "tensorboard"))
     fleet.start(f"collector-{i}", "collector",
                 shared + settings.to_flags(net) + settings.to_flags(one), port)
+  if up.evaluator:
+    port = free_port()
+    evaluator = dataclasses.replace(evaluator, trainer_address=f"localhost:{trainer_port}",
+                                    status_port=port, out_dir=str(run_dir / "eval"),
+                                    summary_dir=str(run_dir / "tensorboard" / "evaluator"))
+    fleet.start("evaluator", "evaluator", settings.to_flags(common)
+                + settings.to_flags(evaluator), port)
   print(f"dqnfleet up: {env.env_id}, replay :{replay_port} (status :{replay_status}), trainer "
         f":{trainer_port}, {up.collectors} collectors; run dir {run_dir}", flush=True)
+  if up.evaluator:
+    print(f"evaluations of the newest policy every {evaluator.every_minutes:g} min in "
+          f"{run_dir / 'eval'} (history.csv, best_episode.gif)", flush=True)
   print(f"logs in {fleet.logs}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}; "
         "Ctrl-C stops the fleet", flush=True)
 
@@ -154,7 +170,7 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
         time.sleep(0.2)
   finally:
     print("stopping collectors, trainer, replay...", flush=True)
-    collectors = [n for n in fleet.procs if n.startswith("collector")]
+    collectors = [n for n in fleet.procs if n.startswith(("collector", "evaluator"))]
     fleet.stop(collectors)
     fleet.stop(["trainer"])
     fleet.stop(["replay"])

@@ -1,0 +1,153 @@
+"""The evaluator service: evaluates published policies while the fleet trains.
+
+It follows the trainer's PolicyService like a collector does (no filesystem
+shared with the trainer) and, every `--every-minutes` minutes or
+`--every-versions` new versions, plays the newest version by the evaluation
+protocol (evaluator/protocol.py) in environments of its own. Each result goes
+to <out_dir>/history.jsonl and history.csv, to TensorBoard, to the status RPC
+(and so to `dqnfleet status` and `up`'s progress line), and the best episode
+of the latest evaluation to <out_dir>/best_episode.gif.
+"""
+import csv
+import json
+import logging
+import pathlib
+import threading
+import time
+
+import tensorflow as tf
+
+from dqnfleet.core import networks, rpc, specs
+from dqnfleet.core.config import EvaluatorConfig, ProtocolConfig
+from dqnfleet.core.policy_follower import PolicyFollower
+from dqnfleet.evaluator import protocol
+
+log = logging.getLogger(__name__)
+CSV_FIELDS = ("version", "minutes", "frames", "fleet_env_steps", "mean_return", "median_return",
+              "min_return", "max_return", "std_return", "mean_length", "episodes", "eval_seconds",
+              "unix_time")
+
+
+class Evaluator:
+  def __init__(self, protocol_config: ProtocolConfig, config: EvaluatorConfig,
+               stop: threading.Event):
+    self.protocol, self.config, self._stop = protocol_config, config, stop
+    self.follower = PolicyFollower(config.trainer_address, None, stop)
+    self.out = pathlib.Path(config.out_dir)
+    self.out.mkdir(parents=True, exist_ok=True)
+    self._summary = (tf.summary.create_file_writer(config.summary_dir)
+                     if config.summary_dir else None)
+    self.network = None
+    self.latest: dict | None = None
+    self.evaluations = 0
+    self.versions_seen = 0
+
+  def snapshot(self) -> dict:
+    latest = self.latest or {}
+    counters = {"evaluations": self.evaluations, "versions_seen": self.versions_seen}
+    for name in ("version", "mean_return", "median_return", "max_return", "mean_length",
+                 "frames", "minutes"):
+      if name in latest:
+        counters[f"last_{name}"] = latest[name]
+    return {"policy_version": latest.get("version", -1),
+            "recent_returns": latest.get("returns", []), "counters": counters}
+
+  def run(self) -> None:
+    self.follower.start()
+    log.info("following policies of %s; evaluating every %s, %d episodes at epsilon %g",
+             self.config.trainer_address, self._cadence(), self.protocol.episodes,
+             self.protocol.epsilon)
+    newest = None           # (version, weights) not yet evaluated
+    since_last = 0          # versions seen since the last evaluation
+    last_time = None        # the first version is evaluated at once: the curve's start
+    while not self._stop.wait(1.0):
+      update = self.follower.take()
+      if update is not None:
+        newest, since_last = update, since_last + 1
+        self.versions_seen += 1
+      if newest is None:
+        continue
+      now = time.monotonic()
+      due = (last_time is None
+             or (self.config.every_minutes and now - last_time >= 60 * self.config.every_minutes)
+             or (self.config.every_versions and since_last >= self.config.every_versions))
+      if due:
+        self.evaluate(*newest)
+        newest, since_last, last_time = None, 0, now
+
+  def _cadence(self) -> str:
+    parts = []
+    if self.config.every_minutes:
+      parts.append(f"{self.config.every_minutes:g} minutes")
+    if self.config.every_versions:
+      parts.append(f"{self.config.every_versions} versions")
+    return " or ".join(parts)
+
+  def evaluate(self, version: int, weights) -> dict:
+    env_config = self.follower.env_config
+    env_specs = specs.env_specs(env_config)
+    if self.network is None:
+      self.network = networks.q_net(env_specs, self.follower.network_config)
+    self.network.set_weights(weights)
+    fleet = self._fleet_progress()
+    started = time.monotonic()
+    result = protocol.run(env_config, env_specs, self.network, self.protocol, record=True,
+                          threads=self.config.threads)
+    entry = {"version": version, **fleet, "eval_seconds": round(time.monotonic() - started, 1),
+             "unix_time": round(time.time(), 1), **result.summary(),
+             "protocol": protocol.describe(self.protocol, env_config)}
+    self._record(entry, result)
+    self.latest, self.evaluations = entry, self.evaluations + 1
+    log.info("policy v%d: mean return %.1f (median %.1f, max %.1f) over %d episodes, mean "
+             "length %.0f steps, at %.1f min and %.2f M frames; %.0fs", version,
+             entry["mean_return"], entry["median_return"], entry["max_return"],
+             entry["episodes"], entry["mean_length"], entry["minutes"], entry["frames"] / 1e6,
+             entry["eval_seconds"])
+    return entry
+
+  def _fleet_progress(self) -> dict:
+    """Where training stands: the trainer's uptime and the fleet's agent steps."""
+    try:
+      status = rpc.get_status(self.config.trainer_address, timeout=5)
+      steps = int(status.counters.get("fleet_env_steps", 0))
+      minutes = status.uptime_s / 60
+    except Exception as e:  # the curve loses its x position, not the evaluation
+      log.warning("trainer status unavailable (%s)", str(e).splitlines()[0][:120])
+      steps, minutes = -1, -1.0
+    frame_skip = 4 if self.follower.env_config.env_id.startswith("ALE/") else 1
+    return {"minutes": round(minutes, 2), "fleet_env_steps": steps,
+            "frames": steps * frame_skip if steps >= 0 else -1}
+
+  def _record(self, entry: dict, result: protocol.Result) -> None:
+    with open(self.out / "history.jsonl", "a") as f:
+      f.write(json.dumps(entry) + "\n")
+    csv_path = self.out / "history.csv"
+    new = not csv_path.exists()
+    with open(csv_path, "a", newline="") as f:
+      writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+      if new:
+        writer.writeheader()
+      writer.writerow(entry)
+    if result.best_frames and result.best_frames[0].ndim == 2:
+      protocol.write_gif(result.best_frames, self.out / "best_episode.gif")
+    if self._summary:
+      with self._summary.as_default(step=entry["version"]):
+        for name in ("mean_return", "median_return", "max_return", "mean_length"):
+          tf.summary.scalar(f"evaluator/{name}", entry[name])
+        tf.summary.scalar("evaluator/frames", entry["frames"])
+      self._summary.flush()
+
+
+def serve(protocol_config: ProtocolConfig, config: EvaluatorConfig, stop: threading.Event,
+          service_id: str = "evaluator") -> None:
+  # The evaluator shares the machine with the trainer: keep it to its threads.
+  tf.config.threading.set_intra_op_parallelism_threads(config.threads)
+  tf.config.threading.set_inter_op_parallelism_threads(config.threads)
+  evaluator = Evaluator(protocol_config, config, stop)
+  status = rpc.StatusServicer("evaluator", service_id, "", evaluator.snapshot)
+  server, port = rpc.start_server(config.status_port, status)
+  log.info("health and status on port %d; results in %s", port, evaluator.out)
+  try:
+    evaluator.run()
+  finally:
+    server.stop(grace=1)
