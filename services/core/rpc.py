@@ -38,7 +38,7 @@ class StatusServicer(fleet_pb2_grpc.StatusServiceServicer):
   def GetStatus(self, request, context):
     snap = self._snapshot()
     return fleet_pb2.ServiceStatus(
-        role=self._role, id=self._id, env_id=self._env_id,
+        role=self._role, id=self._id, env_id=snap.get("env_id", self._env_id),
         counters={k: float(v) for k, v in snap.get("counters", {}).items()},
         policy_version=int(snap.get("policy_version", -1)),
         replay_size=int(snap.get("replay_size", -1)),

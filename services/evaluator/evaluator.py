@@ -49,7 +49,8 @@ class Evaluator:
                  "frames", "minutes"):
       if name in latest:
         counters[f"last_{name}"] = latest[name]
-    return {"policy_version": latest.get("version", -1),
+    env = self.follower.env_config  # known from the first version's manifest
+    return {"env_id": env.env_id if env else "", "policy_version": latest.get("version", -1),
             "recent_returns": latest.get("returns", []), "counters": counters}
 
   def run(self) -> None:
@@ -83,7 +84,7 @@ class Evaluator:
       parts.append(f"{self.config.every_versions} versions")
     return " or ".join(parts)
 
-  def evaluate(self, version: int, weights) -> dict:
+  def evaluate(self, version: int, weights) -> dict | None:
     env_config = self.follower.env_config
     env_specs = specs.env_specs(env_config)
     if self.network is None:
@@ -91,8 +92,12 @@ class Evaluator:
     self.network.set_weights(weights)
     fleet = self._fleet_progress()
     started = time.monotonic()
-    result = protocol.run(env_config, env_specs, self.network, self.protocol, record=True,
-                          threads=self.config.threads)
+    try:
+      result = protocol.run(env_config, env_specs, self.network, self.protocol, record=True,
+                            threads=self.config.threads, stop=self._stop)
+    except protocol.Interrupted:
+      log.info("stopped during the evaluation of v%d; nothing recorded for it", version)
+      return None
     entry = {"version": version, **fleet, "eval_seconds": round(time.monotonic() - started, 1),
              "unix_time": round(time.time(), 1), **result.summary(),
              "protocol": protocol.describe(self.protocol, env_config)}

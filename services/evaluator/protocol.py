@@ -12,6 +12,7 @@ do not crowd out long ones (a biased sample of the policy's returns).
 import dataclasses
 import math
 import pathlib
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -60,9 +61,17 @@ class Result:
             "lengths": list(self.lengths)}
 
 
+class Interrupted(Exception):
+  """`stop` was set during an evaluation; its partial results are dropped."""
+
+
 def run(env_config: EnvConfig, env_specs: EnvSpecs, network, protocol: ProtocolConfig, *,
-        record: bool = False, threads: int = 0) -> Result:
-  """Plays `protocol.episodes` episodes with `network`; records the best one if asked."""
+        record: bool = False, threads: int = 0, stop: threading.Event | None = None) -> Result:
+  """Plays `protocol.episodes` episodes with `network`; records the best one if asked.
+
+  A long Atari evaluation outlasts a container's stop grace period, so a
+  service passes `stop` and the evaluation ends at the next step once it is set.
+  """
   env_config = dataclasses.replace(env_config, sticky_actions=protocol.sticky_actions)
   epsilon = tf.Variable(protocol.epsilon, dtype=tf.float32, trainable=False)
   policy = py_tf_eager_policy.PyTFEagerPolicy(
@@ -79,6 +88,8 @@ def run(env_config: EnvConfig, env_specs: EnvSpecs, network, protocol: ProtocolC
     try:
       time_step = env.reset()
       while len(done) < wanted:
+        if stop is not None and stop.is_set():
+          raise Interrupted()
         if record:
           for i in range(wanted):
             if i not in done and len(frames[i]) < MAX_GIF_FRAMES:

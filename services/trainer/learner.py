@@ -22,7 +22,7 @@ def importance_weights(info, exponent: float) -> tf.Tensor:
 
 
 def make_agent(env_specs: EnvSpecs, q_network: tf.keras.Model, config: AgentConfig,
-               train_step: tf.Variable) -> dqn_agent.DqnAgent:
+               train_step: tf.Variable, jit_compile: bool = False) -> dqn_agent.DqnAgent:
   """The agent trains `q_network` in place; the trainer publishes its weights."""
   agent_class = dqn_agent.DdqnAgent if config.double_dqn else dqn_agent.DqnAgent
   agent = agent_class(
@@ -44,5 +44,5 @@ def make_agent(env_specs: EnvSpecs, q_network: tf.keras.Model, config: AgentConf
       gradient_clipping=config.gradient_clipping or None,
       train_step_counter=train_step)
   agent.initialize()
-  agent.train = common.function(agent.train, autograph=False)
+  agent.train = common.function(agent.train, autograph=False, jit_compile=jit_compile)
   return agent
