@@ -1,7 +1,7 @@
 """The gymnasium -> TF-Agents adapter on real ALE and classic-control environments."""
 import numpy as np
 
-from dqnfleet.core import envs
+from dqnfleet.core import envs, specs
 from dqnfleet.core.config import EnvConfig
 from tf_agents.trajectories import time_step as ts
 
@@ -16,7 +16,7 @@ def run_random(env, steps, seed=0):
 
 
 def test_breakout_is_preprocessed_for_dqn_and_batched():
-  env = envs.BatchedGymEnvironment(EnvConfig(env_id="ALE/Breakout-v5"), num_envs=2, seed=3)
+  env = envs.BatchedEnvironment(EnvConfig(env_id="ALE/Breakout-v5"), num_envs=2, seed=3)
   assert env.batched and env.batch_size == 2
   assert env.observation_spec().shape == (84, 84, 4) and env.observation_spec().dtype == np.uint8
   assert env.action_spec().maximum == 3
@@ -41,7 +41,7 @@ def test_breakout_is_preprocessed_for_dqn_and_batched():
 
 def test_life_loss_cuts_the_bootstrap_without_ending_the_episode():
   config = EnvConfig(env_id="ALE/Breakout-v5", terminal_on_life_loss=True)
-  env = envs.BatchedGymEnvironment(config, num_envs=1, seed=5)
+  env = envs.BatchedEnvironment(config, num_envs=1, seed=5)
   steps = run_random(env, 800)
   env.close()
   zero_discount_mid = [s for s in steps if s.step_type[0] == ts.StepType.MID and s.discount[0] == 0]
@@ -51,8 +51,8 @@ def test_life_loss_cuts_the_bootstrap_without_ending_the_episode():
 def test_rewards_are_clipped_for_training_and_returns_are_not():
   # Space Invaders pays 5 to 30 points per alien, so clipping shows at once.
   config = EnvConfig(env_id="ALE/SpaceInvaders-v5")
-  train = envs.BatchedGymEnvironment(config, num_envs=1, seed=2, training=True)
-  evaluation = envs.BatchedGymEnvironment(config, num_envs=1, seed=2, training=False)
+  train = envs.BatchedEnvironment(config, num_envs=1, seed=2, training=True)
+  evaluation = envs.BatchedEnvironment(config, num_envs=1, seed=2, training=False)
   train_steps, eval_steps = run_random(train, 300, seed=9), run_random(evaluation, 300, seed=9)
   train.close()
   evaluation.close()
@@ -63,7 +63,7 @@ def test_rewards_are_clipped_for_training_and_returns_are_not():
 
 
 def test_classic_control_observations_are_float_vectors():
-  env = envs.BatchedGymEnvironment(EnvConfig(env_id="CartPole-v1"), num_envs=4, seed=1)
+  env = envs.BatchedEnvironment(EnvConfig(env_id="CartPole-v1"), num_envs=4, seed=1)
   steps = run_random(env, 200)
   env.close()
   assert env.observation_spec().shape == (4,) and steps[5].observation.dtype == np.float32
@@ -71,3 +71,31 @@ def test_classic_control_observations_are_float_vectors():
   lengths = [n for _, _, n in env.finished_episodes]
   assert returns == [float(n) for n in lengths]  # CartPole: +1 per step, unclipped
   assert 5 < np.mean(returns) < 60  # a random policy lasts about 22 steps
+
+
+def test_native_atari_frames_match_gymnasiums_preprocessing_and_the_replay_layout():
+  """ale-py's C++ vector env gives the frames gymnasium's Python wrappers give (84x84
+  grey, frame skip 4 with max-pooling), in the layout the replay table stores."""
+  config = EnvConfig(env_id="ALE/Breakout-v5", noop_max=0)  # no random starts: comparable
+  native = envs.BatchedEnvironment(config, num_envs=2, seed=11)
+  python = envs.BatchedEnvironment(config, num_envs=2, seed=11, render=True)
+  assert type(native._vec).__name__ == "AtariVectorEnv"
+  assert native.observation_spec() == python.observation_spec()
+  env_specs = specs.env_specs(config)
+  assert env_specs.frame.shape == native.observation_spec().shape[:-1] == (84, 84)
+  rng = np.random.default_rng(4)
+  a, b = native.reset(), python.reset()
+  compared = 0
+  for t in range(120):
+    action = rng.integers(0, 4, 2)
+    a, b = native.step(action), python.step(action)
+    np.testing.assert_array_equal(a.step_type, b.step_type)
+    np.testing.assert_array_equal(a.reward, b.reward)
+    if t >= env_specs.stack:  # the stacks' initial padding differs, every real frame agrees
+      np.testing.assert_array_equal(a.observation, b.observation)
+      compared += 1
+    # What the observer stores per row is the newest frame of the observation.
+    np.testing.assert_array_equal(env_specs.frames_of(a.observation[0])[-1], a.observation[0, ..., -1])
+  native.close()
+  python.close()
+  assert compared > 100

@@ -17,7 +17,8 @@ ENV = {"DQNFLEET_ENV_ID": "CartPole-v1", "DQNFLEET_LOG_LEVEL": "INFO"}
 def fleet(tmp_path_factory):
   """Collectors first, then replay, then the trainer: any start order must work."""
   root = tmp_path_factory.mktemp("fleet")
-  ports = {name: free_port() for name in ("replay", "replay_status", "trainer", "c0", "c1")}
+  ports = {name: free_port() for name in ("replay", "replay_status", "trainer", "c0", "c1",
+                                          "evaluator")}
   replay_address = f"localhost:{ports['replay']}"
   trainer_address = f"localhost:{ports['trainer']}"
   common = ["--env-id", "CartPole-v1"]
@@ -37,11 +38,16 @@ def fleet(tmp_path_factory):
              "collector to report that replay is down")
   procs["replay"] = Service("replay", ["replay", *replay_args], root, ENV)
   procs["trainer"] = Service("trainer", ["trainer", *trainer_args], root, ENV)
+  procs["evaluator"] = Service("evaluator", [
+      "evaluator", "--trainer-address", trainer_address, "--every-versions", "1",
+      "--every-minutes", "0", "--episodes", "3", "--num-envs", "3", "--out-dir",
+      str(root / "eval"), "--summary-dir", str(root / "tb"),
+      "--status-port", str(ports["evaluator"])], root, ENV)
   state = {"procs": procs, "ports": ports, "root": root, "replay_args": replay_args,
            "trainer_args": trainer_args, "replay_address": replay_address,
            "trainer_address": trainer_address}
   yield state
-  for name in ("c0", "c1", "trainer", "replay"):
+  for name in ("evaluator", "c0", "c1", "trainer", "replay"):
     procs[name].stop()
 
 
@@ -93,6 +99,52 @@ def test_both_collectors_switch_to_each_new_version(fleet):
     collector = status(fleet, name)
     assert collector.counters["policy_updates"] >= 3
     assert "acting with policy v" in fleet["procs"][name].log()
+
+
+def test_epsilon_follows_the_agent_steps_of_the_whole_fleet(fleet):
+  """Each collector decays epsilon with replay's insert count (both collectors' steps),
+  not with its own steps or the policy version."""
+  from dqnfleet.collector.collector import epsilon_at
+  from dqnfleet.core.config import CollectorConfig
+  config = CollectorConfig(epsilon_decay_steps=8_000, epsilon_end=0.02)  # classic defaults
+
+  def counting_both():
+    c0, c1 = status(fleet, "c0").counters, status(fleet, "c1").counters
+    own = c0["env_steps"]
+    return c0["fleet_env_steps"] > own and c1["fleet_env_steps"] > c1["env_steps"] and (c0, c1)
+
+  c0, c1 = wait_until(counting_both, 180, "collectors to count each other's steps")
+  for counters in (c0, c1):
+    # Snapshots are taken while the collector runs: epsilon may trail by one update.
+    assert counters["epsilon"] == pytest.approx(epsilon_at(counters["fleet_env_steps"], config),
+                                                abs=0.1)
+  replay = status(fleet, "replay").counters["items_inserted"]
+  assert max(c0["fleet_env_steps"], c1["fleet_env_steps"]) <= replay
+
+
+def test_the_evaluator_follows_versions_and_reports(fleet):
+  history = fleet["root"] / "eval" / "history.jsonl"
+
+  def evaluations():
+    lines = history.read_text().splitlines() if history.exists() else []
+    return len(lines) >= 3 and [json.loads(line) for line in lines]
+
+  entries = wait_until(evaluations, 300, "three evaluations")
+  versions = [e["version"] for e in entries]
+  assert versions == sorted(set(versions)) and versions[-1] > 0  # newer versions, each once
+  for entry in entries:
+    assert entry["episodes"] == 3 and len(entry["returns"]) == 3
+    assert entry["min_return"] <= entry["median_return"] <= entry["max_return"]
+    assert entry["mean_length"] > 0 and entry["fleet_env_steps"] >= 0
+    assert "3 episodes, epsilon 0.05" in entry["protocol"]
+  rows = (fleet["root"] / "eval" / "history.csv").read_text().splitlines()
+  assert rows[0].startswith("version,minutes,frames") and len(rows) >= len(entries) + 1
+  assert list((fleet["root"] / "tb").glob("events.out.tfevents.*"))
+  reply = status(fleet, "evaluator")
+  assert reply.role == "evaluator" and reply.counters["evaluations"] >= 3
+  assert reply.policy_version >= versions[-1] and len(reply.recent_returns) == 3
+  result = dqnfleet("status", f"localhost:{fleet['ports']['evaluator']}", timeout=60)
+  assert "evaluator" in result.stdout and "last_mean_return" in result.stdout
 
 
 def test_status_command_reports_every_service(fleet):
