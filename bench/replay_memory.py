@@ -79,7 +79,7 @@ def measure(layout: str, transitions: int, num_envs: int) -> dict:
   rpc.retry(lambda: client.server_info(timeout=5), "connecting to the benchmark's replay")
   time.sleep(1.0)
   before = psutil.Process(server.pid).memory_info().rss
-  env = envs.BatchedGymEnvironment(ENV, num_envs, seed=1)
+  env = envs.BatchedEnvironment(ENV, num_envs, seed=1)
   env_specs = specs.env_specs(ENV)
   observer = (ReplayObserver(client, env_specs, num_envs, lambda: 0, threading.Event(), 1)
               if layout == "dqnfleet" else NaiveObserver(client, num_envs))

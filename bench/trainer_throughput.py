@@ -6,12 +6,13 @@ DqnAgent three ways: sampling alone, one train step per Python call, and
 trainer.STEPS_PER_CALL steps inside one tf.function (what the trainer does).
 Ratios within one run are what to compare; the machine is shared and noisy.
 
-    .venv/bin/python bench/trainer_throughput.py [--env-id CartPole-v1] [--steps 300]
+    .venv/bin/python bench/trainer_throughput.py [--env-id CartPole-v1] [--steps 300] [--xla]
 
 Prints one JSON object.
 """
 import argparse
 import json
+import statistics
 import time
 
 from dqnfleet.core import runtime
@@ -30,13 +31,15 @@ from dqnfleet.trainer.learner import make_agent
 
 
 def fill(client, env_specs, items):
-  writer = client.trajectory_writer(num_keep_alive_refs=env_specs.stack + 1)
+  rows = env_specs.stack + env_specs.n_step
+  writer = client.trajectory_writer(num_keep_alive_refs=rows)
   rng = np.random.default_rng(0)
-  for t in range(items + env_specs.stack):
+  for t in range(items + rows):
     frame = rng.integers(0, 255, env_specs.frame.shape).astype(env_specs.frame.dtype)
     writer.append(specs.row(frame, t % env_specs.num_actions, 1, 1, 0, 0))
-    if t >= env_specs.stack:
-      writer.create_item(specs.TABLE, 1.0, specs.item(writer.history, env_specs.stack))
+    if t >= rows - 1:
+      writer.create_item(specs.TABLE, 1.0,
+                         specs.item(writer.history, env_specs.stack, env_specs.n_step))
   writer.end_episode()
 
 
@@ -50,9 +53,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--env-id", default="CartPole-v1")
   parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--xla", action="store_true", help="also time the XLA-compiled train step")
   args = parser.parse_args()
-  env = EnvConfig(env_id=args.env_id)
   classic = not is_atari(args.env_id)
+  env = settings.build(EnvConfig, None, {"DQNFLEET_ENV_ID": args.env_id},
+                       classic_control=classic)
   agent_config = settings.build(AgentConfig, None, {}, classic_control=classic)
   net = settings.build(NetworkConfig, None, {}, classic_control=classic)
   env_specs = specs.env_specs(env)
@@ -69,26 +75,44 @@ def main():
 
   k = trainer_lib.STEPS_PER_CALL
 
-  @tf.function
-  def train_k(it):
-    loss = tf.constant(0.0)
-    for _ in tf.range(k):
-      loss = agent.train(next(it)[0]).loss
-    return loss
+  def k_steps_per_call(an_agent):
+    @tf.function
+    def train_k(it):
+      loss = tf.constant(0.0)
+      for _ in tf.range(k):
+        loss = an_agent.train(next(it)[0]).loss
+      return loss
+    return train_k
 
-  for _ in range(10):  # trace and warm up both paths
+  train_k = k_steps_per_call(agent)
+  # The same train step compiled by XLA (jit_compile), for the --xla comparison.
+  train_k_xla = k_steps_per_call(make_agent(env_specs, networks.q_net(env_specs, net),
+                                            agent_config, tf.Variable(0, dtype=tf.int64),
+                                            jit_compile=True))
+
+  for _ in range(10):  # trace and warm up every path
     agent.train(next(iterator)[0])
   train_k(iterator)
+  if args.xla:
+    train_k_xla(iterator)
   n = args.steps
   sample = rate(lambda: [next(iterator) for _ in range(n)], n)
   one = rate(lambda: [agent.train(next(iterator)[0]) for _ in range(n)], n)
-  many = rate(lambda: [train_k(iterator) for _ in range(n // k)], (n // k) * k)
+  many, xla = [], []
+  for _ in range(args.rounds):  # alternated, so drift on a shared machine hits both alike
+    many.append(rate(lambda: [train_k(iterator) for _ in range(n // k)], (n // k) * k))
+    if args.xla:
+      xla.append(rate(lambda: [train_k_xla(iterator) for _ in range(n // k)], (n // k) * k))
   server.stop()
-  print(json.dumps({"benchmark": "trainer_throughput", "env_id": args.env_id, "batch_size": batch,
-                    "sampled_batches_per_s": round(sample, 1),
-                    "train_steps_per_s_one_per_call": round(one, 1),
-                    f"train_steps_per_s_{k}_per_call": round(many, 1),
-                    "speedup": round(many / one, 2)}))
+  result = {"benchmark": "trainer_throughput", "env_id": args.env_id, "batch_size": batch,
+            "n_step": env_specs.n_step, "sampled_batches_per_s": round(sample, 1),
+            "train_steps_per_s_one_per_call": round(one, 1),
+            f"train_steps_per_s_{k}_per_call": [round(m, 1) for m in many],
+            "speedup": round(statistics.median(many) / one, 2)}
+  if args.xla:
+    result["train_steps_per_s_xla"] = [round(x, 1) for x in xla]
+    result["xla_over_default"] = round(statistics.median([x / m for x, m in zip(xla, many)]), 2)
+  print(json.dumps(result))
 
 
 if __name__ == "__main__":
