@@ -5,7 +5,7 @@ Every overlay is rendered with `kubectl kustomize` and validated offline,
 strictly, against the Kubernetes OpenAPI schemas that `kubernetes-validate`
 ships. The last test runs the dev overlay's pods as local processes (their
 args and settings, read from the rendered manifests) and checks that the fleet
-trains. Needs `kubectl` and the `kubernetes-validate` package: outside CI
+trains and the evaluator evaluates. Needs `kubectl` and the `kubernetes-validate` package: outside CI
 the tests that need them are skipped without them, in CI (CI=true) they fail.
 """
 import dataclasses
@@ -38,9 +38,18 @@ KUBERNETES_VERSIONS = ("1.27", "1.37")
 # Fields kustomize deprecated in favour of resources, labels, patches, ...
 DEPRECATED_FIELDS = {"bases", "commonLabels", "patchesStrategicMerge", "patchesJson6902", "vars",
                      "imageTags"}
-ROLES = ("replay", "trainer", "collector")
-WORKLOAD_KIND = {"replay": "StatefulSet", "trainer": "StatefulSet", "collector": "Deployment"}
+ROLES = ("replay", "trainer", "collector", "evaluator")
+WORKLOAD_KIND = {"replay": "StatefulSet", "trainer": "StatefulSet", "collector": "Deployment",
+                 "evaluator": "Deployment"}
+# The services that must agree on the environment (EnvConfig): the replay item
+# layout depends on it. The evaluator learns it from the trainer's policy API.
+TRAINING_ROLES = ("replay", "trainer", "collector")
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+# Args that differ from compose's command on purpose. Compose writes the
+# evaluator's TensorBoard summaries into the trainer's volume, under the logdir
+# of its tensorboard profile; on Kubernetes the evaluator shares no volume with
+# the trainer and keeps them on its own.
+K8S_ARGS = {"evaluator": {"--summary-dir": "/data/evaluator/tensorboard"}}
 
 
 def required(what: str):
@@ -190,8 +199,13 @@ def test_each_role_runs_what_compose_runs(rendered, variant):
   compose, compose_gpu = compose_file(), compose_file("docker-compose.gpu.yml")
   for role in ROLES:
     c, service = container(objects, role), compose["services"][role]
-    # No `command`: the image's entrypoint (`dqnfleet`) runs, with compose's command as args.
-    assert "command" not in c and c["args"] == service["command"], role
+    # No `command`: the image's entrypoint (`dqnfleet`) runs, with compose's command as args
+    # (but for the flags K8S_ARGS sets, in the same place).
+    expected = [service["command"][0]] + [
+        f"{flag}={K8S_ARGS.get(role, {}).get(flag, value)}"
+        for flag, value in flag_values(service["command"]).items()]
+    assert "command" not in c and c["args"] == expected, role
+    assert set(K8S_ARGS.get(role, {})) <= set(flag_values(service["command"])), role
     image = compose_default((compose_gpu["services"] if variant == "gpu" and role == "trainer"
                              else compose["services"])[role]["image"])
     assert c["image"] == image, role
@@ -207,6 +221,29 @@ def test_each_role_runs_what_compose_runs(rendered, variant):
       assert c[probe].get("timeoutSeconds", 1) < c[probe].get("periodSeconds", 10)
     spec = workload(objects, role)["spec"]
     assert spec["template"]["spec"].get("terminationGracePeriodSeconds", 30) >= 30
+
+
+def test_compose_puts_the_evaluators_summaries_where_its_tensorboard_looks():
+  """The one reason compose's args differ from the pod's (K8S_ARGS): see docker-compose.yml."""
+  services = compose_file()["services"]
+  evaluator, tensorboard = services["evaluator"], services["tensorboard"]
+  assert evaluator["profiles"] == ["evaluator"]
+  (logdir,) = [a.partition("=")[2] for a in tensorboard["entrypoint"] if a.startswith("--logdir=")]
+  summary_dir = flag_values(evaluator["command"])["--summary-dir"]
+  assert summary_dir.startswith(logdir + "/"), (summary_dir, logdir)
+
+  def volume(service: dict, path: str) -> tuple[str, str]:
+    """The named volume holding `path` in a service, and the mount's mode ("rw" or "ro")."""
+    mounts = [v.split(":") for v in service["volumes"]]
+    (name, _, *mode) = max((m for m in mounts if path == m[1] or path.startswith(m[1] + "/")),
+                                key=lambda m: len(m[1]))
+    return name, (mode or ["rw"])[0]
+
+  assert volume(evaluator, summary_dir) == (volume(tensorboard, logdir)[0], "rw")
+  assert volume(evaluator, summary_dir)[0] == volume(services["trainer"], logdir)[0]
+  out_dir = flag_values(evaluator["command"])["--out-dir"]
+  assert volume(evaluator, out_dir) == ("evaluator-data", "rw")
+  assert "evaluator-data" in compose_file()["volumes"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -236,6 +273,23 @@ def test_settings_are_compose_variables_and_real_settings(rendered, variant, mon
     for name, value in pod_env(objects, c, f"{role}-0").items():
       monkeypatch.setenv(name, value)
     build_configs(SERVICE_GROUPS[role], build_parser().parse_args(c["args"]))
+  # Settings that must agree (env id, n-step, ...) come from one ConfigMap for
+  # all the services that read them, so they cannot drift apart.
+  env_settings = {env_name(f) for f in dataclasses.fields(config_module.EnvConfig)}
+  configmaps = by_kind(objects, "ConfigMap")
+  for name in env_settings:
+    sources = set()
+    for role in TRAINING_ROLES:
+      for source in container(objects, role)["envFrom"]:
+        if name in configmaps[source["configMapRef"]["name"]].get("data", {}):
+          sources.add(source["configMapRef"]["name"])
+    assert len(sources) == 1 and next(iter(sources)).startswith("dqnfleet-shared-"), (name, sources)
+  assert "DQNFLEET_N_STEP" in env_settings
+  # The evaluator builds the environment the trainer's policy API describes:
+  # the shared ConfigMap is not its (its DQNFLEET_STICKY_ACTIONS is the
+  # evaluation protocol's, in its own ConfigMap).
+  assert not [s for s in container(objects, "evaluator")["envFrom"]
+              if s["configMapRef"]["name"].startswith("dqnfleet-shared-")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -280,19 +334,24 @@ def test_services_policies_and_budgets_select_the_right_pods(rendered, variant):
         assert port["port"] in opened_ports(container(objects, target)["args"])
         allowed[(target, port["port"])] = sources
   assert allowed == {("replay", 8000): {"collector", "trainer"}, ("replay", 8001): {None},
-                     ("trainer", 8010): {"collector"}, ("collector", 8020): {None}}
+                     ("trainer", 8010): {"collector", "evaluator"}, ("collector", 8020): {None},
+                     ("evaluator", 8030): {None}}
 
   budgets = {n: b["spec"] for n, b in by_kind(objects, "PodDisruptionBudget").items()}
   for role in ROLES:
     assert selected(budgets[role]["selector"]["matchLabels"]) == {role}
   # Singletons: drains may evict them (0 would block drains forever).
-  assert budgets["replay"]["maxUnavailable"] == budgets["trainer"]["maxUnavailable"] == 1
+  for role in ("replay", "trainer", "evaluator"):
+    assert workload(objects, role)["spec"]["replicas"] == 1, role
+    assert budgets[role]["maxUnavailable"] == 1, role
   assert budgets["collector"]["maxUnavailable"] == "50%"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_pods_are_locked_down_and_sized(rendered, variant):
   objects, _ = rendered[variant]
+  claims = by_kind(objects, "PersistentVolumeClaim")
+  claimed = set()
   for role in ROLES:
     pod = workload(objects, role)["spec"]["template"]["spec"]
     c = container(objects, role)
@@ -313,10 +372,33 @@ def test_pods_are_locked_down_and_sized(rendered, variant):
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     assert "emptyDir" in volumes[mounts.pop("/tmp")]
     data_dirs = {v for f, v in flag_values(c["args"]).items() if v.startswith("/data/")}
-    assert set(mounts) == data_dirs, role  # collectors: none
-    claims = {t["metadata"]["name"] for t in workload(objects, role)["spec"].get(
+
+    def under(path: str, mount: str) -> bool:
+      return path == mount or path.startswith(mount + "/")
+
+    # Each path in the args on a data volume, and each data volume used (collectors: none).
+    assert all(any(under(d, m) for m in mounts) for d in data_dirs), role
+    assert all(any(under(d, m) for d in data_dirs) for m in mounts), role
+    # A data volume is a claim: a StatefulSet's per-pod claim template, or a
+    # standalone PersistentVolumeClaim (the evaluator's).
+    templates = {t["metadata"]["name"] for t in workload(objects, role)["spec"].get(
         "volumeClaimTemplates", [])}
-    assert set(mounts.values()) == claims, role
+    standalone = {name: volumes[name]["persistentVolumeClaim"]["claimName"]
+                  for name in mounts.values() if "persistentVolumeClaim" in volumes.get(name, {})}
+    assert set(mounts.values()) == templates | set(standalone), role
+    assert not templates & set(standalone) and not templates & set(volumes), role
+    claimed |= set(standalone.values())
+    if standalone:
+      # A ReadWriteOnce claim has one pod at a time: one replica, and the old
+      # pod gone before the new one starts (a rolling update would wait forever).
+      w = workload(objects, role)
+      assert w["kind"] == "Deployment" and w["spec"]["replicas"] == 1, role
+      assert w["spec"]["strategy"] == {"type": "Recreate"}, role
+      for claim in standalone.values():
+        assert claims[claim]["spec"]["accessModes"] == ["ReadWriteOnce"], claim
+        assert quantity(claims[claim]["spec"]["resources"]["requests"]["storage"]) > 0, claim
+        assert claims[claim]["metadata"]["labels"]["app.kubernetes.io/component"] == role, claim
+  assert claimed == set(claims) == {"evaluator-data"}  # no claim without its pod
   collector = container(objects, "collector")
   ids = [v for v in collector["env"] if v["name"] == "DQNFLEET_COLLECTOR_ID"]
   assert ids == [{"name": "DQNFLEET_COLLECTOR_ID",
@@ -329,7 +411,7 @@ def test_gpu_overlay_puts_only_the_trainer_on_a_gpu(rendered):
   trainer = container(objects, "trainer")
   assert trainer["image"] == "dqnfleet:gpu"
   assert str(trainer["resources"]["limits"]["nvidia.com/gpu"]) == "1"
-  for role in ("replay", "collector"):
+  for role in ("replay", "collector", "evaluator"):
     c = container(objects, role)
     assert c["image"] == "dqnfleet:latest" and "nvidia.com/gpu" not in c["resources"]["limits"]
   base_objects, _ = rendered["base"]
@@ -376,9 +458,14 @@ def local_pods(objects: list[dict], root: pathlib.Path) -> list[LocalPod]:
       (c,) = template["spec"]["containers"]
       pod = LocalPod(name, role, c, template["spec"], template["metadata"]["labels"])
       pod.ports = {p["containerPort"]: free_port() for p in c["ports"]}
+      volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
       for mount in c["volumeMounts"]:
-        directory = root / name / mount["name"]
-        directory.mkdir(parents=True)
+        # A standalone claim (the evaluator's) is one directory for whichever
+        # pod mounts it; a claim template's volume or an emptyDir is the pod's own.
+        claim = volumes.get(mount["name"], {}).get("persistentVolumeClaim")
+        directory = (root / "claims" / claim["claimName"] if claim
+                     else root / name / mount["name"])
+        directory.mkdir(parents=True, exist_ok=claim is not None)
         pod.mounts[mount["mountPath"]] = directory
       pods.append(pod)
   return pods
@@ -433,13 +520,14 @@ def test_the_dev_overlay_runs_as_a_fleet_that_trains(rendered, services, tmp_pat
   objects, _ = rendered["dev"]
   pods = local_pods(objects, tmp_path)
   assert [p.role for p in pods].count("collector") == 2
+  assert [p.role for p in pods].count("evaluator") == 1
   started = {}
   for pod in pods:
     args = local_args(objects, pods, pod)
     print(pod.name, "dqnfleet", *args)
     started[pod.name] = services(pod.name, *args, env=local_env(objects, pod))
   by_role = {role: [p for p in pods if p.role == role] for role in ROLES}
-  (replay,), (trainer,) = by_role["replay"], by_role["trainer"]
+  (replay,), (trainer,), (evaluator,) = by_role["replay"], by_role["trainer"], by_role["evaluator"]
   peak_rss = {p.name: 0 for p in pods}
 
   def status(pod: LocalPod):
@@ -470,13 +558,19 @@ def test_the_dev_overlay_runs_as_a_fleet_that_trains(rendered, services, tmp_pat
   # Each replica its own id (the pod name, from the downward API) and seed.
   assert {r.id for r in reports.values()} == set(reports)
   assert len({r.counters["seed"] for r in reports.values()}) == len(reports)
+  # The evaluator evaluates the first version it receives at once (later ones
+  # every DQNFLEET_EVERY_MINUTES) and reports the result.
+  evaluation = wait_until(
+      lambda: alive() and (s := status(evaluator)).counters["evaluations"] >= 1 and s, 240,
+      "the evaluator's first evaluation", interval=2)
+  assert evaluation.role == "evaluator" and evaluation.policy_version >= 0
   for pod in pods:
     status(pod)
   print("peak resident memory (MiB):", {n: round(r / 2**20) for n, r in peak_rss.items()})
 
   # SIGTERM, as the kubelet stops a pod, within its grace period; replay
   # writes its checkpoint and the trainer its own, both to their volumes.
-  for role in ("collector", "trainer", "replay"):
+  for role in ("evaluator", "collector", "trainer", "replay"):
     for pod in by_role[role]:
       grace = pod.spec.get("terminationGracePeriodSeconds", 30)
       assert started[pod.name].stop(timeout=grace) == 0, started[pod.name].log()[-3000:]
@@ -484,6 +578,11 @@ def test_the_dev_overlay_runs_as_a_fleet_that_trains(rendered, services, tmp_pat
   (trainer_dir,) = [d for m, d in trainer.mounts.items() if m != "/tmp"]
   assert any(replay_dir.iterdir()), "no replay checkpoint on the replay volume"
   assert any((trainer_dir / "checkpoints").iterdir()) and any((trainer_dir / "policies").iterdir())
+  # The evaluator's results and summaries are on its own (standalone) claim.
+  (evaluator_dir,) = [d for m, d in evaluator.mounts.items() if m != "/tmp"]
+  history = (evaluator_dir / "history.jsonl").read_text().splitlines()
+  assert len(history) >= evaluation.counters["evaluations"]
+  assert list((evaluator_dir / "tensorboard").glob("events.out.tfevents.*"))
   # The dev overlay's memory limits leave room above what the processes used here.
   for pod in pods:
     limit = quantity(pod.container["resources"]["limits"]["memory"])
