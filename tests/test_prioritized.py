@@ -30,7 +30,9 @@ def fill(client, items):
 
 
 def test_the_trainer_updates_priorities_of_what_it_sampled(tmp_path):
-  config = ReplayConfig(prioritized=True, min_size=100, max_size=1000, samples_per_insert=1000)
+  # A wide tolerance: neither the fill nor the sampling below waits on the rate limiter.
+  config = ReplayConfig(prioritized=True, min_size=100, max_size=1000, samples_per_insert=1.0,
+                        rate_limit_tolerance=100)
   server = reverb.Server([make_table(ENV, config)], port=free_port())
   address = f"localhost:{server.port}"
   client = reverb.Client(address)
@@ -43,7 +45,8 @@ def test_the_trainer_updates_priorities_of_what_it_sampled(tmp_path):
   iterator = iter(make_dataset(address, trainer.specs, 16, prefetch_batches=1))
   done, loss, _ = trainer._train(iterator, tf.constant(20))
   assert int(done) == 20 and np.isfinite(float(loss))
-  priorities = [s.info.priority for s in client.sample(specs.TABLE, num_samples=200)]
+  priorities = [s.info.priority for s in client.sample(specs.TABLE, num_samples=200,
+                                                        emit_timesteps=False)]
   server.stop()
   # Items enter with priority 1.0; trained-on ones now hold |TD error| + a floor.
   changed = [p for p in priorities if p != 1.0]
