@@ -28,6 +28,9 @@ CHUNK_ROWS = 32
 # collector waits, so a rate-limited replay slows collection instead of
 # letting unsent items pile up in memory.
 MAX_IN_FLIGHT_ITEMS = 20
+# Each writer checks that bound every few steps, not at every one: a flush
+# call costs as much as an append (bench/collector_throughput.py).
+BACKPRESSURE_EVERY = 8
 WAIT_TIMEOUT_MS = 10_000
 
 
@@ -56,14 +59,19 @@ class ReplayObserver:
         writer.configure((column,), num_keep_alive_refs=keep_alive, max_chunk_length=CHUNK_ROWS)
     # Transitions of each environment's episode so far: an n-step item needs n.
     self._episode_steps = np.zeros(num_envs, np.int64)
+    self._calls = 0
     self.items_written = 0
     self.steps_observed = 0
 
   def __call__(self, transition) -> None:
     time_step, action_step, next_time_step = transition
     version = self._policy_version()
-    actions = np.asarray(action_step.action)
-    n, stack = self._specs.n_step, self._specs.stack
+    # What every environment appends, packed once for all of them.
+    frames = self._specs.newest_frames(next_time_step.observation)
+    steps = specs.pack_steps(np.asarray(action_step.action), next_time_step.reward,
+                             next_time_step.discount, version, self._source)
+    n = self._specs.n_step
+    self._calls += 1
     for i, writer in enumerate(self._writers):
       step_type = time_step.step_type[i]
       if step_type == ts.StepType.LAST:
@@ -72,9 +80,7 @@ class ReplayObserver:
         self._episode_steps[i] = 0
         for frame in self._specs.frames_of(time_step.observation[i]):
           writer.append(specs.row(frame, 0, 0, 1, -1, self._source))
-      last_frame = self._specs.frames_of(next_time_step.observation[i])[-1]
-      writer.append(specs.row(last_frame, actions[i], next_time_step.reward[i],
-                              next_time_step.discount[i], version, self._source))
+      writer.append({"frame": frames[i], "step": steps[i]})
       self._episode_steps[i] += 1
       self.steps_observed += 1
       if self._episode_steps[i] >= n:
@@ -82,10 +88,10 @@ class ReplayObserver:
       if next_time_step.step_type[i] == ts.StepType.LAST:
         # The episode's last n-1 transitions still wait for their items.
         for _ in range(min(n - 1, self._episode_steps[i])):
-          writer.append(specs.padding_row(last_frame, version, self._source))
+          writer.append(specs.padding_row(frames[i], version, self._source))
           self._create_item(writer)
         self._wait(lambda: writer.end_episode(clear_buffers=True, timeout_ms=WAIT_TIMEOUT_MS))
-      else:
+      elif (self._calls + i) % BACKPRESSURE_EVERY == 0:  # writers take turns
         self._wait(lambda: writer.flush(block_until_num_items=MAX_IN_FLIGHT_ITEMS,
                                         timeout_ms=WAIT_TIMEOUT_MS))
 

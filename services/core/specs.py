@@ -75,6 +75,10 @@ class EnvSpecs:
   def num_actions(self) -> int:
     return int(self.action.maximum) + 1
 
+  def newest_frames(self, observations: np.ndarray) -> np.ndarray:
+    """The newest frame of each of a batch of observations, [E, *frame], contiguous."""
+    return np.ascontiguousarray(observations[..., -1] if self.stack > 1 else observations)
+
   def frames_of(self, observation: np.ndarray) -> list[np.ndarray]:
     """The frames of one (unbatched) observation, oldest first."""
     if self.stack == 1:
@@ -126,6 +130,14 @@ def signature_mismatch(signature, env_specs: EnvSpecs) -> str | None:
 def pack_step(action, reward, discount, policy_version, collector) -> np.ndarray:
   """One row's scalars as the `step` vector of the replay layout."""
   return np.array([action, reward, discount, policy_version, collector], np.float64)
+
+
+def pack_steps(actions, rewards, discounts, policy_version, collector) -> np.ndarray:
+  """`pack_step` for a batch of environments at once: [E, 5]."""
+  steps = np.empty((len(actions), len(STEP_FIELDS)), np.float64)
+  steps[:, 0], steps[:, 1], steps[:, 2] = actions, rewards, discounts
+  steps[:, 3], steps[:, 4] = policy_version, collector
+  return steps
 
 
 def unpack_step(step) -> dict[str, tf.Tensor]:
