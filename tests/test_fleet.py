@@ -110,8 +110,9 @@ def test_epsilon_follows_the_agent_steps_of_the_whole_fleet(fleet):
 
   def counting_both():
     c0, c1 = status(fleet, "c0").counters, status(fleet, "c1").counters
-    own = c0["env_steps"]
-    return c0["fleet_env_steps"] > own and c1["fleet_env_steps"] > c1["env_steps"] and (c0, c1)
+    # More steps than its own: only possible if each counts the other's too.
+    return (c0["fleet_env_steps"] > c0["env_steps"] and c1["fleet_env_steps"] > c1["env_steps"]
+            and (c0, c1))
 
   c0, c1 = wait_until(counting_both, 180, "collectors to count each other's steps")
   for counters in (c0, c1):

@@ -5,8 +5,9 @@ Every overlay is rendered with `kubectl kustomize` and validated offline,
 strictly, against the Kubernetes OpenAPI schemas that `kubernetes-validate`
 ships. The last test runs the dev overlay's pods as local processes (their
 args and settings, read from the rendered manifests) and checks that the fleet
-trains and the evaluator evaluates. Needs `kubectl` and the `kubernetes-validate` package: outside CI
-the tests that need them are skipped without them, in CI (CI=true) they fail.
+trains and the evaluator evaluates. Needs `kubectl` and the `kubernetes-validate`
+package: outside CI the tests that need them are skipped without them, in CI
+(CI=true) they fail.
 """
 import dataclasses
 import os

@@ -48,7 +48,8 @@ class Recorder:
     discount 0; their final observation is never used, so it is not keyed.
     """
     keys = set()
-    for episode, finished in [(e, True) for e in self.episodes] + [(e, False) for e in self.current]:
+    episodes = [(e, True) for e in self.episodes] + [(e, False) for e in self.current]
+    for episode, finished in episodes:
       for t in range(len(episode)):
         window = episode[t:t + n]
         if len(window) < n and not finished:

@@ -120,7 +120,8 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
     port = free_port()
     one = dataclasses.replace(collector, replay_address=f"localhost:{replay_port}",
                               trainer_address=f"localhost:{trainer_port}",
-                              collector_id=f"collector-{i}", seed=1000 * up.seed + i, status_port=port,
+                              collector_id=f"collector-{i}", seed=1000 * up.seed + i,
+                              status_port=port,
                               summary_dir=str(run_dir / "tensorboard"))
     fleet.start(f"collector-{i}", "collector",
                 shared + settings.to_flags(net) + settings.to_flags(one), port)

@@ -17,9 +17,9 @@ from tf_agents.policies import py_tf_eager_policy
 
 from dqnfleet.collector.driver import PipelinedDriver
 from dqnfleet.collector.observer import ReplayObserver, Stopped
-from dqnfleet.core.policy_follower import PolicyFollower
 from dqnfleet.core import envs, networks, rpc, specs
 from dqnfleet.core.config import CollectorConfig, EnvConfig, NetworkConfig
+from dqnfleet.core.policy_follower import PolicyFollower
 
 log = logging.getLogger(__name__)
 STEPS_PER_RUN = 16        # driver steps between checks for new policies and stop

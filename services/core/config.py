@@ -182,7 +182,8 @@ class CollectorConfig:
   # Epsilon decays with the agent steps the whole fleet has collected (the
   # replay table's insert count), the same clock for every collector however
   # many there are; before the first policy every collector acts at random.
-  epsilon_start: float = setting(1.0, "Exploration rate before any training.", minimum=0.0, maximum=1.0)
+  epsilon_start: float = setting(1.0, "Exploration rate before any training.", minimum=0.0,
+                                 maximum=1.0)
   epsilon_end: float = setting(0.01, "Exploration rate after the decay.", minimum=0.0, maximum=1.0,
                                classic=0.02)
   # Nature DQN and Dopamine: 1 M frames = 250k agent steps at frame skip 4.

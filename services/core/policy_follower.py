@@ -1,9 +1,10 @@
 """Follows the trainer's published policies: the "updated policy" arrow.
 
 A background thread subscribes to PolicyService.WatchPolicies, downloads each
-new version into the collector's own cache (no filesystem is shared with the
-trainer), loads it into a staging network, and hands the weights to the
-acting loop, which swaps them in between two environment steps.
+new version into its own cache (no filesystem is shared with the trainer),
+loads it into a staging network, and hands the weights to the acting loop: a
+collector swaps them in between two environment steps, the evaluator
+evaluates them.
 """
 import logging
 import pathlib
