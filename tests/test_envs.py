@@ -79,7 +79,7 @@ def test_native_atari_frames_match_gymnasiums_preprocessing_and_the_replay_layou
   grey, frame skip 4 with max-pooling), in the layout the replay table stores."""
   config = EnvConfig(env_id="ALE/Breakout-v5", noop_max=0)  # no random starts: comparable
   native = envs.BatchedEnvironment(config, num_envs=2, seed=11)
-  python = envs.BatchedEnvironment(config, num_envs=2, seed=11, render=True)
+  python = envs.BatchedEnvironment(config, num_envs=2, seed=11, native=False)
   assert type(native._vec).__name__ == "AtariVectorEnv"
   assert native.observation_spec() == python.observation_spec()
   env_specs = specs.env_specs(config)

@@ -47,7 +47,8 @@ def resolve(policy: str, scratch: str) -> pathlib.Path:
                         f"({e.code().name}: {e.details()})") from None
 
 
-def evaluate(path: pathlib.Path, protocol_config: ProtocolConfig, record: bool) -> dict:
+def evaluate(path: pathlib.Path, protocol_config: ProtocolConfig,
+             record: bool) -> tuple[dict, protocol.Result]:
   env_config, env_specs, network, version = policy_store.load(path)
   result = protocol.run(env_config, env_specs, network, protocol_config, record=record)
   summary = {"env_id": env_config.env_id, "policy_version": version, "policy_path": str(path),
@@ -68,7 +69,7 @@ def run(common: CommonConfig, protocol_config: ProtocolConfig, config: EvaluateC
         if attempt == LOAD_ATTEMPTS - 1:
           raise
   if config.video:
-    if result.best_frames is None or result.best_frames[0].ndim != 2:
+    if result.best_frames is None:
       raise ConfigError(f"--video needs an Atari policy; {summary['env_id']} has no frames")
     summary["video"] = str(protocol.write_gif(result.best_frames, config.video))
   if config.json:

@@ -11,8 +11,8 @@ environment) with the standard DQN preprocessing (Machado et al. 2018): up to
 30 no-op starts, frame skip 4 with max-pooling of the last two frames, 84x84
 grayscale, a stack of the last 4 frames. Training rewards are clipped, episode
 returns are reported unclipped, and a lost life may cut the bootstrap without
-resetting the game. Classic-control ids (and Atari when a video is rendered)
-use gymnasium's Python environments and wrappers, which do the same.
+resetting the game. Classic-control ids use gymnasium's Python environments;
+Atari can too (`native=False`: gymnasium's wrappers, which give the same frames).
 """
 import collections
 import functools
@@ -39,14 +39,13 @@ STICKY_ACTION_PROBABILITY = 0.25
 MAX_EPISODE_FRAMES = 108_000
 
 
-def make_env(config: EnvConfig, render_mode: str | None = None) -> gym.Env:
+def make_env(config: EnvConfig) -> gym.Env:
   """One gymnasium environment with the preprocessing its family needs."""
   if not is_atari(config.env_id):
-    return gym.make(config.env_id, render_mode=render_mode)
+    return gym.make(config.env_id)
   # Frame skipping belongs to the preprocessing (it max-pools the last two
   # frames), so the emulator itself must not skip.
-  env = gym.make(config.env_id, frameskip=1, render_mode=render_mode,
-                 repeat_action_probability=sticky_probability(config),
+  env = gym.make(config.env_id, frameskip=1, repeat_action_probability=sticky_probability(config),
                  max_num_frames_per_episode=MAX_EPISODE_FRAMES)
   env = gym.wrappers.AtariPreprocessing(
       env, noop_max=config.noop_max, frame_skip=ATARI_FRAME_SKIP,
@@ -59,10 +58,10 @@ def sticky_probability(config: EnvConfig) -> float:
   return STICKY_ACTION_PROBABILITY if config.sticky_actions else 0.0
 
 
-def make_vector_env(config: EnvConfig, num_envs: int, *, render: bool = False,
+def make_vector_env(config: EnvConfig, num_envs: int, *, native: bool = True,
                     threads: int = 0) -> gym.vector.VectorEnv:
   """E environments with next-step autoreset: native ALE for Atari, else Python ones."""
-  if is_atari(config.env_id) and not render:
+  if is_atari(config.env_id) and native:
     return AtariVectorEnv(
         gym.spec(config.env_id).kwargs["game"], num_envs, num_threads=threads or num_envs,
         frameskip=ATARI_FRAME_SKIP, img_height=ATARI_SCREEN_SIZE, img_width=ATARI_SCREEN_SIZE,
@@ -73,8 +72,7 @@ def make_vector_env(config: EnvConfig, num_envs: int, *, render: bool = False,
         reward_clipping=False, episodic_life=False, use_fire_reset=False,
         autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
   return gym.vector.SyncVectorEnv(
-      [functools.partial(make_env, config, "rgb_array" if render else None)
-       for _ in range(num_envs)],
+      [functools.partial(make_env, config) for _ in range(num_envs)],
       autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
@@ -111,9 +109,9 @@ class BatchedEnvironment(py_environment.PyEnvironment):
   """
 
   def __init__(self, config: EnvConfig, num_envs: int, seed: int, *, training: bool = True,
-               render: bool = False, threads: int = 0):
+               native: bool = True, threads: int = 0):
     super().__init__(handle_auto_reset=False)
-    self._vec = make_vector_env(config, num_envs, render=render, threads=threads)
+    self._vec = make_vector_env(config, num_envs, native=native, threads=threads)
     self._num_envs = num_envs
     self._seed = seed
     self._pixels = is_atari(config.env_id)
@@ -147,10 +145,6 @@ class BatchedEnvironment(py_environment.PyEnvironment):
 
   def action_spec(self):
     return self._action_spec
-
-  def render_frames(self) -> tuple:
-    """RGB frames of every environment (only with `render=True`)."""
-    return self._vec.render()
 
   def _observe(self, obs: np.ndarray) -> np.ndarray:
     # Frames come stacked on the first axis; the CNN wants channels last.

@@ -1,11 +1,11 @@
-"""The Q-network and the policies built on it, shared by trainer and collectors.
+"""The Q-network and the epsilon-greedy policy on it, shared by every service.
 
-Collectors and `evaluate` build exactly the network the trainer trains, from
+Collectors and the evaluators build exactly the network the trainer trains, from
 the same settings, and then load published weights into it.
 """
 import tensorflow as tf
 from tf_agents.networks import q_network
-from tf_agents.policies import epsilon_greedy_policy, greedy_policy, q_policy
+from tf_agents.policies import epsilon_greedy_policy, q_policy
 
 from dqnfleet.core.config import NetworkConfig
 from dqnfleet.core.specs import EnvSpecs
@@ -28,10 +28,6 @@ def q_net(specs: EnvSpecs, config: NetworkConfig) -> q_network.QNetwork:
       fc_layer_params=config.fc_layers)
   network.create_variables()
   return network
-
-
-def greedy(specs: EnvSpecs, network: q_network.QNetwork) -> greedy_policy.GreedyPolicy:
-  return greedy_policy.GreedyPolicy(q_policy.QPolicy(specs.time_step, specs.action, network))
 
 
 def epsilon_greedy(specs: EnvSpecs, network: q_network.QNetwork,

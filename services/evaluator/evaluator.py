@@ -17,8 +17,8 @@ import time
 
 import tensorflow as tf
 
-from dqnfleet.core import networks, rpc, specs
-from dqnfleet.core.config import EvaluatorConfig, ProtocolConfig
+from dqnfleet.core import envs, networks, rpc, specs
+from dqnfleet.core.config import EvaluatorConfig, ProtocolConfig, is_atari
 from dqnfleet.core.policy_follower import PolicyFollower
 from dqnfleet.evaluator import protocol
 
@@ -119,7 +119,7 @@ class Evaluator:
     except Exception as e:  # the curve loses its x position, not the evaluation
       log.warning("trainer status unavailable (%s)", str(e).splitlines()[0][:120])
       steps, minutes = -1, -1.0
-    frame_skip = 4 if self.follower.env_config.env_id.startswith("ALE/") else 1
+    frame_skip = envs.ATARI_FRAME_SKIP if is_atari(self.follower.env_config.env_id) else 1
     return {"minutes": round(minutes, 2), "fleet_env_steps": steps,
             "frames": steps * frame_skip if steps >= 0 else -1}
 
@@ -133,7 +133,7 @@ class Evaluator:
       if new:
         writer.writeheader()
       writer.writerow(entry)
-    if result.best_frames and result.best_frames[0].ndim == 2:
+    if result.best_frames:
       protocol.write_gif(result.best_frames, self.out / "best_episode.gif")
     if self._summary:
       with self._summary.as_default(step=entry["version"]):

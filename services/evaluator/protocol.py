@@ -50,7 +50,8 @@ def describe(protocol: ProtocolConfig, env: EnvConfig) -> str:
 class Result:
   returns: list[float]
   lengths: list[int]                 # agent steps per episode
-  best_frames: list[np.ndarray] | None = None  # what the agent saw in the best episode
+  # What the agent saw in the best episode: recorded for pixel environments only.
+  best_frames: list[np.ndarray] | None = None
 
   def summary(self) -> dict:
     r = np.asarray(self.returns)
@@ -73,6 +74,7 @@ def run(env_config: EnvConfig, env_specs: EnvSpecs, network, protocol: ProtocolC
   service passes `stop` and the evaluation ends at the next step once it is set.
   """
   env_config = dataclasses.replace(env_config, sticky_actions=protocol.sticky_actions)
+  record = record and is_atari(env_config.env_id)  # state vectors make no video
   epsilon = tf.Variable(protocol.epsilon, dtype=tf.float32, trainable=False)
   policy = py_tf_eager_policy.PyTFEagerPolicy(
       networks.epsilon_greedy(env_specs, network, epsilon), use_tf_function=True,
@@ -91,9 +93,10 @@ def run(env_config: EnvConfig, env_specs: EnvSpecs, network, protocol: ProtocolC
         if stop is not None and stop.is_set():
           raise Interrupted()
         if record:
+          newest = env_specs.newest_frames(time_step.observation)
           for i in range(wanted):
             if i not in done and len(frames[i]) < MAX_GIF_FRAMES:
-              frames[i].append(newest_frame(time_step.observation[i], env_specs))
+              frames[i].append(newest[i])
         time_step = env.step(policy.action(time_step).action)
         while env.finished_episodes:
           index, episode_return, length = env.finished_episodes.popleft()
@@ -112,14 +115,8 @@ def run(env_config: EnvConfig, env_specs: EnvSpecs, network, protocol: ProtocolC
   return Result(returns, lengths, best[1] if best else None)
 
 
-def newest_frame(observation: np.ndarray, env_specs: EnvSpecs) -> np.ndarray:
-  return np.asarray(observation[..., -1] if env_specs.stack > 1 else observation)
-
-
 def write_gif(frames: list[np.ndarray], path: str | pathlib.Path) -> pathlib.Path:
   """An animated GIF at real-time speed, the 84x84 frames scaled up for viewing."""
-  if not frames or frames[0].ndim != 2:
-    raise ValueError("a video needs pixel observations (an Atari environment)")
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   size = (frames[0].shape[1] * GIF_SCALE, frames[0].shape[0] * GIF_SCALE)
