@@ -5,11 +5,13 @@ core/specs.py describes (each frame stored once). It is a TF-Agents
 *transition* observer: the driver hands it (s_t, a_t, s_t+1) for all
 environments at once.
 """
+import collections
 import logging
 import time
 
 import numpy as np
 import reverb
+from reverb import pybind
 from tf_agents.trajectories import time_step as ts
 
 from dqnfleet.core import specs
@@ -24,10 +26,12 @@ KEEP_ALIVE_ROWS = 32
 # row, costs one chunk per 32 rows (see docs/performance.md). Items wait for
 # their chunks to fill, or for the flush that keeps in-flight items low.
 CHUNK_ROWS = 32
-# Items a writer may have sent but not yet seen inserted; beyond this the
-# collector waits, so a rate-limited replay slows collection instead of
-# letting unsent items pile up in memory.
-MAX_IN_FLIGHT_ITEMS = 20
+# Items a writer may have pending (waiting for their chunk to fill, or sent
+# and not yet confirmed); beyond this the collector waits, so a rate-limited
+# replay slows collection instead of letting items pile up in memory. Above
+# CHUNK_ROWS + n_step, so that the check never cuts a chunk short: it only
+# waits for the server.
+MAX_IN_FLIGHT_ITEMS = 2 * CHUNK_ROWS
 # Each writer checks that bound every few steps, not at every one: a flush
 # call costs as much as an append (bench/collector_throughput.py).
 BACKPRESSURE_EVERY = 8
@@ -42,6 +46,58 @@ class Stopped(Exception):
   """The collector was asked to stop while waiting for the replay server."""
 
 
+class RowWriter:
+  """One environment's rows in the replay layout, and the items over them.
+
+  Reverb's Python TrajectoryWriter flattens a nested structure and rebuilds
+  its column history on every append and item: for our two fixed columns
+  that costs more than the append itself. This drives the C++ writer under
+  it directly and keeps the newest references itself, which halves the
+  observer's time per step (bench/collector_throughput.py). It relies on
+  dm-reverb 0.14's pybind writer (pinned in the lock file); the C++ side
+  still checks every item against the table's signature.
+  """
+
+  def __init__(self, client: reverb.Client, env_specs: specs.EnvSpecs):
+    keep_alive = max(KEEP_ALIVE_ROWS, env_specs.stack + env_specs.n_step)
+    # The same chunking for both columns (see CHUNK_ROWS).
+    options = pybind.ConstantChunkerOptions(max_chunk_length=CHUNK_ROWS,
+                                            num_keep_alive_refs=keep_alive)
+    self._writer = client._client.NewTrajectoryWriter(options, True)  # validate items
+    # An item is the newest stack+n frames and n steps (specs.item's layout).
+    self._frames = collections.deque(maxlen=env_specs.stack + env_specs.n_step)
+    self._steps = collections.deque(maxlen=env_specs.n_step)
+
+  def append(self, frame: np.ndarray, step: np.ndarray) -> None:
+    frame_ref, step_ref = self._writer.Append([frame, step])  # ROW_COLUMNS' order
+    self._frames.append(frame_ref)
+    self._steps.append(step_ref)
+
+  def create_item(self) -> None:
+    self._writer.CreateItem(specs.TABLE, 1.0, [list(self._frames), list(self._steps)],
+                            [False, False])
+
+  def flush(self, block_until_num_items: int, timeout_ms: int) -> None:
+    self._call(self._writer.Flush, block_until_num_items, timeout_ms)
+
+  def end_episode(self, timeout_ms: int) -> None:
+    self._frames.clear()
+    self._steps.clear()
+    self._call(self._writer.EndEpisode, True, timeout_ms)  # clears the writer's buffers
+
+  def close(self) -> None:
+    self._writer.Close()
+
+  @staticmethod
+  def _call(method, *args) -> None:
+    try:
+      method(*args)
+    except RuntimeError as e:  # how the C++ writer reports a timeout
+      if "Timeout exceeded" in str(e):
+        raise reverb.errors.DeadlineExceededError(str(e)) from None
+      raise
+
+
 class ReplayObserver:
   """Turns batched transitions into replay items, one writer per environment."""
 
@@ -51,14 +107,9 @@ class ReplayObserver:
     self._source = source
     self._specs = env_specs
     self._policy_version = policy_version  # callable: version acting right now
-    keep_alive = max(KEEP_ALIVE_ROWS, env_specs.stack + env_specs.n_step)
-    self._writers = [client.trajectory_writer(num_keep_alive_refs=keep_alive)
-                     for _ in range(num_envs)]
-    for writer in self._writers:
-      for column in specs.ROW_COLUMNS:
-        writer.configure((column,), num_keep_alive_refs=keep_alive, max_chunk_length=CHUNK_ROWS)
+    self._writers = [RowWriter(client, env_specs) for _ in range(num_envs)]
     # Transitions of each environment's episode so far: an n-step item needs n.
-    self._episode_steps = np.zeros(num_envs, np.int64)
+    self._episode_steps = [0] * num_envs
     self._calls = 0
     self.items_written = 0
     self.steps_observed = 0
@@ -70,36 +121,33 @@ class ReplayObserver:
     frames = self._specs.newest_frames(next_time_step.observation)
     steps = specs.pack_steps(np.asarray(action_step.action), next_time_step.reward,
                              next_time_step.discount, version, self._source)
+    step_types = time_step.step_type.tolist()
+    ends = (next_time_step.step_type == ts.StepType.LAST).tolist()
     n = self._specs.n_step
     self._calls += 1
     for i, writer in enumerate(self._writers):
-      step_type = time_step.step_type[i]
-      if step_type == ts.StepType.LAST:
+      if step_types[i] == ts.StepType.LAST:
         continue  # the LAST -> FIRST step of an autoreset carries no transition
-      if step_type == ts.StepType.FIRST:
+      if step_types[i] == ts.StepType.FIRST:
         self._episode_steps[i] = 0
         for frame in self._specs.frames_of(time_step.observation[i]):
-          writer.append(specs.row(frame, 0, 0, 1, -1, self._source))
-      writer.append({"frame": frames[i], "step": steps[i]})
+          writer.append(frame, specs.pack_step(0, 0, 1, -1, self._source))
+      writer.append(frames[i], steps[i])
       self._episode_steps[i] += 1
       self.steps_observed += 1
       if self._episode_steps[i] >= n:
-        self._create_item(writer)
-      if next_time_step.step_type[i] == ts.StepType.LAST:
+        writer.create_item()
+        self.items_written += 1
+      if ends[i]:
         # The episode's last n-1 transitions still wait for their items.
+        padding = specs.padding_row(frames[i], version, self._source)
         for _ in range(min(n - 1, self._episode_steps[i])):
-          writer.append(specs.padding_row(frames[i], version, self._source))
-          self._create_item(writer)
-        self._wait(lambda: writer.end_episode(clear_buffers=True, timeout_ms=WAIT_TIMEOUT_MS))
+          writer.append(padding["frame"], padding["step"])
+          writer.create_item()
+          self.items_written += 1
+        self._wait(lambda: writer.end_episode(timeout_ms=WAIT_TIMEOUT_MS))
       elif (self._calls + i) % BACKPRESSURE_EVERY == 0:  # writers take turns
-        self._wait(lambda: writer.flush(block_until_num_items=MAX_IN_FLIGHT_ITEMS,
-                                        timeout_ms=WAIT_TIMEOUT_MS))
-
-  def _create_item(self, writer) -> None:
-    writer.create_item(specs.TABLE, priority=1.0,
-                       trajectory=specs.item(writer.history, self._specs.stack,
-                                             self._specs.n_step))
-    self.items_written += 1
+        self._wait(lambda: writer.flush(MAX_IN_FLIGHT_ITEMS, WAIT_TIMEOUT_MS))
 
   def _wait(self, call) -> None:
     """Runs a blocking writer call, telling a rate-limited replay from a lost one.
@@ -134,7 +182,7 @@ class ReplayObserver:
       if remaining_ms <= 0:
         break
       try:
-        writer.flush(timeout_ms=remaining_ms)
+        writer.flush(0, remaining_ms)
       except Exception as e:  # gone or rate limited: the items of unfinished steps are lost
         log.warning("could not send the last items to replay: %s", str(e).splitlines()[0][:200])
         break
