@@ -4,6 +4,7 @@
     dqnfleet evaluator                        evaluate new policy versions during training
     dqnfleet up                               the whole fleet on this machine
     dqnfleet evaluate --policy DIR_OR_ADDR    returns of a published policy (Nature protocol)
+    dqnfleet export --policy DIR_OR_ADDR --out DIR   the greedy policy as a SavedModel
     dqnfleet status [--json] ADDRESS...       what running services report
     dqnfleet health ADDRESS                   exit 0 iff the service is SERVING
 
@@ -17,12 +18,13 @@ import sys
 
 from dqnfleet.core import settings
 from dqnfleet.core.config import (AgentConfig, CollectorConfig, CommonConfig, EnvConfig,
-                                  EvaluateConfig, EvaluatorConfig, NetworkConfig, ProtocolConfig,
+                                  EvaluateConfig, EvaluatorConfig, ExportConfig,
+                                  NetworkConfig, ProtocolConfig,
                                   ReplayConfig, TrainerConfig, UpConfig, is_atari)
 from dqnfleet.core.settings import ConfigError
 
 # What `up` sets itself for each service, so it takes no flag for them.
-UP_OWNS = frozenset({"port", "status_port", "replay_address", "trainer_address", "collector_id",
+UP_OWNS = frozenset({"port", "status_port", "metrics_port", "replay_address", "trainer_address", "collector_id",
                      "seed", "summary_dir", "run_dir", "checkpoint_dir", "out_dir"})
 
 SERVICE_GROUPS = {
@@ -33,6 +35,7 @@ SERVICE_GROUPS = {
     "up": (CommonConfig, UpConfig, EnvConfig, NetworkConfig, AgentConfig, ReplayConfig,
            CollectorConfig, TrainerConfig, EvaluatorConfig),
     "evaluate": (CommonConfig, ProtocolConfig, EvaluateConfig),
+    "export": (CommonConfig, ExportConfig),
 }
 DESCRIPTIONS = {
     "replay": "Run the replay service: a Reverb server with the replay table.",
@@ -45,6 +48,8 @@ DESCRIPTIONS = {
                  "every few minutes (history, TensorBoard, GIF of the best episode).",
     "evaluate": "Evaluate a published policy (Nature DQN protocol by default) and print its "
                 "episode returns and the protocol; --video writes a GIF.",
+    "export": "Write a published policy's greedy policy as a TensorFlow SavedModel (TF-Agents' "
+              "PolicySaver) that plain TensorFlow can load and run.",
 }
 ENV_NOTE = ("Every setting also reads the environment variable DQNFLEET_<NAME> (shown with each "
             "flag); a flag wins over the variable. Defaults marked 'classic control' apply to "
@@ -122,6 +127,9 @@ def run_command(command: str, configs: list) -> int:
   if command == "evaluate":
     from dqnfleet.cli.evaluate import run as run_evaluate
     return run_evaluate(*configs)
+  if command == "export":
+    from dqnfleet.cli.export import run as run_export
+    return run_export(*configs)
 
   by_type = {type(c): c for c in configs}
   service_id = runtime.default_id(command)

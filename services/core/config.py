@@ -17,6 +17,18 @@ DEFAULT_REPLAY_STATUS_PORT = 8001
 DEFAULT_TRAINER_PORT = 8010
 DEFAULT_COLLECTOR_STATUS_PORT = 8020
 DEFAULT_EVALUATOR_STATUS_PORT = 8030
+# Prometheus scrapes each service on a port of its own (/metrics), next to
+# the service's status port.
+DEFAULT_REPLAY_METRICS_PORT = 8002
+DEFAULT_TRAINER_METRICS_PORT = 8011
+DEFAULT_COLLECTOR_METRICS_PORT = 8021
+DEFAULT_EVALUATOR_METRICS_PORT = 8031
+METRICS_OFF = -1
+
+
+def _metrics_port(default: int):
+  return setting(default, "Port of the Prometheus /metrics endpoint (0: any free port, -1: off).",
+                 minimum=METRICS_OFF, maximum=65535)
 
 
 def is_atari(env_id: str) -> bool:
@@ -124,6 +136,7 @@ class ReplayConfig:
   # a second port in the same process.
   status_port: int = setting(DEFAULT_REPLAY_STATUS_PORT, "Port of the health check and status RPC.",
                              minimum=0, maximum=65535)
+  metrics_port: int = _metrics_port(DEFAULT_REPLAY_METRICS_PORT)
   # Oldest transitions are removed first once the table is full.
   max_size: int = setting(1_000_000, "Maximum transitions in the table (FIFO removal).",
                           minimum=1, maximum=2**31 - 1, classic=100_000)
@@ -154,8 +167,9 @@ class ReplayConfig:
   def validate(self) -> None:
     if self.min_size > self.max_size:
       raise ConfigError(f"--min-size ({self.min_size}) must be <= --max-size ({self.max_size})")
-    if self.port and self.port == self.status_port:
-      raise ConfigError(f"--port and --status-port must differ, both are {self.port}")
+    ports = {"--port": self.port, "--status-port": self.status_port,
+             "--metrics-port": self.metrics_port}
+    check_distinct_ports(ports)
 
   def error_buffer(self) -> float:
     """The SampleToInsertRatio error buffer implied by the tolerance.
@@ -192,6 +206,7 @@ class CollectorConfig:
   status_port: int = setting(DEFAULT_COLLECTOR_STATUS_PORT,
                              "Port of the health check and status RPC (0: any free port).",
                              minimum=0, maximum=65535)
+  metrics_port: int = _metrics_port(DEFAULT_COLLECTOR_METRICS_PORT)
   summary_dir: str = setting("", "Directory for TensorBoard summaries (empty: none).")
   max_env_steps: int = setting(0, "Stop after this many environment steps (0: run until stopped).",
                                minimum=0)
@@ -208,6 +223,7 @@ class TrainerConfig:
   replay_address: str = setting(f"localhost:{DEFAULT_REPLAY_PORT}", "Reverb server host:port.")
   port: int = setting(DEFAULT_TRAINER_PORT, "Port of the policy API, status RPC and health check.",
                       minimum=0, maximum=65535)
+  metrics_port: int = _metrics_port(DEFAULT_TRAINER_METRICS_PORT)
   run_dir: str = setting("runs/trainer", "Directory for checkpoints, policies/ and TensorBoard logs.")
   # A published version is the train step; collectors reload each one.
   publish_every: int = setting(1000, "Publish the policy every N train steps.", minimum=1,
@@ -272,6 +288,20 @@ class EvaluateConfig:
 
 
 @dataclasses.dataclass
+class ExportConfig:
+  """`dqnfleet export`: a published policy as a TensorFlow SavedModel."""
+  policy: str = setting("", "A policies directory (its newest version is used), one version's "
+                            "directory, a run directory, or a trainer's host:port.")
+  out: str = setting("", "Directory to write the SavedModel to (must not exist or be empty).")
+
+  def validate(self) -> None:
+    if not self.policy:
+      raise ConfigError("--policy is required: a policies directory or a trainer's host:port")
+    if not self.out:
+      raise ConfigError("--out is required: the directory to write the SavedModel to")
+
+
+@dataclasses.dataclass
 class EvaluatorConfig:
   """The evaluator service: evaluates new policy versions while the fleet trains."""
   trainer_address: str = setting(f"localhost:{DEFAULT_TRAINER_PORT}",
@@ -287,6 +317,7 @@ class EvaluatorConfig:
   status_port: int = setting(DEFAULT_EVALUATOR_STATUS_PORT,
                              "Port of the health check and status RPC (0: any free port).",
                              minimum=0, maximum=65535)
+  metrics_port: int = _metrics_port(DEFAULT_EVALUATOR_METRICS_PORT)
   # One thread keeps the evaluator off the trainer's cores (docs/breakout.md).
   threads: int = setting(1, "CPU threads for the environments and the Q-network.",
                          minimum=1, maximum=256)
@@ -295,6 +326,15 @@ class EvaluatorConfig:
     if not self.every_minutes and not self.every_versions:
       raise ConfigError("--every-minutes and --every-versions are both 0: the evaluator would "
                         "never evaluate; set one of them")
+
+
+def check_distinct_ports(ports: dict[str, int]) -> None:
+  """Refuses two of one service's ports set to the same number (0 and -1 excepted)."""
+  seen = {}
+  for flag, port in ports.items():
+    if port > 0 and port in seen:
+      raise ConfigError(f"{seen[port]} and {flag} must differ, both are {port}")
+    seen[port] = flag
 
 
 def validate_video(path: str, flag: str) -> None:
