@@ -11,6 +11,9 @@ import pytest
 from dqnfleet.cli.up import free_port  # noqa: F401  (re-exported for the tests)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Services in tests serve metrics on a free port unless a test names one:
+# several of one role run at once on this host.
+SERVICE_ENV = {"DQNFLEET_METRICS_PORT": "0"}
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
@@ -36,7 +39,8 @@ class Service:
     self.log_path = log_dir / f"{name}.log"
     self._log = open(self.log_path, "ab")
     self.proc = subprocess.Popen([sys.executable, "-m", "dqnfleet", *args], stdout=self._log,
-                                 stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                                 stderr=subprocess.STDOUT,
+                                 env={**SERVICE_ENV, **os.environ, **(env or {})})
 
   def log(self) -> str:
     return self.log_path.read_text(errors="replace")
@@ -74,4 +78,4 @@ def services(tmp_path):
 def dqnfleet(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
   """Runs one `dqnfleet` command to completion."""
   return subprocess.run([sys.executable, "-m", "dqnfleet", *args], capture_output=True, text=True,
-                        timeout=timeout, env={**os.environ, **(env or {})})
+                        timeout=timeout, env={**SERVICE_ENV, **os.environ, **(env or {})})

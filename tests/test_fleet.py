@@ -1,12 +1,18 @@
 """The fleet end to end: replay, trainer and two collectors as separate processes on
 loopback, with real Reverb, TensorFlow, gymnasium and gRPC between them."""
 import json
+import math
 import re
+import urllib.request
 
+import grpc
 import pytest
 import reverb
+import tensorflow as tf
+from prometheus_client.parser import text_string_to_metric_families
 
 from dqnfleet.core import rpc, specs
+from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
 from conftest import Service, dqnfleet, free_port, wait_until
 
@@ -18,14 +24,16 @@ def fleet(tmp_path_factory):
   """Collectors first, then replay, then the trainer: any start order must work."""
   root = tmp_path_factory.mktemp("fleet")
   ports = {name: free_port() for name in ("replay", "replay_status", "trainer", "c0", "c1",
-                                          "evaluator")}
+                                          "evaluator", "replay_metrics", "trainer_metrics",
+                                          "c0_metrics", "c1_metrics", "evaluator_metrics")}
   replay_address = f"localhost:{ports['replay']}"
   trainer_address = f"localhost:{ports['trainer']}"
   common = ["--env-id", "CartPole-v1"]
   replay_args = common + ["--port", str(ports["replay"]), "--status-port", str(ports["replay_status"]),
-                          "--min-size", "300", "--checkpoint-dir", str(root / "replay_ckpt"),
+                          "--metrics-port", str(ports["replay_metrics"]), "--min-size", "300", "--checkpoint-dir", str(root / "replay_ckpt"),
                           "--checkpoint-every-s", "0"]
   trainer_args = common + ["--replay-address", replay_address, "--port", str(ports["trainer"]),
+                           "--metrics-port", str(ports["trainer_metrics"]),
                            "--run-dir", str(root / "run"), "--publish-every", "50",
                            "--checkpoint-every", "200", "--log-every-s", "2"]
   procs = {}
@@ -33,7 +41,9 @@ def fleet(tmp_path_factory):
     procs[f"c{i}"] = Service(f"collector-{i}", ["collector", *common, "--replay-address", replay_address,
                                                 "--trainer-address", trainer_address,
                                                 "--collector-id", f"c{i}", "--num-envs", "4",
-                                                "--status-port", str(ports[f"c{i}"])], root, ENV)
+                                                "--status-port", str(ports[f"c{i}"]),
+                                                "--metrics-port", str(ports[f"c{i}_metrics"])],
+                                 root, {**ENV, **({"DQNFLEET_LOG_FORMAT": "json"} if i else {})})
   wait_until(lambda: "connecting to replay" in procs["c0"].log(), 90,
              "collector to report that replay is down")
   procs["replay"] = Service("replay", ["replay", *replay_args], root, ENV)
@@ -41,8 +51,8 @@ def fleet(tmp_path_factory):
   procs["evaluator"] = Service("evaluator", [
       "evaluator", "--trainer-address", trainer_address, "--every-versions", "1",
       "--every-minutes", "0", "--episodes", "3", "--num-envs", "3", "--out-dir",
-      str(root / "eval"), "--summary-dir", str(root / "tb"),
-      "--status-port", str(ports["evaluator"])], root, ENV)
+      str(root / "eval"), "--status-port", str(ports["evaluator"]),
+      "--metrics-port", str(ports["evaluator_metrics"])], root, ENV)
   state = {"procs": procs, "ports": ports, "root": root, "replay_args": replay_args,
            "trainer_args": trainer_args, "replay_address": replay_address,
            "trainer_address": trainer_address}
@@ -140,12 +150,127 @@ def test_the_evaluator_follows_versions_and_reports(fleet):
     assert "3 episodes, epsilon 0.05" in entry["protocol"]
   rows = (fleet["root"] / "eval" / "history.csv").read_text().splitlines()
   assert rows[0].startswith("version,minutes,frames") and len(rows) >= len(entries) + 1
-  assert list((fleet["root"] / "tb").glob("events.out.tfevents.*"))
   reply = status(fleet, "evaluator")
   assert reply.role == "evaluator" and reply.counters["evaluations"] >= 3
   assert reply.policy_version >= versions[-1] and len(reply.recent_returns) == 3
   result = dqnfleet("status", f"localhost:{fleet['ports']['evaluator']}", timeout=60)
   assert "evaluator" in result.stdout and "last_mean_return" in result.stdout
+
+
+def scrape(fleet, name) -> dict[str, float]:
+  """One scrape of a service's /metrics: {sample name with labels: value}."""
+  port = fleet["ports"][f"{name}_metrics"]
+  text = urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=10).read().decode()
+  samples = {}
+  for family in text_string_to_metric_families(text):
+    for sample in family.samples:
+      labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+      samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+  return samples
+
+
+def test_every_service_serves_prometheus_metrics_that_rise_while_it_trains(fleet):
+  rising = {"replay": ["dqnfleet_replay_inserts_total", "dqnfleet_replay_samples_total"],
+            "trainer": ["dqnfleet_trainer_train_steps_total"],
+            "c0": ["dqnfleet_collector_env_steps_total", "dqnfleet_collector_items_total"],
+            "c1": ["dqnfleet_collector_env_steps_total"]}
+  wait_until(lambda: scrape(fleet, "trainer").get("dqnfleet_trainer_train_steps_total", 0) > 0,
+             240, "train steps in the trainer's metrics")
+  first = {name: scrape(fleet, name) for name in rising}
+  for name, metrics in rising.items():
+    for metric in metrics:
+      wait_until(lambda: scrape(fleet, name)[metric] > first[name][metric], 120,
+                 f"{name}'s {metric} to rise above {first[name][metric]}")
+  replay = scrape(fleet, "replay")
+  assert 0 < replay["dqnfleet_replay_table_size"] <= replay["dqnfleet_replay_table_max_size"]
+  assert "dqnfleet_replay_insert_blocked_seconds_total" in replay
+  trainer = scrape(fleet, "trainer")
+  assert trainer["dqnfleet_trainer_policy_version"] > 0
+  assert trainer["dqnfleet_trainer_publishes_total"] >= 1
+  assert trainer["dqnfleet_trainer_policy_bytes"] > 1000
+  # two collectors and the evaluator follow the policy stream
+  assert trainer["dqnfleet_trainer_policy_watchers"] >= 3
+  assert math.isfinite(trainer["dqnfleet_trainer_loss"])
+  assert math.isfinite(trainer["dqnfleet_trainer_mean_q"])
+  collector = wait_until(lambda: (m := scrape(fleet, "c0"))["dqnfleet_collector_episodes_total"]
+                         > 0 and m, 120, "a finished episode in c0's metrics")
+  assert collector["dqnfleet_collector_episode_return_count"] == \
+      collector["dqnfleet_collector_episodes_total"]
+  assert 0 <= collector["dqnfleet_collector_epsilon"] <= 1
+  assert any(k.startswith("dqnfleet_build_info{") and "role=collector" in k for k in collector)
+  evaluator = wait_until(
+      lambda: (m := scrape(fleet, "evaluator"))["dqnfleet_evaluator_evaluations_total"] > 0 and m,
+      300, "an evaluation in the evaluator's metrics")
+  assert evaluator["dqnfleet_evaluator_policy_version"] > 0
+  assert evaluator["dqnfleet_evaluator_return_max"] >= evaluator["dqnfleet_evaluator_return_mean"]
+
+
+def scalars(logdir) -> dict[str, list[float]]:
+  """Every scalar in the TensorBoard event files under `logdir`: {tag: values}."""
+  found = {}
+  for path in logdir.glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        found.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+  return found
+
+
+def test_collectors_and_the_evaluator_summaries_reach_the_trainers_tensorboard(fleet):
+  logdir = fleet["root"] / "run" / "tensorboard"
+  # The trainer flushes reported summaries every 10 s.
+  collectors = wait_until(lambda: (t := scalars(logdir / "collectors")).get(
+      "collector/episode_return") and t, 120, "collector episode returns in TensorBoard")
+  assert "collector/episode_length" in collectors
+  assert all(value >= 0 for value in collectors["collector/episode_return"])
+  evaluator = wait_until(lambda: (t := scalars(logdir / "evaluator")).get(
+      "evaluator/mean_return") and t, 300, "evaluation returns in TensorBoard")
+  assert "evaluator/max_return" in evaluator
+  assert "trainer/loss" in scalars(logdir / "trainer")
+
+
+def test_a_bad_summary_report_is_refused_with_a_reason_and_writes_nothing(fleet):
+  with rpc.channel(fleet["trainer_address"]) as channel:
+    stub = fleet_pb2_grpc.SummaryServiceStub(channel)
+    for report, reason in [
+        (fleet_pb2.SummaryReport(role="trainer", source_id="x"), "may not report"),
+        (fleet_pb2.SummaryReport(role="collector", source_id="x", scalars=[
+            fleet_pb2.Scalar(tag="ok", step=1, value=1.0),
+            fleet_pb2.Scalar(tag="../../etc", step=1, value=float("nan"))]),
+         "not a finite number"),
+        (fleet_pb2.SummaryReport(role="collector", source_id="x", scalars=[
+            fleet_pb2.Scalar(tag="bad tag!", step=1, value=1.0)]), "is not allowed"),
+    ]:
+      with pytest.raises(grpc.RpcError) as refused:
+        stub.Report(report, timeout=10)
+      assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+      assert reason in refused.value.details()
+  assert "ok" not in scalars(fleet["root"] / "run" / "tensorboard" / "collectors")
+
+
+def test_services_record_their_settings_versions_and_revision(fleet):
+  records = json.loads((fleet["root"] / "run" / "run.json").read_text())
+  trainer = records["trainer"]
+  assert trainer["config"]["TrainerConfig"]["run_dir"] == str(fleet["root"] / "run")
+  assert trainer["config"]["EnvConfig"]["env_id"] == "CartPole-v1"
+  assert trainer["packages"]["tensorflow"] == "2.15.1"
+  assert trainer["packages"]["dm-reverb"] == "0.14.0"
+  assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", trainer["git_revision"])  # tests run in a checkout
+  evaluator = json.loads((fleet["root"] / "eval" / "run.json").read_text())["evaluator"]
+  assert evaluator["config"]["ProtocolConfig"]["episodes"] == 3
+  # Collectors have no directory: their record is their first log line.
+  log = fleet["procs"]["c0"].log()
+  assert re.search(r"run record: \{.*\"collector_id\": \"c0\"", log), log[:3000]
+
+
+def test_json_logs_carry_time_level_service_instance_and_message(fleet):
+  lines = [line for line in fleet["procs"]["c1"].log().splitlines() if line.startswith("{")]
+  assert len(lines) >= 3
+  for line in lines:
+    entry = json.loads(line)
+    assert entry["service"] == "collector" and entry["instance"] == "c1"
+    assert entry["level"] in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    assert entry["time"].endswith("+00:00") and entry["message"]
+  assert any("acting with policy v" in json.loads(line)["message"] for line in lines)
 
 
 def test_status_command_reports_every_service(fleet):

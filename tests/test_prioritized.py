@@ -43,7 +43,7 @@ def test_the_trainer_updates_priorities_of_what_it_sampled(tmp_path):
   trainer._check_signature()
   assert trainer.prioritized  # read from the table's sampler, not configured twice
   iterator = iter(make_dataset(address, trainer.specs, 16, prefetch_batches=1))
-  done, loss, _ = trainer._train(iterator, tf.constant(20))
+  done, loss, _, _ = trainer._train(iterator, tf.constant(20))
   assert int(done) == 20 and np.isfinite(float(loss))
   priorities = [s.info.priority for s in client.sample(specs.TABLE, num_samples=200,
                                                         emit_timesteps=False)]

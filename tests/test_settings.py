@@ -85,3 +85,68 @@ def test_a_replay_checkpoint_of_another_environment_is_refused_and_kept(services
           "does not match --env-id Acrobot-v1") in result.stderr
   assert "frames float32[2, 6]" in result.stderr  # what Acrobot's layout needs
   assert {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()} == saved
+
+
+def configs_of(command, *argv):
+  from dqnfleet.cli.main import SERVICE_GROUPS
+  args = parse(command, *argv)
+  return {type(c).__name__: c for c in build_configs(SERVICE_GROUPS[command], args, command)}
+
+
+def test_a_config_file_sits_between_environment_variables_and_defaults(tmp_path, monkeypatch):
+  path = tmp_path / "run.toml"
+  path.write_text('env_id = "CartPole-v1"\nmax_size = 5000\nmin_size = 100\n'
+                  'samples_per_insert = 4\nfc_layers = [64, 32]\n'
+                  '[replay]\nmin_size = 200\n[trainer]\nbatch_size = 16\n[up]\ncollectors = 3\n')
+  monkeypatch.setenv("DQNFLEET_MAX_SIZE", "6000")
+  replay = configs_of("replay", "--config", str(path), "--samples-per-insert", "2")
+  assert replay["ReplayConfig"].samples_per_insert == 2.0    # flag beats file
+  assert replay["ReplayConfig"].max_size == 6000             # variable beats file
+  assert replay["ReplayConfig"].min_size == 200              # [replay] beats top level
+  assert replay["EnvConfig"].env_id == "CartPole-v1"         # file beats default
+  assert replay["EnvConfig"].n_step == 1                     # classic-control default
+  collector = configs_of("collector", "--config", str(path))
+  assert collector["NetworkConfig"].fc_layers == (64, 32)
+  trainer = configs_of("trainer", "--config", str(path))
+  assert trainer["AgentConfig"].batch_size == 16
+  # `up` applies each service's table to that service's settings, [up] to its own.
+  up = configs_of("up", "--config", str(path))
+  assert up["AgentConfig"].batch_size == 16 and up["ReplayConfig"].min_size == 200
+  assert up["UpConfig"].collectors == 3
+  monkeypatch.setenv("DQNFLEET_CONFIG", str(path))  # the file named by a variable
+  assert configs_of("trainer")["AgentConfig"].batch_size == 16
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_sise = 32\n", "batch_sise is not a setting"),
+    ("[trainers]\nbatch_size = 32\n", "[trainers] is not a command"),
+    ("[trainer]\nbatch = 3\n", "[trainer] batch is not a setting"),
+    ("batch_size = 3.5\n", "batch_size in .* = 3.5 is not a valid integer"),
+    ("double_dqn = 1\n", "double_dqn in .* = 1 is not a valid boolean"),
+    ("fc_layers = [64, \"x\"]\n", "fc_layers in .* is not a valid comma-separated list of int"),
+    ("batch_size = -3\n", "--batch-size must be >= 1, got -3"),
+    ("batch_size = \n", "is not a readable TOML file"),
+])
+def test_a_bad_config_file_is_refused_with_what_is_wrong(tmp_path, text, message):
+  path = tmp_path / "bad.toml"
+  path.write_text(text)
+  with pytest.raises(settings.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    configs_of("trainer", "--config", str(path))
+
+
+def test_a_missing_config_file_stops_the_command_with_a_clear_message(tmp_path):
+  result = dqnfleet("trainer", "--config", str(tmp_path / "nope.toml"))
+  assert result.returncode == 2
+  assert f"--config '{tmp_path / 'nope.toml'}': no such file" in result.stderr
+
+
+@pytest.mark.parametrize("preset", ["breakout", "cartpole"])
+def test_the_presets_load_for_every_command(preset):
+  from dqnfleet.cli.main import SERVICE_GROUPS
+  for command in SERVICE_GROUPS:
+    if command in ("evaluate", "export"):
+      continue  # they need --policy
+    configs = configs_of(command, "--config", f"deploy/presets/{preset}.toml")
+    env = configs.get("EnvConfig")
+    if env is not None:
+      assert env.env_id == {"breakout": "ALE/Breakout-v5", "cartpole": "CartPole-v1"}[preset]

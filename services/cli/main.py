@@ -12,6 +12,7 @@ Heavy imports (TensorFlow, Reverb) happen inside the handlers, so `status`
 and `health` answer in a fraction of a second.
 """
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -52,8 +53,13 @@ DESCRIPTIONS = {
               "PolicySaver) that plain TensorFlow can load and run.",
 }
 ENV_NOTE = ("Every setting also reads the environment variable DQNFLEET_<NAME> (shown with each "
-            "flag); a flag wins over the variable. Defaults marked 'classic control' apply to "
-            "non-Atari ids such as CartPole-v1.")
+            "flag) and the key <name> of the --config file; a flag wins over the variable, the "
+            "variable over the file. Defaults marked 'classic control' apply to non-Atari ids "
+            "such as CartPole-v1.")
+CONFIG_ENV = "DQNFLEET_CONFIG"
+# The table of a config file that `up` applies to each group, besides [up].
+ROLE_OF_GROUP = {ReplayConfig: "replay", TrainerConfig: "trainer", AgentConfig: "trainer",
+                 CollectorConfig: "collector", EvaluatorConfig: "evaluator"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
       settings.add_flags(sub, *groups[2:], exclude=UP_OWNS)
     else:
       settings.add_flags(sub, *groups)
+    sub.add_argument("--config", metavar="FILE", default=os.environ.get(CONFIG_ENV) or None,
+                     help="TOML file of settings: top-level keys for every command, [<command>] "
+                          "tables for one (presets in deploy/presets/; env DQNFLEET_CONFIG). "
+                          "Flags and DQNFLEET_* variables win over it.")
   status = commands.add_parser("status", help="Print what services report over their status RPC.",
                                description="Print role, id, counters, policy version and replay "
                                            "size of each service.")
@@ -81,15 +91,36 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def build_configs(groups, args) -> list:
-  """Each group's config from flags, environment and the env family's defaults."""
-  env = settings.build(EnvConfig, args) if EnvConfig in groups else None
+def config_file(command: str, path: str | None):
+  """For each config class, the settings `path` gives it under `command`."""
+  if not path:
+    return lambda group: {}
+  doc = settings.read_config_file(path)
+  every_group = {g for groups in SERVICE_GROUPS.values() for g in groups}
+  known = settings.all_setting_names(every_group)
+
+  def values(group) -> dict:
+    tables = [command]
+    if command == "up" and group in ROLE_OF_GROUP:
+      tables.insert(0, ROLE_OF_GROUP[group])  # [up] still wins
+    names = {f.name for f in dataclasses.fields(group)}
+    found = settings.config_file_values(doc, path, tables, known, set(SERVICE_GROUPS))
+    return {k: v for k, v in found.items() if k in names}
+  return values
+
+
+def build_configs(groups, args, command: str = "") -> list:
+  """Each group's config from flags, environment, config file and the env family's defaults."""
+  from_file = config_file(command, getattr(args, "config", None))
+  env = (settings.build(EnvConfig, args, file_values=from_file(EnvConfig))
+         if EnvConfig in groups else None)
   classic = env is not None and not is_atari(env.env_id)
   if classic:  # the id decides which defaults the rest of EnvConfig takes
-    env = settings.build(EnvConfig, args, classic_control=True)
+    env = settings.build(EnvConfig, args, classic_control=True, file_values=from_file(EnvConfig))
   configs = []
   for group in groups:
-    config = env if group is EnvConfig else settings.build(group, args, classic_control=classic)
+    config = env if group is EnvConfig else settings.build(
+        group, args, classic_control=classic, file_values=from_file(group))
     if hasattr(config, "validate"):
       config.validate()
     configs.append(config)
@@ -108,21 +139,35 @@ def main(argv=None) -> int:
     if args.command == "health":
       from dqnfleet.core import rpc
       return 0 if rpc.check_health(args.address, args.timeout) else 1
-    configs = build_configs(SERVICE_GROUPS[args.command], args)
+    configs = build_configs(SERVICE_GROUPS[args.command], args, args.command)
     return run_command(args.command, configs)
   except ConfigError as e:
     print(f"dqnfleet {args.command}: error: {e}", file=sys.stderr)
     return 2
 
 
+# The config of each service that holds its ports and directories.
+SERVICE_CONFIG = {"replay": ReplayConfig, "collector": CollectorConfig, "trainer": TrainerConfig,
+                  "evaluator": EvaluatorConfig}
+
+
+# Where a service keeps its run.json: its own run directory. Replay's record
+# stays in its log: its checkpoint directory belongs to Reverb. Collectors
+# have no directory.
+RECORD_DIRECTORY = {"trainer": "run_dir", "evaluator": "out_dir"}
+
+
 def run_command(command: str, configs: list) -> int:
-  from dqnfleet.core import envs, runtime
+  from dqnfleet.core import envs, run_record, runtime
   common = configs[0]
   env = next((c for c in configs if isinstance(c, EnvConfig)), None)
   if env is not None:
     envs.validate_env(env)
+  by_type = {type(c): c for c in configs}
   if command == "up":
     from dqnfleet.cli.up import run as run_up
+    path = run_record.publish(run_record.create("up", "up", configs), by_type[UpConfig].run_dir)
+    print(f"settings, package versions and git revision of this run: {path}", flush=True)
     return run_up(*configs)
   if command == "evaluate":
     from dqnfleet.cli.evaluate import run as run_evaluate
@@ -131,11 +176,20 @@ def run_command(command: str, configs: list) -> int:
     from dqnfleet.cli.export import run as run_export
     return run_export(*configs)
 
-  by_type = {type(c): c for c in configs}
   service_id = runtime.default_id(command)
   if command == "collector" and by_type[CollectorConfig].collector_id:
     service_id = by_type[CollectorConfig].collector_id
-  runtime.setup_logging(command, service_id, common.log_level)
+  runtime.setup_logging(command, service_id, common.log_level, common.log_format)
+  record = run_record.create(command, service_id, configs)
+  service_config = by_type[SERVICE_CONFIG[command]]
+  run_record.publish(record, getattr(service_config, RECORD_DIRECTORY.get(command, ""), ""))
+  from dqnfleet.core import metrics
+  try:
+    metrics.serve(service_config.metrics_port, command, record["packages"]["dqnfleet"],
+                  record["git_revision"])
+  except OSError as e:
+    print(f"dqnfleet {command}: error: {e}", file=sys.stderr)
+    return 2
   stop = runtime.stop_on_signals()
   if command == "replay":
     from dqnfleet.replay.server import serve

@@ -109,9 +109,11 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
   fleet = Fleet(run_dir)
   replay_port, replay_status, trainer_port = free_port(), free_port(), free_port()
   replay = dataclasses.replace(replay, port=replay_port, status_port=replay_status,
+                               metrics_port=free_port(),
                                checkpoint_dir=str(run_dir / "replay_checkpoints"))
   trainer = dataclasses.replace(trainer, replay_address=f"localhost:{replay_port}",
-                                port=trainer_port, run_dir=str(run_dir))
+                                port=trainer_port, metrics_port=free_port(), run_dir=str(run_dir))
+  metrics_ports = {"replay": replay.metrics_port, "trainer": trainer.metrics_port}
   shared = settings.to_flags(common) + settings.to_flags(env)
   fleet.start("replay", "replay", shared + settings.to_flags(replay), replay_status)
   fleet.start("trainer", "trainer", shared + settings.to_flags(net) + settings.to_flags(agent)
@@ -121,15 +123,17 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
     one = dataclasses.replace(collector, replay_address=f"localhost:{replay_port}",
                               trainer_address=f"localhost:{trainer_port}",
                               collector_id=f"collector-{i}", seed=1000 * up.seed + i,
-                              status_port=port,
-                              summary_dir=str(run_dir / "tensorboard"))
+                              status_port=port, metrics_port=free_port())
+    metrics_ports[f"collector-{i}"] = one.metrics_port
     fleet.start(f"collector-{i}", "collector",
                 shared + settings.to_flags(net) + settings.to_flags(one), port)
   if up.evaluator:
     port = free_port()
+    # Its TensorBoard summaries reach the run's logdir through the trainer.
     evaluator = dataclasses.replace(evaluator, trainer_address=f"localhost:{trainer_port}",
-                                    status_port=port, out_dir=str(run_dir / "eval"),
-                                    summary_dir=str(run_dir / "tensorboard" / "evaluator"))
+                                    status_port=port, metrics_port=free_port(),
+                                    out_dir=str(run_dir / "eval"), summary_dir="")
+    metrics_ports["evaluator"] = evaluator.metrics_port
     fleet.start("evaluator", "evaluator", settings.to_flags(common)
                 + settings.to_flags(evaluator), port)
   print(f"dqnfleet up: {env.env_id}, replay :{replay_port} (status :{replay_status}), trainer "
@@ -137,6 +141,8 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
   if up.evaluator:
     print(f"evaluations of the newest policy every {evaluator.every_minutes:g} min in "
           f"{run_dir / 'eval'} (history.csv, best_episode.gif)", flush=True)
+  print("Prometheus metrics: " + ", ".join(f"{name} http://localhost:{port}/metrics"
+                                           for name, port in metrics_ports.items()), flush=True)
   print(f"logs in {fleet.logs}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}; "
         "Ctrl-C stops the fleet", flush=True)
 

@@ -17,9 +17,10 @@ from tf_agents.policies import py_tf_eager_policy
 
 from dqnfleet.collector.driver import PipelinedDriver
 from dqnfleet.collector.observer import ReplayObserver, Stopped
-from dqnfleet.core import envs, networks, rpc, specs
+from dqnfleet.core import envs, metrics, networks, rpc, specs
 from dqnfleet.core.config import CollectorConfig, EnvConfig, NetworkConfig
 from dqnfleet.core.policy_follower import PolicyFollower
+from dqnfleet.core.summaries import SummaryReporter
 
 log = logging.getLogger(__name__)
 STEPS_PER_RUN = 16        # driver steps between checks for new policies and stop
@@ -27,6 +28,16 @@ RECENT_EPISODES = 20
 LOG_EVERY_S = 10.0
 # How often the fleet's step count (replay's insert count) is read for epsilon.
 FLEET_STEPS_EVERY_S = 2.0
+
+ENV_STEPS = metrics.counter("collector_env_steps", "Environment (agent) steps collected.")
+EPISODES = metrics.counter("collector_episodes", "Episodes finished.")
+ITEMS = metrics.counter("collector_items", "Replay items (n-step transitions) written.")
+# Unclipped game scores: Breakout's run from 0 to a few hundred.
+EPISODE_RETURN = metrics.histogram(
+    "collector_episode_return", "Unclipped return of each finished episode (training mode).",
+    buckets=(0, 1, 2, 5, 10, 20, 30, 50, 100, 200, 400, 800))
+POLICY_VERSION = metrics.gauge("collector_policy_version", "Policy version acting now.")
+EPSILON = metrics.gauge("collector_epsilon", "Exploration rate of the collect policy.")
 
 
 def seed_for(collector_id: str, seed: int) -> int:
@@ -67,8 +78,8 @@ class Collector:
     self.episodes = 0
     self.policy_updates = 0
     self.recent_returns = collections.deque(maxlen=RECENT_EPISODES)
-    self._summary = (tf.summary.create_file_writer(f"{config.summary_dir}/{collector_id}")
-                     if config.summary_dir else None)
+    # Episode statistics go to the trainer, which writes them for TensorBoard.
+    self.summaries = SummaryReporter(config.trainer_address, "collector", collector_id, stop)
 
   def snapshot(self) -> dict:
     return {"policy_version": self.version,
@@ -88,6 +99,8 @@ class Collector:
     previous, self.version = self.version, version
     self.epsilon.assign(epsilon_at(self.fleet_steps, self.config))
     self.policy_updates += 1
+    POLICY_VERSION.set(version)
+    EPSILON.set(float(self.epsilon.numpy()))
     log.info("acting with policy v%d (was v%d), epsilon %.3f", version, previous,
              self.epsilon.numpy())
 
@@ -98,16 +111,18 @@ class Collector:
       return
     if self.version > 0:  # random weights act with epsilon_start whatever the count
       self.epsilon.assign(epsilon_at(self.fleet_steps, self.config))
+    EPSILON.set(float(self.epsilon.numpy()))
 
   def _record_episodes(self, env: envs.BatchedEnvironment) -> None:
     while env.finished_episodes:
       _, episode_return, length = env.finished_episodes.popleft()
       self.episodes += 1
       self.recent_returns.append(episode_return)
-      if self._summary:
-        with self._summary.as_default(step=self.env_steps):
-          tf.summary.scalar("collector/episode_return", episode_return)
-          tf.summary.scalar("collector/episode_length", length)
+      EPISODES.inc()
+      EPISODE_RETURN.observe(episode_return)
+      # On the fleet's step axis, so every collector's points share one x axis.
+      self.summaries.scalar("collector/episode_return", self.fleet_steps, episode_return)
+      self.summaries.scalar("collector/episode_length", self.fleet_steps, length)
 
   def _connect(self) -> reverb.Client | None:
     client = reverb.Client(self.config.replay_address)
@@ -117,6 +132,8 @@ class Collector:
 
   def run(self) -> None:
     self.follower.start()
+    self.summaries.start()
+    EPSILON.set(float(self.epsilon.numpy()))
     env = envs.BatchedEnvironment(self.env_config, self.config.num_envs, self.seed)
     log.info("%d x %s, seed %d, replay %s, trainer %s", self.config.num_envs,
              self.env_config.env_id, self.seed, self.config.replay_address,
@@ -160,9 +177,11 @@ class Collector:
       if now - last_fleet >= FLEET_STEPS_EVERY_S:
         self._update_epsilon(client)
         last_fleet = now
-      before = observer.steps_observed
+      before, items_before = observer.steps_observed, observer.items_written
       time_step = driver.run(time_step, STEPS_PER_RUN)
       self.env_steps += observer.steps_observed - before
+      ENV_STEPS.inc(observer.steps_observed - before)
+      ITEMS.inc(observer.items_written - items_before)
       self._record_episodes(env)
       if now - last_log >= LOG_EVERY_S:
         rate = (self.env_steps - last_steps) / (now - last_log)
@@ -170,6 +189,8 @@ class Collector:
         log.info("env steps %d (%.0f/s, fleet %d), episodes %d, mean return %.1f, policy v%d, "
                  "eps %.3f", self.env_steps, rate, self.fleet_steps, self.episodes, mean,
                  self.version, self.epsilon.numpy())
+        self.summaries.scalar("collector/epsilon", self.fleet_steps, float(self.epsilon.numpy()))
+        self.summaries.scalar("collector/policy_version", self.fleet_steps, self.version)
         last_log, last_steps = now, self.env_steps
 
 

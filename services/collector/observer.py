@@ -14,7 +14,7 @@ import reverb
 from reverb import pybind
 from tf_agents.trajectories import time_step as ts
 
-from dqnfleet.core import specs
+from dqnfleet.core import metrics, specs
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ MAX_IN_FLIGHT_ITEMS = 2 * CHUNK_ROWS
 # call costs as much as an append (bench/collector_throughput.py).
 BACKPRESSURE_EVERY = 8
 WAIT_TIMEOUT_MS = 10_000
+
+REPLAY_WAIT = metrics.counter(
+    "collector_replay_wait_seconds",
+    "Seconds spent waiting for replay to take items (rate limiter or a slow server).")
 
 
 class ReplayLost(RuntimeError):
@@ -156,18 +160,22 @@ class ReplayObserver:
     that keeps collectors from outrunning the trainer.
     """
     while True:
+      started = time.perf_counter()
       try:
         call()
         return
       except reverb.errors.DeadlineExceededError:
-        if self._stop.is_set():
-          raise Stopped() from None
-        try:
-          size = self._client.server_info(timeout=5)[specs.TABLE].current_size
-        except Exception as e:  # unreachable: reconnect instead of waiting forever
-          raise ReplayLost(f"replay server does not answer ({str(e).splitlines()[0][:120]})")
-        log.info("replay (%d items) is holding inserts back: the trainer samples slower than "
-                 "the target ratio allows; waiting", size)
+        pass  # the deadline passed: find out why below
+      finally:
+        REPLAY_WAIT.inc(time.perf_counter() - started)
+      if self._stop.is_set():
+        raise Stopped() from None
+      try:
+        size = self._client.server_info(timeout=5)[specs.TABLE].current_size
+      except Exception as e:  # unreachable: reconnect instead of waiting forever
+        raise ReplayLost(f"replay server does not answer ({str(e).splitlines()[0][:120]})")
+      log.info("replay (%d items) is holding inserts back: the trainer samples slower than "
+               "the target ratio allows; waiting", size)
 
   def close(self, flush_timeout_s: float = 5.0) -> None:
     """Sends pending items (unless replay is gone or keeps them waiting), then closes.

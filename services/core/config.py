@@ -41,6 +41,9 @@ class CommonConfig:
   """Settings every service has."""
   # Python logging level of the service's own log lines.
   log_level: str = setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+  # JSON lines carry time, level, service, instance and message as fields.
+  log_format: str = setting("text", "Log line format: text for people, json for log pipelines.",
+                            choices=("text", "json"))
 
 
 @dataclasses.dataclass
@@ -207,7 +210,6 @@ class CollectorConfig:
                              "Port of the health check and status RPC (0: any free port).",
                              minimum=0, maximum=65535)
   metrics_port: int = _metrics_port(DEFAULT_COLLECTOR_METRICS_PORT)
-  summary_dir: str = setting("", "Directory for TensorBoard summaries (empty: none).")
   max_env_steps: int = setting(0, "Stop after this many environment steps (0: run until stopped).",
                                minimum=0)
 

@@ -1,4 +1,6 @@
 """Process set-up shared by every service: logging, quiet TensorFlow, signals."""
+import datetime
+import json
 import logging
 import os
 import signal
@@ -20,11 +22,34 @@ def quiet_imports() -> None:
   sys.modules.setdefault("gym_notices.notices", types.SimpleNamespace(notices={}))
 
 
-def setup_logging(role: str, service_id: str, level: str = "INFO") -> None:
-  logging.basicConfig(
-      level=getattr(logging, level),
-      format=f"%(asctime)s %(levelname)s {role}[{service_id}] %(message)s",
-      datefmt="%H:%M:%S", force=True)
+class JsonFormatter(logging.Formatter):
+  """One JSON object per line, for log pipelines (Loki, Elasticsearch, Cloud Logging)."""
+
+  def __init__(self, role: str, service_id: str):
+    super().__init__()
+    self._role, self._id = role, service_id
+
+  def format(self, record: logging.LogRecord) -> str:
+    entry = {
+        "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+                .isoformat(timespec="milliseconds"),
+        "level": record.levelname, "service": self._role, "instance": self._id,
+        "logger": record.name, "message": record.getMessage(),
+    }
+    if record.exc_info:
+      entry["exception"] = self.formatException(record.exc_info)
+    return json.dumps(entry)
+
+
+def setup_logging(role: str, service_id: str, level: str = "INFO", fmt: str = "text") -> None:
+  """Text lines for people (the default) or JSON lines for machines (`fmt="json"`)."""
+  handler = logging.StreamHandler()
+  if fmt == "json":
+    handler.setFormatter(JsonFormatter(role, service_id))
+  else:
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s {role}[{service_id}] %(message)s", datefmt="%H:%M:%S"))
+  logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
   # TensorFlow's deprecation notices (from inside tf-agents) are not actionable here.
   logging.getLogger("tensorflow").setLevel(logging.ERROR)

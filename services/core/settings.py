@@ -2,9 +2,15 @@
 
 Each field declared with `setting()` becomes a `--field-name` flag and a
 `DQNFLEET_FIELD_NAME` environment variable (the same names in docker compose
-and Kubernetes). A value is taken from, in order: the flag, the environment
-variable, the environment family's default (`classic=` for classic-control
-ids such as CartPole-v1, whose defaults differ from Atari's), the default.
+and Kubernetes), and is a key of the TOML file that `--config FILE` names. A
+value is taken from, in order: the flag, the environment variable, the config
+file, the environment family's default (`classic=` for classic-control ids
+such as CartPole-v1, whose defaults differ from Atari's), the default.
+
+A config file holds settings as top-level keys (`env_id = "ALE/Pong-v5"`),
+which apply to every command that has the setting, and tables named after a
+command (`[trainer]`, `[replay]`, ...) whose keys apply to that command only
+and win over top-level ones; see `read_config_file`.
 
 Invalid values are refused with `ConfigError`, whose message names the setting
 and what is allowed, before any service starts.
@@ -12,6 +18,7 @@ and what is allowed, before any service starts.
 import argparse
 import dataclasses
 import os
+import tomllib
 import typing
 from typing import Any, Callable, Sequence
 
@@ -99,9 +106,15 @@ def add_flags(parser: argparse.ArgumentParser, *config_classes: type,
 
 
 def build(cls: type, args: argparse.Namespace | None = None,
-          environ: dict[str, str] | None = None, *, classic_control: bool = False) -> Any:
-  """Builds a config of `cls` from flags, environment variables and defaults."""
+          environ: dict[str, str] | None = None, *, classic_control: bool = False,
+          file_values: dict[str, tuple[Any, str]] | None = None) -> Any:
+  """Builds a config of `cls` from flags, environment variables, a config file and defaults.
+
+  `file_values` maps setting names to (value, where it was read) from
+  `config_file_values`.
+  """
   environ = os.environ if environ is None else environ
+  file_values = file_values or {}
   values = {}
   for field in dataclasses.fields(cls):
     kind = _field_type(cls, field)
@@ -112,11 +125,14 @@ def build(cls: type, args: argparse.Namespace | None = None,
     # `${DQNFLEET_X:-}` for every setting without overriding the defaults.
     if raw is _UNSET and environ.get(env_name(field), "") != "":
       raw, source = environ[env_name(field)], env_name(field)
+    if raw is _UNSET and field.name in file_values:
+      raw, source = file_values[field.name]
+      raw = _from_toml(raw, kind, source)
     if raw is _UNSET:
       if classic_control and field.metadata["classic"] is not _UNSET:
         values[field.name] = field.metadata["classic"]
       continue
-    if isinstance(raw, str):
+    if isinstance(raw, str) and kind is not str:
       try:
         raw = convert(raw)
       except ValueError:
@@ -125,6 +141,64 @@ def build(cls: type, args: argparse.Namespace | None = None,
   config = cls(**values)
   check_bounds(config)
   return config
+
+
+def _from_toml(value: Any, kind: Any, source: str) -> Any:
+  """A TOML value as the setting's type; strings go through the flag's converter."""
+  if isinstance(value, str):
+    return value
+  if typing.get_origin(kind) is tuple and isinstance(value, list):
+    item = typing.get_args(kind)[0]
+    if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+      return tuple(value)
+  elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+    return value
+  raise ConfigError(f"{source} = {value!r} is not a valid {_type_word(kind)}")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+  """The TOML document at `path`; a missing or malformed file is a ConfigError."""
+  try:
+    with open(path, "rb") as f:
+      return tomllib.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"--config {path!r}: no such file") from None
+  except (OSError, tomllib.TOMLDecodeError) as e:
+    raise ConfigError(f"--config {path!r} is not a readable TOML file: {e}") from None
+
+
+def config_file_values(doc: dict[str, Any], path: str, tables: Sequence[str],
+                       known: set[str], commands: set[str]) -> dict[str, tuple[Any, str]]:
+  """Settings of `doc` that apply: top-level keys, then each of `tables` in order.
+
+  Keys that are no setting of any command, and tables that are no command,
+  are refused (a misspelt key would otherwise be silently ignored).
+  """
+  values = {}
+  for key, value in doc.items():
+    if isinstance(value, dict):
+      if key not in commands:
+        raise ConfigError(f"--config {path!r}: [{key}] is not a command; tables may be "
+                          f"{', '.join(sorted(commands))}")
+      for sub in value:
+        if isinstance(value[sub], dict) or sub not in known:
+          raise ConfigError(f"--config {path!r}: [{key}] {sub} is not a setting (settings "
+                            "are the flags' names with underscores, e.g. env_id)")
+    elif key not in known:
+      raise ConfigError(f"--config {path!r}: {key} is not a setting (settings are the flags' "
+                        "names with underscores, e.g. env_id)")
+    else:
+      values[key] = (value, f"{key} in {path}")
+  for table in tables:
+    for key, value in doc.get(table, {}).items():
+      values[key] = (value, f"[{table}] {key} in {path}")
+  return values
+
+
+def all_setting_names(config_classes: Sequence[type]) -> set[str]:
+  return {f.name for cls in config_classes for f in dataclasses.fields(cls)}
 
 
 def _type_word(kind: Any) -> str:

@@ -17,21 +17,39 @@ import time
 
 import tensorflow as tf
 
-from dqnfleet.core import envs, networks, rpc, specs
+from dqnfleet.core import envs, metrics, networks, rpc, specs
 from dqnfleet.core.config import EvaluatorConfig, ProtocolConfig, is_atari
 from dqnfleet.core.policy_follower import PolicyFollower
+from dqnfleet.core.summaries import SummaryReporter
 from dqnfleet.evaluator import protocol
 
 log = logging.getLogger(__name__)
 CSV_FIELDS = ("version", "minutes", "frames", "fleet_env_steps", "mean_return", "median_return",
               "min_return", "max_return", "std_return", "mean_length", "episodes", "eval_seconds",
               "unix_time")
+SUMMARIZED = ("mean_return", "median_return", "max_return", "mean_length")
+
+EVALUATIONS = metrics.counter("evaluator_evaluations", "Evaluations finished.")
+POLICY_VERSION = metrics.gauge("evaluator_policy_version", "Policy version of the newest "
+                                                           "evaluation.")
+RESULT = {
+    "mean_return": metrics.gauge("evaluator_return_mean", "Mean episode return, newest "
+                                                          "evaluation."),
+    "median_return": metrics.gauge("evaluator_return_median", "Median episode return, newest "
+                                                              "evaluation."),
+    "max_return": metrics.gauge("evaluator_return_max", "Best episode return, newest "
+                                                        "evaluation."),
+    "mean_length": metrics.gauge("evaluator_episode_length_mean", "Mean episode length in agent "
+                                                                  "steps, newest evaluation."),
+}
 
 
 class Evaluator:
   def __init__(self, protocol_config: ProtocolConfig, config: EvaluatorConfig,
-               stop: threading.Event):
+               stop: threading.Event, service_id: str = "evaluator"):
     self.protocol, self.config, self._stop = protocol_config, config, stop
+    # Results go to the trainer, which writes them next to its own summaries.
+    self.summaries = SummaryReporter(config.trainer_address, "evaluator", service_id, stop)
     self.follower = PolicyFollower(config.trainer_address, None, stop)
     self.out = pathlib.Path(config.out_dir)
     self.out.mkdir(parents=True, exist_ok=True)
@@ -55,6 +73,7 @@ class Evaluator:
 
   def run(self) -> None:
     self.follower.start()
+    self.summaries.start()
     log.info("following policies of %s; evaluating every %s, %d episodes at epsilon %g",
              self.config.trainer_address, self._cadence(), self.protocol.episodes,
              self.protocol.epsilon)
@@ -135,9 +154,15 @@ class Evaluator:
       writer.writerow(entry)
     if result.best_frames:
       protocol.write_gif(result.best_frames, self.out / "best_episode.gif")
+    EVALUATIONS.inc()
+    POLICY_VERSION.set(entry["version"])
+    for name in SUMMARIZED:
+      RESULT[name].set(entry[name])
+      self.summaries.scalar(f"evaluator/{name}", entry["version"], entry[name])
+    self.summaries.scalar("evaluator/frames", entry["version"], entry["frames"])
     if self._summary:
       with self._summary.as_default(step=entry["version"]):
-        for name in ("mean_return", "median_return", "max_return", "mean_length"):
+        for name in SUMMARIZED:
           tf.summary.scalar(f"evaluator/{name}", entry[name])
         tf.summary.scalar("evaluator/frames", entry["frames"])
       self._summary.flush()
@@ -148,7 +173,7 @@ def serve(protocol_config: ProtocolConfig, config: EvaluatorConfig, stop: thread
   # The evaluator shares the machine with the trainer: keep it to its threads.
   tf.config.threading.set_intra_op_parallelism_threads(config.threads)
   tf.config.threading.set_inter_op_parallelism_threads(config.threads)
-  evaluator = Evaluator(protocol_config, config, stop)
+  evaluator = Evaluator(protocol_config, config, stop, service_id)
   status = rpc.StatusServicer("evaluator", service_id, "", evaluator.snapshot)
   server, port = rpc.start_server(config.status_port, status)
   log.info("health and status on port %d; results in %s", port, evaluator.out)

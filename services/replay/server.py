@@ -10,11 +10,12 @@ import threading
 
 import reverb
 
-from dqnfleet.core import rpc, specs
+from dqnfleet.core import metrics, rpc, specs
 from dqnfleet.core.config import EnvConfig, ReplayConfig
 from dqnfleet.core.settings import ConfigError
 
 log = logging.getLogger(__name__)
+CHECKPOINTS = metrics.counter("replay_checkpoints", "Checkpoints of the replay table written.")
 
 
 def make_table(env: EnvConfig, config: ReplayConfig) -> reverb.Table:
@@ -52,6 +53,31 @@ def table_snapshot(client: reverb.Client) -> dict:
   }
 
 
+def table_metrics(client: reverb.Client) -> dict:
+  """The replay table's Prometheus metrics, read from the server at scrape time."""
+  info = client.server_info(timeout=5)[specs.TABLE]
+  limiter, worker = info.rate_limiter_info, info.table_worker_time
+  return {
+      "replay_table_size": ("gauge", "Items (transitions) in the replay table.",
+                            info.current_size),
+      "replay_table_max_size": ("gauge", "Capacity of the replay table.", info.max_size),
+      "replay_inserts_total": ("counter", "Items inserted since the table was created "
+                                          "(restored with a checkpoint).",
+                               limiter.insert_stats.completed),
+      "replay_samples_total": ("counter", "Items sampled since the table was created.",
+                               limiter.sample_stats.completed),
+      # Reverb's table worker counts the time it holds one side back waiting
+      # for the other: inserts wait for samples when collectors outrun the
+      # trainer, samples wait for inserts when the trainer outruns them.
+      "replay_insert_blocked_seconds_total": (
+          "counter", "Seconds the rate limiter held inserts back, waiting for samples.",
+          worker.waiting_for_sampling_ms / 1000),
+      "replay_sample_blocked_seconds_total": (
+          "counter", "Seconds the rate limiter held samples back, waiting for inserts.",
+          worker.waiting_for_inserts_ms / 1000),
+  }
+
+
 def serve(env: EnvConfig, config: ReplayConfig, stop: threading.Event,
           service_id: str = "replay") -> None:
   """Runs the Reverb server until `stop`; checkpoints periodically and at the end."""
@@ -81,12 +107,14 @@ def serve(env: EnvConfig, config: ReplayConfig, stop: threading.Event,
     except reverb.errors.DeadlineExceededError:
       return {}
 
+  metrics.register(metrics.ScrapeTimeCollector(lambda: table_metrics(client)))
   status = rpc.StatusServicer("replay", service_id, env.env_id, snapshot)
   side_server, side_port = rpc.start_server(config.status_port, status)
   log.info("health and status on port %d", side_port)
 
   def checkpoint():
     path = client.checkpoint()
+    CHECKPOINTS.inc()
     log.info("checkpointed %d items to %s", snapshot().get("replay_size", -1), path)
 
   try:

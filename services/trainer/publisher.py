@@ -9,12 +9,18 @@ import threading
 
 import grpc
 
-from dqnfleet.core import policy_store
+from dqnfleet.core import metrics, policy_store
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
 WATCH_POLL_S = 1.0
+
+VERSION = metrics.gauge("trainer_policy_version", "Newest published policy version (train step).")
+PUBLISHES = metrics.counter("trainer_publishes", "Policy versions published by this process.")
+POLICY_BYTES = metrics.gauge("trainer_policy_bytes", "Size of the newest published version.")
+WATCHERS = metrics.gauge("trainer_policy_watchers",
+                         "Open WatchPolicies streams (collectors and evaluators following).")
 
 
 class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
@@ -37,6 +43,7 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
   def publish(self, version: int, network) -> None:
     policy_store.publish(self.dir, version, network, self._env, self._net, self._keep)
     self._announce(version)
+    PUBLISHES.inc()
 
   def _announce(self, version: int) -> None:
     path = policy_store.version_dir(self.dir, version)
@@ -48,6 +55,8 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
     with self._changed:
       self._latest = info
       self._changed.notify_all()
+    VERSION.set(version)
+    POLICY_BYTES.set(sum(f.size_bytes for f in info.files))
 
   def GetLatestPolicy(self, request, context):
     if self._latest is None:
@@ -56,14 +65,19 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
 
   def WatchPolicies(self, request, context):
     last = request.after_version
-    while context.is_active():
-      with self._changed:
-        self._changed.wait_for(lambda: self._latest is not None and self._latest.version > last,
-                               timeout=WATCH_POLL_S)
-        latest = self._latest
-      if latest is not None and latest.version > last:
-        last = latest.version
-        yield latest
+    WATCHERS.inc()
+    try:
+      while context.is_active():
+        with self._changed:
+          self._changed.wait_for(
+              lambda: self._latest is not None and self._latest.version > last,
+              timeout=WATCH_POLL_S)
+          latest = self._latest
+        if latest is not None and latest.version > last:
+          last = latest.version
+          yield latest
+    finally:
+      WATCHERS.dec()
 
   def FetchPolicy(self, request, context):
     chunk_bytes = request.max_chunk_bytes or CHUNK_BYTES

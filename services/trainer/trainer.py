@@ -13,8 +13,9 @@ import numpy as np
 import reverb
 import tensorflow as tf
 
-from dqnfleet.core import networks, rpc, specs
+from dqnfleet.core import metrics, networks, rpc, specs
 from dqnfleet.core.api import fleet_pb2_grpc
+from dqnfleet.core.summaries import SummaryWriter
 from dqnfleet.core.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
 from dqnfleet.trainer.dataset import make_dataset
 from dqnfleet.trainer.learner import importance_weights, make_agent
@@ -26,6 +27,15 @@ log = logging.getLogger(__name__)
 STEPS_PER_CALL = 10
 # Keeps every item sampleable under prioritized replay.
 PRIORITY_FLOOR = 1e-3
+
+TRAIN_STEPS = metrics.counter("trainer_train_steps", "Gradient steps taken (since this process "
+                                                     "started; the version counts all).")
+LOSS = metrics.gauge("trainer_loss", "TD loss of the newest train step.")
+MEAN_Q = metrics.gauge("trainer_mean_q", "Mean over a sampled batch of the greedy action's "
+                                         "Q-value (grows with what the agent expects to score).")
+POLICY_LAG = metrics.gauge("trainer_policy_lag_steps",
+                           "Train steps between the newest policy and the policy that collected "
+                           "the sampled transitions (mean over a batch).")
 
 
 class Trainer:
@@ -57,6 +67,7 @@ class Trainer:
     self.last_loss = float("nan")
     self.steps_per_s = 0.0
     self.policy_lag = 0.0
+    self.mean_q = float("nan")
 
   @property
   def step(self) -> int:
@@ -67,7 +78,7 @@ class Trainer:
             "counters": {"train_steps": self.step, "loss": self.last_loss,
                          "train_steps_per_s": self.steps_per_s,
                          "published_version": self.publisher.latest_version,
-                         "policy_lag_steps": self.policy_lag,
+                         "policy_lag_steps": self.policy_lag, "mean_q": self.mean_q,
                          "fleet_env_steps": self.fleet_env_steps}}
 
   def _replay_info(self):
@@ -122,8 +133,9 @@ class Trainer:
     """
     done = tf.constant(0)
     loss = tf.constant(0.0)
+    mean_q = tf.constant(0.0)
     versions = tf.zeros([self.batch_size], tf.int64)
-    for _ in tf.range(steps):
+    for i in tf.range(steps):
       batch = iterator.get_next_as_optional()
       if not batch.has_value():
         break
@@ -138,7 +150,10 @@ class Trainer:
         loss_info = self.agent.train(experience)
       loss = loss_info.loss
       done += 1
-    return done, loss, versions
+      if i == steps - 1:  # once per call, not per step: it costs a forward pass
+        q_values, _ = self.q_network(experience.observation[:, 0])
+        mean_q = tf.reduce_mean(tf.reduce_max(q_values, axis=-1))
+    return done, loss, versions, mean_q
 
   def publish(self) -> None:
     self.publisher.publish(self.step, self.q_network)
@@ -161,7 +176,8 @@ class Trainer:
       before = self.step
       steps = self.steps_per_call if not max_steps else min(self.steps_per_call, max_steps - before)
       try:
-        done, loss, versions = self._train(iterator, tf.constant(steps))
+        done, loss, versions, mean_q = self._train(iterator, tf.constant(steps))
+        TRAIN_STEPS.inc(int(done))
         if int(done) < steps:  # sampling timed out; the steps that ran still count
           self._explain_wait()
           iterator = iter(dataset)
@@ -183,6 +199,10 @@ class Trainer:
         self.last_loss = float(loss)
         self.steps_per_s = (step - last_step) / (now - last_log)
         self.policy_lag = float(step - np.mean(versions.numpy()))
+        self.mean_q = float(mean_q)
+        LOSS.set(self.last_loss)
+        MEAN_Q.set(self.mean_q)
+        POLICY_LAG.set(self.policy_lag)
         try:
           self._replay_info()
         except Exception:  # reported by the sampling path if it persists
@@ -211,17 +231,25 @@ class Trainer:
       tf.summary.scalar("trainer/train_steps_per_s", self.steps_per_s)
       tf.summary.scalar("trainer/replay_size", self.replay_size)
       tf.summary.scalar("trainer/policy_lag_steps", self.policy_lag)
+      tf.summary.scalar("trainer/mean_q", self.mean_q)
 
 
 def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config: TrainerConfig,
           stop: threading.Event, service_id: str = "trainer") -> None:
   trainer = Trainer(env, net, agent_config, config, stop)
   status = rpc.StatusServicer("trainer", service_id, env.env_id, trainer.snapshot)
+  summaries = SummaryWriter(os.path.join(config.run_dir, "tensorboard"))
+
+  def services(server):
+    fleet_pb2_grpc.add_PolicyServiceServicer_to_server(trainer.publisher, server)
+    fleet_pb2_grpc.add_SummaryServiceServicer_to_server(summaries, server)
+
   server, port = rpc.start_server(
       config.port, status, max_workers=256,  # each collector holds one WatchPolicies stream
-      extra=lambda s: fleet_pb2_grpc.add_PolicyServiceServicer_to_server(trainer.publisher, s))
-  log.info("policy API, health and status on port %d", port)
+      extra=services)
+  log.info("policy API, summaries, health and status on port %d", port)
   try:
     trainer.run()
   finally:
     server.stop(grace=2)
+    summaries.close()

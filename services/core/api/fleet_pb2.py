@@ -15,7 +15,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64qnfleet/v1/fleet.proto\x12\x0b\x64qnfleet.v1\">\n\nPolicyFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"c\n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x19\n\x11published_unix_ms\x18\x02 \x01(\x03\x12&\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x17.dqnfleet.v1.PolicyFile\"\x18\n\x16GetLatestPolicyRequest\"-\n\x14WatchPoliciesRequest\x12\x15\n\rafter_version\x18\x01 \x01(\x03\">\n\x12\x46\x65tchPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x05\">\n\x0bPolicyChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x12\n\x10GetStatusRequest\"\xfd\x01\n\rServiceStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06\x65nv_id\x18\x03 \x01(\t\x12:\n\x08\x63ounters\x18\x04 \x03(\x0b\x32(.dqnfleet.v1.ServiceStatus.CountersEntry\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12\x13\n\x0breplay_size\x18\x06 \x01(\x03\x12\x16\n\x0erecent_returns\x18\x07 \x03(\x01\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x81\x02\n\rPolicyService\x12R\n\x0fGetLatestPolicy\x12#.dqnfleet.v1.GetLatestPolicyRequest\x1a\x1a.dqnfleet.v1.PolicyVersion\x12P\n\rWatchPolicies\x12!.dqnfleet.v1.WatchPoliciesRequest\x1a\x1a.dqnfleet.v1.PolicyVersion0\x01\x12J\n\x0b\x46\x65tchPolicy\x12\x1f.dqnfleet.v1.FetchPolicyRequest\x1a\x18.dqnfleet.v1.PolicyChunk0\x01\x32W\n\rStatusService\x12\x46\n\tGetStatus\x12\x1d.dqnfleet.v1.GetStatusRequest\x1a\x1a.dqnfleet.v1.ServiceStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64qnfleet/v1/fleet.proto\x12\x0b\x64qnfleet.v1\">\n\nPolicyFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"c\n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x19\n\x11published_unix_ms\x18\x02 \x01(\x03\x12&\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x17.dqnfleet.v1.PolicyFile\"\x18\n\x16GetLatestPolicyRequest\"-\n\x14WatchPoliciesRequest\x12\x15\n\rafter_version\x18\x01 \x01(\x03\">\n\x12\x46\x65tchPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x05\">\n\x0bPolicyChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x12\n\x10GetStatusRequest\"\xfd\x01\n\rServiceStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06\x65nv_id\x18\x03 \x01(\t\x12:\n\x08\x63ounters\x18\x04 \x03(\x0b\x32(.dqnfleet.v1.ServiceStatus.CountersEntry\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12\x13\n\x0breplay_size\x18\x06 \x01(\x03\x12\x16\n\x0erecent_returns\x18\x07 \x03(\x01\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"2\n\x06Scalar\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05value\x18\x03 \x01(\x01\"V\n\rSummaryReport\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12$\n\x07scalars\x18\x03 \x03(\x0b\x32\x13.dqnfleet.v1.Scalar\"\x1d\n\nSummaryAck\x12\x0f\n\x07written\x18\x01 \x01(\x05\x32\x81\x02\n\rPolicyService\x12R\n\x0fGetLatestPolicy\x12#.dqnfleet.v1.GetLatestPolicyRequest\x1a\x1a.dqnfleet.v1.PolicyVersion\x12P\n\rWatchPolicies\x12!.dqnfleet.v1.WatchPoliciesRequest\x1a\x1a.dqnfleet.v1.PolicyVersion0\x01\x12J\n\x0b\x46\x65tchPolicy\x12\x1f.dqnfleet.v1.FetchPolicyRequest\x1a\x18.dqnfleet.v1.PolicyChunk0\x01\x32W\n\rStatusService\x12\x46\n\tGetStatus\x12\x1d.dqnfleet.v1.GetStatusRequest\x1a\x1a.dqnfleet.v1.ServiceStatus2O\n\x0eSummaryService\x12=\n\x06Report\x12\x1a.dqnfleet.v1.SummaryReport\x1a\x17.dqnfleet.v1.SummaryAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,8 +42,16 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_SERVICESTATUS']._serialized_end=680
   _globals['_SERVICESTATUS_COUNTERSENTRY']._serialized_start=633
   _globals['_SERVICESTATUS_COUNTERSENTRY']._serialized_end=680
-  _globals['_POLICYSERVICE']._serialized_start=683
-  _globals['_POLICYSERVICE']._serialized_end=940
-  _globals['_STATUSSERVICE']._serialized_start=942
-  _globals['_STATUSSERVICE']._serialized_end=1029
+  _globals['_SCALAR']._serialized_start=682
+  _globals['_SCALAR']._serialized_end=732
+  _globals['_SUMMARYREPORT']._serialized_start=734
+  _globals['_SUMMARYREPORT']._serialized_end=820
+  _globals['_SUMMARYACK']._serialized_start=822
+  _globals['_SUMMARYACK']._serialized_end=851
+  _globals['_POLICYSERVICE']._serialized_start=854
+  _globals['_POLICYSERVICE']._serialized_end=1111
+  _globals['_STATUSSERVICE']._serialized_start=1113
+  _globals['_STATUSSERVICE']._serialized_end=1200
+  _globals['_SUMMARYSERVICE']._serialized_start=1202
+  _globals['_SUMMARYSERVICE']._serialized_end=1281
 # @@protoc_insertion_point(module_scope)

@@ -195,3 +195,66 @@ class StatusService(object):
             dqnfleet_dot_v1_dot_fleet__pb2.ServiceStatus.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+
+class SummaryServiceStub(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Report = channel.unary_unary(
+                '/dqnfleet.v1.SummaryService/Report',
+                request_serializer=dqnfleet_dot_v1_dot_fleet__pb2.SummaryReport.SerializeToString,
+                response_deserializer=dqnfleet_dot_v1_dot_fleet__pb2.SummaryAck.FromString,
+                )
+
+
+class SummaryServiceServicer(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def Report(self, request, context):
+        """Refuses a report with a bad role, tag or value (INVALID_ARGUMENT, naming
+        the field and what is allowed); writes nothing of such a report.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SummaryServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=dqnfleet_dot_v1_dot_fleet__pb2.SummaryReport.FromString,
+                    response_serializer=dqnfleet_dot_v1_dot_fleet__pb2.SummaryAck.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'dqnfleet.v1.SummaryService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SummaryService(object):
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dqnfleet.v1.SummaryService/Report',
+            dqnfleet_dot_v1_dot_fleet__pb2.SummaryReport.SerializeToString,
+            dqnfleet_dot_v1_dot_fleet__pb2.SummaryAck.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
