@@ -47,9 +47,21 @@ def resolve(policy: str, scratch: str) -> pathlib.Path:
                         f"({e.code().name}: {e.details()})") from None
 
 
-def evaluate(path: pathlib.Path, protocol_config: ProtocolConfig,
+def load(policy: str, scratch: str):
+  """The policy that `policy` names, loaded: (path, env_config, env_specs, network, version)."""
+  for attempt in range(LOAD_ATTEMPTS):
+    path = resolve(policy, scratch)
+    try:
+      return (path, *policy_store.load(path))
+    except (tf.errors.NotFoundError, FileNotFoundError):
+      # A running trainer pruned the version while we loaded it: take the newest again.
+      if attempt == LOAD_ATTEMPTS - 1:
+        raise
+
+
+def evaluate(policy: str, scratch: str, protocol_config: ProtocolConfig,
              record: bool) -> tuple[dict, protocol.Result]:
-  env_config, env_specs, network, version = policy_store.load(path)
+  path, env_config, env_specs, network, version = load(policy, scratch)
   result = protocol.run(env_config, env_specs, network, protocol_config, record=record)
   summary = {"env_id": env_config.env_id, "policy_version": version, "policy_path": str(path),
              "protocol": protocol.describe(protocol_config, env_config), **result.summary()}
@@ -59,15 +71,7 @@ def evaluate(path: pathlib.Path, protocol_config: ProtocolConfig,
 def run(common: CommonConfig, protocol_config: ProtocolConfig, config: EvaluateConfig) -> int:
   logging.basicConfig(level=getattr(logging, common.log_level))
   with tempfile.TemporaryDirectory(prefix="dqnfleet-eval-") as scratch:
-    for attempt in range(LOAD_ATTEMPTS):
-      path = resolve(config.policy, scratch)
-      try:
-        summary, result = evaluate(path, protocol_config, record=bool(config.video))
-        break
-      except (tf.errors.NotFoundError, FileNotFoundError):
-        # A running trainer pruned the version while we loaded it: take the newest again.
-        if attempt == LOAD_ATTEMPTS - 1:
-          raise
+    summary, result = evaluate(config.policy, scratch, protocol_config, record=bool(config.video))
   if config.video:
     if result.best_frames is None:
       raise ConfigError(f"--video needs an Atari policy; {summary['env_id']} has no frames")

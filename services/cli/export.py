@@ -21,8 +21,7 @@ import tempfile
 
 import tensorflow as tf
 
-from dqnfleet.cli.evaluate import LOAD_ATTEMPTS, resolve
-from dqnfleet.core import policy_store
+from dqnfleet.cli.evaluate import load
 from dqnfleet.core.config import CommonConfig, ExportConfig
 from dqnfleet.core.settings import ConfigError
 
@@ -105,15 +104,7 @@ def run(common: CommonConfig, config: ExportConfig) -> int:
   out = pathlib.Path(config.out).absolute()
   check_out(out)  # before fetching or loading anything
   with tempfile.TemporaryDirectory(prefix="dqnfleet-export-") as scratch:
-    for attempt in range(LOAD_ATTEMPTS):
-      path = resolve(config.policy, scratch)
-      try:
-        env_config, env_specs, network, version = policy_store.load(path)
-        break
-      except (tf.errors.NotFoundError, FileNotFoundError):
-        # A running trainer pruned the version while we loaded it: take the newest again.
-        if attempt == LOAD_ATTEMPTS - 1:
-          raise
+    path, env_config, env_specs, network, version = load(config.policy, scratch)
   source = str(path.absolute()) if pathlib.Path(config.policy).exists() else config.policy
   save(env_config, env_specs, network, version, source, out)
   print(f"wrote {out}: greedy policy v{version} of {env_config.env_id} as a SavedModel "
