@@ -46,6 +46,15 @@ def test_every_setting_has_help_and_an_environment_variable():
     (["collector", "--num-envs", "many"], "--num-envs='many' is not a valid integer"),
     (["trainer", "--optimizer", "sgd"], "--optimizer must be one of adam, rmsprop, got 'sgd'"),
     (["collector", "--epsilon-start", "0.1", "--epsilon-end", "0.5"], "--epsilon-end (0.5) must be <="),
+    (["trainer", "--learning-rate", "nan"],
+     "--learning-rate must be a finite number, got nan (flag --learning-rate, env "
+     "DQNFLEET_LEARNING_RATE)"),
+    (["replay", "--checkpoint-every-s", "inf"], "--checkpoint-every-s must be a finite number"),
+    (["collector", "--trainer-address", "127.0.0.1:70000"],
+     "--trainer-address '127.0.0.1:70000' has port '70000'; a port is 1..65535"),
+    (["collector", "--replay-address", "replay"], "--replay-address 'replay' is not host:port"),
+    (["trainer", "--replay-address", "my host:80"], "has a host 'my host' with characters"),
+    (["evaluator", "--trainer-address", "[::1:80"], "without its closing ]"),
 ])
 def test_bad_settings_are_refused_in_process(argv, message):
   args = parse(*argv)
@@ -150,3 +159,30 @@ def test_the_presets_load_for_every_command(preset):
     env = configs.get("EnvConfig")
     if env is not None:
       assert env.env_id == {"breakout": "ALE/Breakout-v5", "cartpole": "CartPole-v1"}[preset]
+
+
+def test_a_port_in_use_is_refused_not_shared():
+  """gRPC's SO_REUSEPORT default would let a second server share the port."""
+  from dqnfleet.core import rpc
+  first, port = rpc.start_server(0, rpc.StatusServicer("collector", "a", "", dict))
+  try:
+    with pytest.raises(OSError, match=f"cannot listen on port {port}"):
+      rpc.start_server(port, rpc.StatusServicer("collector", "b", "", dict))
+  finally:
+    first.stop(grace=0)
+
+
+def test_a_service_given_a_port_in_use_exits_with_an_error_naming_it():
+  import socket
+  with socket.socket() as taken:
+    taken.bind(("", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    result = dqnfleet("replay", "--env-id", "CartPole-v1", "--port", "0", "--status-port",
+                      str(port), "--metrics-port", "-1", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"dqnfleet replay: error: cannot listen on port {port}: it is in use" in result.stderr
+    result = dqnfleet("replay", "--env-id", "CartPole-v1", "--port", "0", "--status-port", "0",
+                      "--metrics-port", str(port), timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"dqnfleet replay: error: cannot serve metrics on port {port}" in result.stderr

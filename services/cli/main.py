@@ -24,6 +24,8 @@ from dqnfleet.core.config import (AgentConfig, CollectorConfig, CommonConfig, En
                                   ReplayConfig, TrainerConfig, UpConfig, is_atari)
 from dqnfleet.core.settings import ConfigError
 
+log = logging.getLogger("dqnfleet")
+
 # What `up` sets itself for each service, so it takes no flag for them.
 UP_OWNS = frozenset({"port", "status_port", "metrics_port", "replay_address", "trainer_address", "collector_id",
                      "seed", "summary_dir", "run_dir", "checkpoint_dir", "out_dir"})
@@ -184,32 +186,36 @@ def run_command(command: str, configs: list) -> int:
   service_config = by_type[SERVICE_CONFIG[command]]
   run_record.publish(record, getattr(service_config, RECORD_DIRECTORY.get(command, ""), ""))
   from dqnfleet.core import metrics
+  from dqnfleet.core.rpc import PortUnavailable
   try:
     metrics.serve(service_config.metrics_port, command, record["packages"]["dqnfleet"],
                   record["git_revision"])
-  except OSError as e:
+    stop = runtime.stop_on_signals()
+    if command == "replay":
+      from dqnfleet.replay.server import serve
+      serve(env, by_type[ReplayConfig], stop)
+    elif command == "collector":
+      from dqnfleet.collector.collector import serve
+      serve(env, by_type[NetworkConfig], by_type[CollectorConfig], stop, service_id)
+    elif command == "trainer":
+      from dqnfleet.trainer.trainer import serve
+      serve(env, by_type[NetworkConfig], by_type[AgentConfig], by_type[TrainerConfig], stop)
+    elif command == "evaluator":
+      from dqnfleet.evaluator.evaluator import serve
+      serve(by_type[ProtocolConfig], by_type[EvaluatorConfig], stop, service_id)
+  except PortUnavailable as e:
+    log.error("%s", e)
     print(f"dqnfleet {command}: error: {e}", file=sys.stderr)
-    return 2
-  stop = runtime.stop_on_signals()
-  if command == "replay":
-    from dqnfleet.replay.server import serve
-    serve(env, by_type[ReplayConfig], stop)
-  elif command == "collector":
-    from dqnfleet.collector.collector import serve
-    serve(env, by_type[NetworkConfig], by_type[CollectorConfig], stop, service_id)
-  elif command == "trainer":
-    from dqnfleet.trainer.trainer import serve
-    serve(env, by_type[NetworkConfig], by_type[AgentConfig], by_type[TrainerConfig], stop)
-  elif command == "evaluator":
-    from dqnfleet.evaluator.evaluator import serve
-    serve(by_type[ProtocolConfig], by_type[EvaluatorConfig], stop, service_id)
+    exit_code = 2
+  else:
+    exit_code = 0
   # Everything is saved and every server stopped. Exit now: Reverb's sampling
   # threads inside tf.data can otherwise keep the interpreter alive after a
   # clean shutdown, and a stopped service must not linger.
   logging.shutdown()
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(0)
+  os._exit(exit_code)
 
 
 if __name__ == "__main__":

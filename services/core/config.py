@@ -187,9 +187,10 @@ class ReplayConfig:
 @dataclasses.dataclass
 class CollectorConfig:
   """A collector: batched environments, epsilon-greedy policy, Reverb writers."""
-  replay_address: str = setting(f"localhost:{DEFAULT_REPLAY_PORT}", "Reverb server host:port.")
+  replay_address: str = setting(f"localhost:{DEFAULT_REPLAY_PORT}", "Reverb server host:port.",
+                                address=True)
   trainer_address: str = setting(f"localhost:{DEFAULT_TRAINER_PORT}",
-                                 "Trainer's policy API host:port.")
+                                 "Trainer's policy API host:port.", address=True)
   num_envs: int = setting(8, "Environments stepped together; one policy call per step for all.",
                           minimum=1, maximum=1024)
   # Empty: the host name (a pod or container name) plus the process id.
@@ -222,7 +223,8 @@ class CollectorConfig:
 @dataclasses.dataclass
 class TrainerConfig:
   """The trainer: sampling, training, checkpoints and policy publication."""
-  replay_address: str = setting(f"localhost:{DEFAULT_REPLAY_PORT}", "Reverb server host:port.")
+  replay_address: str = setting(f"localhost:{DEFAULT_REPLAY_PORT}", "Reverb server host:port.",
+                                address=True)
   port: int = setting(DEFAULT_TRAINER_PORT, "Port of the policy API, status RPC and health check.",
                       minimum=0, maximum=65535)
   metrics_port: int = _metrics_port(DEFAULT_TRAINER_METRICS_PORT)
@@ -307,7 +309,7 @@ class ExportConfig:
 class EvaluatorConfig:
   """The evaluator service: evaluates new policy versions while the fleet trains."""
   trainer_address: str = setting(f"localhost:{DEFAULT_TRAINER_PORT}",
-                                 "Trainer's policy API host:port.")
+                                 "Trainer's policy API host:port.", address=True)
   # Whichever comes first; each evaluation takes the newest version.
   every_minutes: float = setting(5.0, "Evaluate the newest version every M minutes (0: never by "
                                       "time).", minimum=0.0, maximum=10_000.0)

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dqnfleet.core.config import METRICS_OFF
+from dqnfleet.core.rpc import PortUnavailable
 
 log = logging.getLogger(__name__)
 PREFIX = "dqnfleet_"
@@ -74,7 +75,7 @@ def serve(port: int, role: str, version: str, git_revision: str) -> int | None:
   try:
     server, _ = prometheus_client.start_http_server(port)
   except OSError as e:
-    raise OSError(f"cannot serve metrics on port {port} ({e.strerror}): use --metrics-port to "
+    raise PortUnavailable(f"cannot serve metrics on port {port} ({e.strerror}): use --metrics-port to "
                   "pick another port, 0 for any free one or -1 for none") from None
   bound = server.server_port
   log.info("Prometheus metrics on port %d (/metrics)", bound)

@@ -21,9 +21,16 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
 SERVER_OPTIONS = [
+    # gRPC turns SO_REUSEPORT on by default, so a second process given the
+    # same port would start and share it, answering health checks at random.
+    ("grpc.so_reuseport", 0),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
+
+
+class PortUnavailable(OSError):
+  """A server cannot listen on the port it was given; the message names it."""
 
 
 class StatusServicer(fleet_pb2_grpc.StatusServiceServicer):
@@ -57,9 +64,13 @@ def start_server(port: int, status: StatusServicer,
   fleet_pb2_grpc.add_StatusServiceServicer_to_server(status, server)
   if extra:
     extra(server)
-  bound = server.add_insecure_port(f"[::]:{port}")
+  try:
+    bound = server.add_insecure_port(f"[::]:{port}")
+  except RuntimeError:  # how grpcio reports a failed bind
+    bound = 0
   if bound == 0:
-    raise OSError(f"cannot listen on port {port}: it is in use or not allowed")
+    raise PortUnavailable(f"cannot listen on port {port}: it is in use or not allowed; give "
+                          "the service another port (0: any free one)")
   server.start()
   # "" is the whole server's status, as grpc_health_probe and Kubernetes ask.
   for name in ("", "dqnfleet.v1.StatusService"):

@@ -17,6 +17,7 @@ and what is allowed, before any service starts.
 """
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -32,10 +33,14 @@ class ConfigError(ValueError):
 
 def setting(default: Any, help: str, *, minimum: float | None = None,
             maximum: float | None = None, choices: Sequence[Any] | None = None,
-            classic: Any = _UNSET) -> Any:
-  """Declares one setting: default, help text, allowed values, family default."""
+            classic: Any = _UNSET, address: bool = False) -> Any:
+  """Declares one setting: default, help text, allowed values, family default.
+
+  `address`: the value is a host:port to connect to.
+  """
   metadata = {"help": help, "minimum": minimum, "maximum": maximum,
-              "choices": tuple(choices) if choices else None, "classic": classic}
+              "choices": tuple(choices) if choices else None, "classic": classic,
+              "address": address}
   if isinstance(default, (list, tuple)):
     return dataclasses.field(default_factory=lambda: tuple(default), metadata=metadata)
   return dataclasses.field(default=default, metadata=metadata)
@@ -208,19 +213,45 @@ def _type_word(kind: Any) -> str:
 
 
 def check_bounds(config: Any) -> None:
-  """Refuses values outside a setting's declared minimum, maximum or choices."""
+  """Refuses values outside a setting's declared minimum, maximum or choices.
+
+  Also refuses NaN and infinities (NaN passes every comparison) and
+  addresses that do not parse. Messages name the flag and its variable.
+  """
   for field in dataclasses.fields(config):
     value = getattr(config, field.name)
     meta = field.metadata
+    where = f" (flag {flag_name(field)}, env {env_name(field)})"
     items = value if isinstance(value, tuple) else (value,)
     for item in items:
+      if isinstance(item, float) and not math.isfinite(item):
+        raise ConfigError(f"{flag_name(field)} must be a finite number, got {value}{where}")
       if meta["minimum"] is not None and item < meta["minimum"]:
-        raise ConfigError(f"{flag_name(field)} must be >= {meta['minimum']}, got {value}")
+        raise ConfigError(f"{flag_name(field)} must be >= {meta['minimum']}, got {value}{where}")
       if meta["maximum"] is not None and item > meta["maximum"]:
-        raise ConfigError(f"{flag_name(field)} must be <= {meta['maximum']}, got {value}")
+        raise ConfigError(f"{flag_name(field)} must be <= {meta['maximum']}, got {value}{where}")
       if meta["choices"] and item not in meta["choices"]:
         allowed = ", ".join(map(str, meta["choices"]))
-        raise ConfigError(f"{flag_name(field)} must be one of {allowed}, got {value!r}")
+        raise ConfigError(f"{flag_name(field)} must be one of {allowed}, got {value!r}{where}")
+    if meta.get("address"):
+      problem = address_problem(value)
+      if problem:
+        raise ConfigError(f"{flag_name(field)} {value!r} {problem}{where}")
+
+
+def address_problem(address: str) -> str | None:
+  """Why `address` is not a host:port to connect to (None if it is)."""
+  host, sep, port = address.rpartition(":")
+  if not sep or not host:
+    return "is not host:port (e.g. localhost:8000 or [::1]:8000)"
+  if host.startswith("["):
+    if not host.endswith("]") or len(host) < 3:
+      return "has an IPv6 host without its closing ] (write [::1]:8000)"
+  elif not all(c.isalnum() or c in "-._" for c in host):
+    return f"has a host {host!r} with characters a host name cannot have"
+  if not port.isdigit() or not 1 <= int(port) <= 65535:
+    return f"has port {port!r}; a port is 1..65535"
+  return None
 
 
 def to_flags(config: Any) -> list[str]:
