@@ -1,4 +1,5 @@
 """Settings: flags, environment variables, family defaults, refusal of bad input."""
+import threading
 
 import pytest
 
@@ -186,3 +187,19 @@ def test_a_service_given_a_port_in_use_exits_with_an_error_naming_it():
                       "--metrics-port", str(port), timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"dqnfleet replay: error: cannot serve metrics on port {port}" in result.stderr
+
+
+def test_reconnect_backoff_doubles_to_its_cap_with_jitter():
+  from dqnfleet.core import rpc
+  backoff = rpc.Backoff(first=1.0, cap=4.0)
+  waits = [backoff.jittered() for _ in range(200)]
+  assert all(0.5 <= w < 1.5 for w in waits) and len(set(waits)) > 150
+  stop = threading.Event()
+  stop.set()  # wait returns at once when stopped, and the delay still grows
+  delays = []
+  for _ in range(4):
+    assert backoff.wait(stop) is True
+    delays.append(backoff.delay)
+  assert delays == [2.0, 4.0, 4.0, 4.0]
+  backoff.reset()
+  assert backoff.delay == 1.0

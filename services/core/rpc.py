@@ -1,5 +1,6 @@
 """gRPC plumbing every service shares: servers, health, status, retries."""
 import logging
+import random
 import threading
 import time
 from concurrent import futures
@@ -99,7 +100,12 @@ def check_health(address: str, timeout: float = 3.0) -> bool:
 
 
 class Backoff:
-  """Exponential backoff with a cap, for reconnect loops."""
+  """Exponential backoff with a cap and jitter, for reconnect loops.
+
+  Each wait is the current delay times a random factor in [0.5, 1.5): a
+  thousand collectors that lost the same server do not all come back in the
+  same instant.
+  """
 
   def __init__(self, first: float = 0.5, cap: float = 15.0):
     self._first, self._cap = first, cap
@@ -108,9 +114,13 @@ class Backoff:
   def reset(self) -> None:
     self.delay = self._first
 
+  def jittered(self) -> float:
+    return self.delay * random.uniform(0.5, 1.5)
+
   def wait(self, stop: threading.Event | None = None) -> bool:
-    """Sleeps the current delay (or until `stop`), doubles it; True if stopped."""
-    stopped = stop.wait(self.delay) if stop else (time.sleep(self.delay) or False)
+    """Sleeps about the current delay (or until `stop`), doubles it; True if stopped."""
+    seconds = self.jittered()
+    stopped = stop.wait(seconds) if stop else (time.sleep(seconds) or False)
     self.delay = min(self.delay * 2, self._cap)
     return bool(stopped)
 
