@@ -6,6 +6,7 @@ import re
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 import reverb
 import tensorflow as tf
@@ -271,6 +272,29 @@ def test_json_logs_carry_time_level_service_instance_and_message(fleet):
     assert entry["level"] in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     assert entry["time"].endswith("+00:00") and entry["message"]
   assert any("acting with policy v" in json.loads(line)["message"] for line in lines)
+
+
+def test_items_with_impossible_values_are_left_out_and_the_trainer_trains_on(fleet):
+  wait_until(lambda: status(fleet, "trainer").counters["train_steps"] > 0, 240, "training")
+  env_specs = specs.env_specs(specs.EnvConfig(env_id="CartPole-v1", n_step=1))
+  client = reverb.Client(fleet["replay_address"])
+  obs = np.zeros(4, np.float32)
+  # Values no collector writes: left out of training and deleted from the table.
+  writer = client.trajectory_writer(num_keep_alive_refs=2)
+  for action, reward in ((0, float("nan")), (99, 1.0)):
+    writer.append(specs.row(obs, 0, 0, 1, -1, 0))
+    writer.append(specs.row(obs, action, reward, 1.0, 1, 0))
+    writer.create_item(specs.TABLE, 1.0, specs.item(writer.history, 1, 1))
+    writer.end_episode(timeout_ms=10_000)
+  writer.close()
+  wait_until(lambda: status(fleet, "trainer").counters["bad_items_dropped"] >= 2, 240,
+             "the trainer to drop both invalid items")
+  steps = status(fleet, "trainer").counters["train_steps"]
+  wait_until(lambda: status(fleet, "trainer").counters["train_steps"] > steps, 120,
+             "the trainer to go on training")
+  log = fleet["procs"]["trainer"].log()
+  assert "a step value is not finite" in log and "an action is not one of the environment's" in log
+  assert scrape(fleet, "trainer")["dqnfleet_trainer_bad_items_dropped_total"] >= 2
 
 
 def test_status_command_reports_every_service(fleet):

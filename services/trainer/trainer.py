@@ -17,7 +17,7 @@ from dqnfleet.core import metrics, networks, rpc, specs
 from dqnfleet.core.api import fleet_pb2_grpc
 from dqnfleet.core.summaries import SummaryWriter
 from dqnfleet.core.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
-from dqnfleet.trainer.dataset import make_dataset
+from dqnfleet.trainer.dataset import PROBLEMS, BadItems, make_dataset
 from dqnfleet.trainer.learner import importance_weights, make_agent
 from dqnfleet.trainer.publisher import PolicyPublisher
 
@@ -33,6 +33,9 @@ TRAIN_STEPS = metrics.counter("trainer_train_steps", "Gradient steps taken (sinc
 LOSS = metrics.gauge("trainer_loss", "TD loss of the newest train step.")
 MEAN_Q = metrics.gauge("trainer_mean_q", "Mean over a sampled batch of the greedy action's "
                                          "Q-value (grows with what the agent expects to score).")
+BAD_ITEMS = metrics.counter("trainer_bad_items_dropped",
+                            "Replay items with invalid values, left out of training and deleted "
+                            "from the table.")
 POLICY_LAG = metrics.gauge("trainer_policy_lag_steps",
                            "Train steps between the newest policy and the policy that collected "
                            "the sampled transitions (mean over a batch).")
@@ -68,6 +71,8 @@ class Trainer:
     self.steps_per_s = 0.0
     self.policy_lag = 0.0
     self.mean_q = float("nan")
+    self.bad_items = BadItems()
+    self.bad_items_dropped = 0
 
   @property
   def step(self) -> int:
@@ -79,7 +84,8 @@ class Trainer:
                          "train_steps_per_s": self.steps_per_s,
                          "published_version": self.publisher.latest_version,
                          "policy_lag_steps": self.policy_lag, "mean_q": self.mean_q,
-                         "fleet_env_steps": self.fleet_env_steps}}
+                         "fleet_env_steps": self.fleet_env_steps,
+                         "bad_items_dropped": self.bad_items_dropped}}
 
   def _replay_info(self):
     info = self.replay.server_info(timeout=5)
@@ -165,7 +171,7 @@ class Trainer:
     if self.publisher.latest_version != self.step:
       self.publish()
     dataset = make_dataset(self.config.replay_address, self.specs, self.batch_size,
-                           self.config.prefetch_batches)
+                           self.config.prefetch_batches, self.bad_items)
     iterator = iter(dataset)
     max_steps = self.config.max_train_steps
     last_log, last_step = time.monotonic(), self.step
@@ -192,6 +198,7 @@ class Trainer:
         continue
       finally:
         self._after_steps(before)
+        self._drop_bad_items()
       backoff.reset()
       now = time.monotonic()
       if now - last_log >= self.config.log_every_s:
@@ -224,6 +231,24 @@ class Trainer:
       self.publish()
     if step // self.config.checkpoint_every > before // self.config.checkpoint_every:
       self.checkpoints.save(checkpoint_number=step)
+
+  def _drop_bad_items(self) -> None:
+    """Deletes the invalid items sampling found, so they are never sampled again."""
+    found = self.bad_items.take()
+    if not found:
+      return
+    keys = sorted({key for key, _ in found})
+    try:
+      self.replay.mutate_priorities(specs.TABLE, deletes=keys)
+    except Exception as e:  # replay down: they are left out again when sampled again
+      log.warning("could not delete %d invalid items from replay (%s)", len(keys),
+                  str(e).splitlines()[0][:200])
+    self.bad_items_dropped += len(keys)
+    BAD_ITEMS.inc(len(keys))
+    problems = sorted({PROBLEMS[code] for _, code in found})
+    log.warning("left %d replay item(s) with invalid values out of training and deleted them "
+                "(%s; %d so far); some Reverb client wrote what no collector writes",
+                len(keys), "; ".join(problems), self.bad_items_dropped)
 
   def _summarize(self, step: int) -> None:
     with self.summaries.as_default(step=step):
