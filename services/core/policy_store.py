@@ -53,8 +53,12 @@ def publish(policies_dir: str | os.PathLike, version: int, network: tf.keras.Mod
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()
   tf.train.Checkpoint(q_network=network).write(str(tmp / WEIGHTS_PREFIX))
+  # The manifest lists its siblings' sizes and digests, so a version damaged
+  # on disk later (a crash mid-write, a full disk) is caught before it is served.
   manifest = {"format": FORMAT, "version": version, "published_unix_ms": int(time.time() * 1000),
-              "env": dataclasses.asdict(env), "network": dataclasses.asdict(net)}
+              "env": dataclasses.asdict(env), "network": dataclasses.asdict(net),
+              "files": {name: {"size": size, "sha256": digest}
+                        for name, size, digest in file_digests(tmp)}}
   (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
   for path in tmp.iterdir():
     with open(path, "rb") as f:
@@ -79,6 +83,27 @@ def read_manifest(path: str | os.PathLike) -> dict:
   if manifest.get("format") != FORMAT:
     raise ValueError(f"{path}: unknown policy format {manifest.get('format')!r}, expected {FORMAT}")
   return manifest
+
+
+def damage(path: str | os.PathLike) -> str | None:
+  """What is wrong with a version on disk (None if its files match its manifest)."""
+  path = pathlib.Path(path)
+  try:
+    manifest = read_manifest(path)
+  except ValueError as e:
+    return str(e)
+  listed = manifest.get("files")
+  if listed is None:  # published before manifests listed their files
+    return None
+  present = {name: (size, digest) for name, size, digest in file_digests(path)
+             if name != MANIFEST}
+  for name, expected in listed.items():
+    if name not in present:
+      return f"{path / name} is missing"
+    if present[name] != (expected["size"], expected["sha256"]):
+      return (f"{path / name} does not match the manifest ({present[name][0]} bytes, expected "
+              f"{expected['size']})")
+  return None
 
 
 def file_digests(path: str | os.PathLike) -> list[tuple[str, int, str]]:

@@ -5,6 +5,8 @@ over PolicyService: collectors watch for new versions and fetch their files in
 chunks, so they need no filesystem shared with the trainer.
 """
 import logging
+import os
+import shutil
 import threading
 
 import grpc
@@ -31,9 +33,19 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
     self._env, self._net, self._keep = env_config, network_config, keep
     self._changed = threading.Condition()
     self._latest: fleet_pb2.PolicyVersion | None = None
-    existing = policy_store.list_versions(policies_dir)
-    if existing:  # a restarted trainer goes on serving what it published before
-      self._announce(existing[-1])
+    # A restarted trainer goes on serving what it published before, once it
+    # has checked it: a version damaged on disk is moved aside, never served.
+    for version in reversed(policy_store.list_versions(policies_dir)):
+      path = policy_store.version_dir(policies_dir, version)
+      problem = policy_store.damage(path)
+      if problem is None:
+        self._announce(version)
+        break
+      aside = path.with_name(f".damaged-{path.name}")
+      shutil.rmtree(aside, ignore_errors=True)
+      os.rename(path, aside)
+      log.warning("published policy v%d is damaged (%s): moved aside to %s, not served",
+                  version, problem, aside)
 
   @property
   def latest_version(self) -> int:
@@ -41,6 +53,12 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
     return latest.version if latest else -1
 
   def publish(self, version: int, network) -> None:
+    if version <= self.latest_version:
+      # Resumed from a checkpoint older than the newest published version (a
+      # crash between the two): announcing it would send collectors back.
+      log.info("not publishing v%d: v%d, published before the restart, stays the newest until "
+               "training passes it", version, self.latest_version)
+      return
     policy_store.publish(self.dir, version, network, self._env, self._net, self._keep)
     self._announce(version)
     PUBLISHES.inc()

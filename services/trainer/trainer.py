@@ -52,12 +52,10 @@ class Trainer:
     self.batch_size = agent_config.batch_size
     self.importance_exponent = agent_config.importance_exponent
     self.prioritized = False  # read from the replay table's sampler in run()
+    self.checkpoint = tf.train.Checkpoint(agent=self.agent, train_step=self.train_step)
     self.checkpoints = tf.train.CheckpointManager(
-        tf.train.Checkpoint(agent=self.agent, train_step=self.train_step),
-        os.path.join(config.run_dir, "checkpoints"), max_to_keep=3)
-    restored = self.checkpoints.restore_or_initialize()
-    if restored:
-      log.info("resumed from %s at train step %d", restored, self.step)
+        self.checkpoint, os.path.join(config.run_dir, "checkpoints"), max_to_keep=3)
+    self._resume()
     self.publisher = PolicyPublisher(os.path.join(config.run_dir, "policies"), env, net,
                                      config.keep_policies)
     self.summaries = tf.summary.create_file_writer(
@@ -73,6 +71,23 @@ class Trainer:
     self.mean_q = float("nan")
     self.bad_items = BadItems()
     self.bad_items_dropped = 0
+
+  def _resume(self) -> None:
+    """Restores the newest intact checkpoint; a damaged one is named and skipped."""
+    damaged = []
+    for path in reversed(self.checkpoints.checkpoints):
+      try:
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+      except Exception as e:  # damaged files fail in TF's reader in many ways
+        reason = (getattr(e, "message", None) or str(e)).splitlines()[0][:200]
+        log.error("checkpoint %s is unreadable (%s); trying an older one", path, reason)
+        damaged.append(path)
+        continue
+      log.info("resumed from %s at train step %d", path, self.step)
+      return
+    if damaged:  # starting over would silently throw the run away
+      raise SystemExit(f"no intact training checkpoint in {self.checkpoints.directory} "
+                       f"(unreadable: {', '.join(damaged)}); move them away to start over")
 
   @property
   def step(self) -> int:
