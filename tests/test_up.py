@@ -64,3 +64,13 @@ def test_ctrl_c_stops_every_service(tmp_path):
   assert up.returncode == 0, "".join(lines) + output
   assert "stopped; policies in" in output
   assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_the_progress_line_copes_with_services_that_do_not_answer_yet():
+  from dqnfleet.cli.up import Progress
+  from dqnfleet.core.api import fleet_pb2
+  collector = fleet_pb2.ServiceStatus(role="collector", policy_version=3,
+                                      counters={"env_steps": 1200}, recent_returns=[2.0, 4.0])
+  line = Progress().line({"replay": None, "trainer": None, "collector-0": collector}, 12.0)
+  assert "env steps 1,200" in line and "replay - |" in line and "acting v3" in line
+  assert "return 3.0 (last 2 episodes)" in line

@@ -96,7 +96,7 @@ class Progress:
                     f"{evaluator.counters['last_mean_return']:.1f}")
     return (f"[{elapsed:6.0f}s] env steps {env_steps:,.0f} ({env_rate:,.0f}/s) | "
             f"train steps {train_steps:,.0f} ({train_rate:,.1f}/s) | "
-            f"replay {replay.replay_size if replay else '-':,} | "
+            f"replay {f'{replay.replay_size:,}' if replay else '-'} | "
             f"policy published v{trainer.policy_version if trainer else '-'} acting {acting} | "
             f"return {np.mean(returns) if returns else float('nan'):.1f} "
             f"(last {len(returns)} episodes){evaluation}")
