@@ -3,11 +3,12 @@ and the settings, and runnable.
 
 Every overlay is rendered with `kubectl kustomize` and validated offline,
 strictly, against the Kubernetes OpenAPI schemas that `kubernetes-validate`
-ships. The last test runs the dev overlay's pods as local processes (their
-args and settings, read from the rendered manifests) and checks that the fleet
-trains and the evaluator evaluates. Needs `kubectl` and the `kubernetes-validate`
-package: outside CI the tests that need them are skipped without them, in CI
-(CI=true) they fail.
+ships (the Prometheus Operator's kinds against the fields of their CRDs that
+the service-monitor component uses). The last test runs the dev overlay's
+pods as local processes (their args and settings, read from the rendered
+manifests) and checks that the fleet trains and the evaluator evaluates.
+Needs `kubectl` and the `kubernetes-validate` package: outside CI the tests
+that need them are skipped without them, in CI (CI=true) they fail.
 """
 import dataclasses
 import os
@@ -15,10 +16,12 @@ import pathlib
 import re
 import shutil
 import subprocess
+import urllib.request
 
 import psutil
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from dqnfleet.cli.main import SERVICE_GROUPS, build_configs, build_parser
 from dqnfleet.core import config as config_module
@@ -26,11 +29,17 @@ from dqnfleet.core import rpc
 from dqnfleet.core.settings import ENV_PREFIX, env_name
 
 from conftest import free_port, wait_until
+from test_monitoring import METRICS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 VARIANTS = {"base": K8S / "base", "dev": K8S / "overlays" / "dev", "gpu": K8S / "overlays" / "gpu"}
-HPA_COMPONENT = K8S / "components" / "collector-hpa"
+COMPONENTS = K8S / "components"
+# Rendered on top of a variant in a throwaway overlay: name -> (variant, components).
+# "monitoring" is both monitoring components on the gpu overlay, which has
+# neither (the dev overlay includes the tensorboard component itself).
+COMPOSED = {"hpa": ("dev", ["collector-hpa"]),
+            "monitoring": ("gpu", ["tensorboard", "service-monitor"])}
 # The oldest release the manifests target (native gRPC probes are GA since
 # 1.27, the PDB's unhealthyPodEvictionPolicy and the StatefulSet's PVC
 # retention policy are on by default since 1.27), and the newest schemas the
@@ -46,11 +55,10 @@ WORKLOAD_KIND = {"replay": "StatefulSet", "trainer": "StatefulSet", "collector":
 # layout depends on it. The evaluator learns it from the trainer's policy API.
 TRAINING_ROLES = ("replay", "trainer", "collector")
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
-# Args that differ from compose's command on purpose. Compose writes the
-# evaluator's TensorBoard summaries into the trainer's volume, under the logdir
-# of its tensorboard profile; on Kubernetes the evaluator shares no volume with
-# the trainer and keeps them on its own.
-K8S_ARGS = {"evaluator": {"--summary-dir": "/data/evaluator/tensorboard"}}
+DEFAULT_METRICS_PORTS = {"replay": config_module.DEFAULT_REPLAY_METRICS_PORT,
+                         "trainer": config_module.DEFAULT_TRAINER_METRICS_PORT,
+                         "collector": config_module.DEFAULT_COLLECTOR_METRICS_PORT,
+                         "evaluator": config_module.DEFAULT_EVALUATOR_METRICS_PORT}
 
 
 def required(what: str):
@@ -70,20 +78,22 @@ def kustomize(directory: pathlib.Path) -> tuple[list[dict], str]:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, tuple[list[dict], str]]:
-  """Each variant's objects; "hpa" is the dev overlay plus the HPA component.
+  """Each variant's objects, and each of COMPOSED's (a variant plus components).
 
-  A component cannot be rendered alone, so "hpa" is a throwaway overlay in a
-  temporary directory (kustomize accepts only relative paths to other roots).
+  A component cannot be rendered alone, so each of COMPOSED is a throwaway
+  overlay in a temporary directory (kustomize accepts only relative paths to
+  other roots).
   """
   if not shutil.which("kubectl"):
     required("kubectl (to render deploy/k8s)")
   out = {name: kustomize(path) for name, path in VARIANTS.items()}
-  overlay = tmp_path_factory.mktemp("hpa-overlay")
-  (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-      "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-      "resources": [os.path.relpath(VARIANTS["dev"], overlay)],
-      "components": [os.path.relpath(HPA_COMPONENT, overlay)]}))
-  out["hpa"] = kustomize(overlay)
+  for name, (variant, components) in COMPOSED.items():
+    overlay = tmp_path_factory.mktemp(f"{name}-overlay")
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(VARIANTS[variant], overlay)],
+        "components": [os.path.relpath(COMPONENTS / c, overlay) for c in components]}))
+    out[name] = kustomize(overlay)
   return out
 
 
@@ -160,12 +170,74 @@ def quantity(text) -> float:
   return float(number) * units.get(unit, 1)
 
 
+def selects(selector: dict, labels: dict) -> bool:
+  """Whether a label selector (matchLabels and matchExpressions) matches `labels`."""
+  if not selector.get("matchLabels", {}).items() <= labels.items():
+    return False
+  for e in selector.get("matchExpressions", []):
+    present, value = e["key"] in labels, labels.get(e["key"])
+    ok = {"In": present and value in e.get("values", []),
+          "NotIn": not present or value not in e.get("values", []),
+          "Exists": present, "DoesNotExist": not present}[e["operator"]]
+    if not ok:
+      return False
+  return True
+
+
+def selected_pods(templates: dict[str, dict], selector: dict) -> set[str]:
+  """The names of the pod templates a label selector matches."""
+  return {name for name, t in templates.items() if selects(selector, t["metadata"]["labels"])}
+
+
+def tensorboard(objects: list[dict]) -> dict | None:
+  """The tensorboard component's Deployment, if the variant has it."""
+  return by_kind(objects, "Deployment").get("tensorboard")
+
+
+# kubernetes-validate knows no custom resources: the Prometheus Operator's
+# PodMonitor and ServiceMonitor (monitoring.coreos.com/v1) are checked against
+# the fields of their CRDs (as of operator v0.93) that the service-monitor
+# component uses, strictly, so that a misspelt or misplaced field fails here
+# rather than being dropped by the API server.
+_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "matchExpressions": {"type": "array", "items": {
+        "type": "object", "additionalProperties": False, "required": ["key", "operator"],
+        "properties": {"key": {"type": "string"},
+                       "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                       "values": {"type": "array", "items": {"type": "string"}}}}}}}
+_ENDPOINTS = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "additionalProperties": False, "required": ["port"], "properties": {
+        "port": {"type": "string", "minLength": 1},
+        "path": {"type": "string", "pattern": "^/"},
+        "interval": {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?"
+                                                  r"(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
+                                                  r"(([0-9]+)ms)?)$"}}}}
+
+
+def _monitor_schema(endpoints_field: str) -> dict:
+  return {"type": "object", "additionalProperties": False,
+          "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+              "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"type": "string"},
+              "metadata": {"type": "object", "additionalProperties": False, "required": ["name"],
+                           "properties": {"name": {"type": "string"},
+                                          "labels": {"type": "object"}}},
+              "spec": {"type": "object", "additionalProperties": False,
+                       "required": ["selector", endpoints_field], "properties": {
+                           "selector": _SELECTOR, "jobLabel": {"type": "string"},
+                           endpoints_field: _ENDPOINTS}}}}
+
+
+MONITOR_SCHEMAS = {"PodMonitor": _monitor_schema("podMetricsEndpoints"),
+                   "ServiceMonitor": _monitor_schema("endpoints")}
+
+
 # --- the manifests as such -------------------------------------------------------------------
 
 
 def test_kustomizations_use_current_fields_only(rendered):
   files = sorted(K8S.rglob("kustomization.yaml"))
-  assert len(files) == 4  # base, dev, gpu, the HPA component
+  assert len(files) == 6  # base, dev, gpu, the HPA, tensorboard and service-monitor components
   for path in files:
     fields = set(yaml.safe_load(path.read_text()))
     assert not fields & DEPRECATED_FIELDS, f"{path.relative_to(ROOT)}: {fields & DEPRECATED_FIELDS}"
@@ -174,17 +246,23 @@ def test_kustomizations_use_current_fields_only(rendered):
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-@pytest.mark.parametrize("variant", [*VARIANTS, "hpa"])
+@pytest.mark.parametrize("variant", [*VARIANTS, *COMPOSED])
 def test_rendered_objects_are_valid_kubernetes_objects(rendered, variant, version):
   """Strict: an unknown or misspelt field is an error, as are kinds without a schema."""
   try:
     import kubernetes_validate  # the schemas, offline; pinned in requirements.lock
   except ImportError:
     required("kubernetes-validate (pip)")
+  import jsonschema  # kubernetes-validate's own dependency
   objects, _ = rendered[variant]
   problems = []
   for obj in objects:
     name = f"{obj['kind']}/{obj['metadata']['name']}"
+    if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+      for e in jsonschema.Draft202012Validator(MONITOR_SCHEMAS.get(obj["kind"], False)).iter_errors(
+          obj):
+        problems.append(f"{name}: {'.'.join(map(str, e.path))}: {e.message}")
+      continue
     try:
       kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.ValidationError as e:
@@ -200,13 +278,8 @@ def test_each_role_runs_what_compose_runs(rendered, variant):
   compose, compose_gpu = compose_file(), compose_file("docker-compose.gpu.yml")
   for role in ROLES:
     c, service = container(objects, role), compose["services"][role]
-    # No `command`: the image's entrypoint (`dqnfleet`) runs, with compose's command as args
-    # (but for the flags K8S_ARGS sets, in the same place).
-    expected = [service["command"][0]] + [
-        f"{flag}={K8S_ARGS.get(role, {}).get(flag, value)}"
-        for flag, value in flag_values(service["command"]).items()]
-    assert "command" not in c and c["args"] == expected, role
-    assert set(K8S_ARGS.get(role, {})) <= set(flag_values(service["command"])), role
+    # No `command`: the image's entrypoint (`dqnfleet`) runs, with compose's command as args.
+    assert "command" not in c and c["args"] == service["command"], role
     image = compose_default((compose_gpu["services"] if variant == "gpu" and role == "trainer"
                              else compose["services"])[role]["image"])
     assert c["image"] == image, role
@@ -224,26 +297,38 @@ def test_each_role_runs_what_compose_runs(rendered, variant):
     assert spec["template"]["spec"].get("terminationGracePeriodSeconds", 30) >= 30
 
 
-def test_compose_puts_the_evaluators_summaries_where_its_tensorboard_looks():
-  """The one reason compose's args differ from the pod's (K8S_ARGS): see docker-compose.yml."""
+def tensorboard_logdir(argv: list[str]) -> str:
+  """The --logdir of a `tensorboard ...` command line."""
+  assert argv[0] == "tensorboard", argv
+  (logdir,) = [a.partition("=")[2] for a in argv[1:] if a.startswith("--logdir=")]
+  return logdir
+
+
+def test_compose_tensorboard_reads_the_trainers_volume_where_it_writes_all_summaries():
+  """Collectors and the evaluator send their summaries to the trainer, which
+  writes everyone's into <run dir>/tensorboard: the profile reads that, read-only."""
   services = compose_file()["services"]
-  evaluator, tensorboard = services["evaluator"], services["tensorboard"]
-  assert evaluator["profiles"] == ["evaluator"]
-  (logdir,) = [a.partition("=")[2] for a in tensorboard["entrypoint"] if a.startswith("--logdir=")]
-  summary_dir = flag_values(evaluator["command"])["--summary-dir"]
-  assert summary_dir.startswith(logdir + "/"), (summary_dir, logdir)
+  tensorboard, trainer = services["tensorboard"], services["trainer"]
+  assert tensorboard["profiles"] == ["tensorboard"]
+  logdir = tensorboard_logdir(tensorboard["entrypoint"] + tensorboard["command"])
+  assert logdir == flag_values(trainer["command"])["--run-dir"] + "/tensorboard"
 
   def volume(service: dict, path: str) -> tuple[str, str]:
     """The named volume holding `path` in a service, and the mount's mode ("rw" or "ro")."""
-    mounts = [v.split(":") for v in service["volumes"]]
+    mounts = [v.split(":") for v in service.get("volumes", [])]
     (name, _, *mode) = max((m for m in mounts if path == m[1] or path.startswith(m[1] + "/")),
-                                key=lambda m: len(m[1]))
+                           key=lambda m: len(m[1]))
     return name, (mode or ["rw"])[0]
 
-  assert volume(evaluator, summary_dir) == (volume(tensorboard, logdir)[0], "rw")
-  assert volume(evaluator, summary_dir)[0] == volume(services["trainer"], logdir)[0]
+  assert volume(tensorboard, logdir) == (volume(trainer, logdir)[0], "ro")
+  assert volume(trainer, logdir) == ("trainer-data", "rw")
+  # Nothing else writes there: the evaluator keeps only its results, on its
+  # own volume, and writes no summaries of its own; collectors mount nothing.
+  evaluator = services["evaluator"]
+  assert "--summary-dir" not in flag_values(evaluator["command"])
   out_dir = flag_values(evaluator["command"])["--out-dir"]
-  assert volume(evaluator, out_dir) == ("evaluator-data", "rw")
+  assert evaluator["volumes"] == [f"evaluator-data:{out_dir}"]
+  assert "volumes" not in services["collector"]
   assert "evaluator-data" in compose_file()["volumes"]
 
 
@@ -293,28 +378,42 @@ def test_settings_are_compose_variables_and_real_settings(rendered, variant, mon
               if s["configMapRef"]["name"].startswith("dqnfleet-shared-")]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, "monitoring"])
 def test_services_policies_and_budgets_select_the_right_pods(rendered, variant):
   objects, _ = rendered[variant]
   templates = {role: workload(objects, role)["spec"]["template"] for role in ROLES}
+  # The tensorboard component's pod, where the variant has it (dev, monitoring).
+  board = tensorboard(objects)
+  assert (board is not None) == (variant in ("dev", "monitoring")), variant
+  if board:
+    templates["tensorboard"] = board["spec"]["template"]
+    assert selected_pods(templates, board["spec"]["selector"]) == {"tensorboard"}
 
   def selected(match_labels: dict) -> set[str]:
-    return {role for role, t in templates.items()
-            if match_labels.items() <= t["metadata"]["labels"].items()}
+    return selected_pods(templates, {"matchLabels": match_labels})
+
+  def listens(name: str) -> set[int]:
+    if name == "tensorboard":
+      (c,) = board["spec"]["template"]["spec"]["containers"]
+      return {p["containerPort"] for p in c["ports"]}
+    return opened_ports(container(objects, name)["args"])
 
   for role in ROLES:
     assert selected(workload(objects, role)["spec"]["selector"]["matchLabels"]) == {role}
   services = by_kind(objects, "Service")
-  assert set(services) == {"replay", "trainer"}  # nothing connects to a collector
+  # Nothing connects to a collector or the evaluator (Prometheus finds pods by themselves).
+  assert set(services) == {"replay", "trainer"} | ({"tensorboard"} if board else set())
   for name, service in services.items():
     assert selected(service["spec"]["selector"]) == {name}
-    assert workload(objects, name)["spec"]["serviceName"] == name
-    c = container(objects, name)
+    if name != "tensorboard":
+      assert workload(objects, name)["spec"]["serviceName"] == name
+    (c,) = templates[name]["spec"]["containers"]
     named = {p["name"]: p["containerPort"] for p in c["ports"]}
     # The same numbers as in the pod, so `replay:8001` means what it means in compose.
     ports = [named.get(p["targetPort"], p["targetPort"]) for p in service["spec"]["ports"]]
     assert ports == [p["port"] for p in service["spec"]["ports"]]
-    assert sorted(ports) == sorted(opened_ports(c["args"])), name
+    # Every port the pod opens, metrics included (the ServiceMonitor scrapes through it).
+    assert sorted(ports) == sorted(listens(name)), name
   # Every host:port in the args names a Service port: `replay:8000`, `trainer:8010`.
   for role in ROLES:
     for value in flag_values(container(objects, role)["args"]).values():
@@ -322,23 +421,35 @@ def test_services_policies_and_budgets_select_the_right_pods(rendered, variant):
         assert int(m[2]) in {p["port"] for p in services[m[1]]["spec"]["ports"]}, value
 
   policies = {n: p["spec"] for n, p in by_kind(objects, "NetworkPolicy").items()}
-  allowed = {}  # (target role, port) -> roles allowed in (None: any pod of the namespace)
+  # (target, port) -> who may connect: roles, None for any pod of the namespace,
+  # "cluster" for any pod of any namespace (Prometheus lives in one of its own).
+  allowed = {}
   for spec in policies.values():
     (target,) = selected(spec["podSelector"]["matchLabels"])
     assert spec["policyTypes"] == ["Ingress"]
     for rule in spec["ingress"]:
       sources = set()
       for peer in rule["from"]:
-        labels = peer["podSelector"].get("matchLabels")
-        sources |= selected(labels) if labels else {None}
+        if "namespaceSelector" in peer:
+          assert peer == {"namespaceSelector": {}}, peer
+          sources.add("cluster")
+        else:
+          labels = peer["podSelector"].get("matchLabels")
+          sources |= selected(labels) if labels else {None}
       for port in rule["ports"]:
-        assert port["port"] in opened_ports(container(objects, target)["args"])
+        assert port["port"] in listens(target)
+        assert (target, port["port"]) not in allowed, (target, port)
         allowed[(target, port["port"])] = sources
-  assert allowed == {("replay", 8000): {"collector", "trainer"}, ("replay", 8001): {None},
-                     ("trainer", 8010): {"collector", "evaluator"}, ("collector", 8020): {None},
-                     ("evaluator", 8030): {None}}
+  expected = {("replay", 8000): {"collector", "trainer"}, ("replay", 8001): {None},
+              ("trainer", 8010): {"collector", "evaluator"}, ("collector", 8020): {None},
+              ("evaluator", 8030): {None}}
+  expected |= {(role, port): {"cluster"} for role, port in DEFAULT_METRICS_PORTS.items()}
+  if board:
+    expected[("tensorboard", 6006)] = {None}
+  assert allowed == expected
 
   budgets = {n: b["spec"] for n, b in by_kind(objects, "PodDisruptionBudget").items()}
+  assert set(budgets) == set(ROLES)  # TensorBoard is disposable: drains may always evict it
   for role in ROLES:
     assert selected(budgets[role]["selector"]["matchLabels"]) == {role}
   # Singletons: drains may evict them (0 would block drains forever).
@@ -348,26 +459,34 @@ def test_services_policies_and_budgets_select_the_right_pods(rendered, variant):
   assert budgets["collector"]["maxUnavailable"] == "50%"
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+def assert_locked_down_and_sized(pod: dict, c: dict, name: str) -> None:
+  """What every pod of the fleet has: non-root, read-only, no token, requests and limits."""
+  # These at least (fsGroupChangePolicy may come with them).
+  assert pod["securityContext"] == {**pod["securityContext"], "runAsNonRoot": True,
+                                    "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                                    "seccompProfile": {"type": "RuntimeDefault"}}, name
+  assert c["securityContext"] == {"allowPrivilegeEscalation": False,
+                                  "readOnlyRootFilesystem": True,
+                                  "capabilities": {"drop": ["ALL"]}}, name
+  assert pod["enableServiceLinks"] is False  # no injected *_PORT variables next to the settings
+  assert pod["automountServiceAccountToken"] is False
+  for kind in ("cpu", "memory"):
+    request, limit = (quantity(c["resources"][k][kind]) for k in ("requests", "limits"))
+    assert 0 < request <= limit, f"{name} {kind}"
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "monitoring"])
 def test_pods_are_locked_down_and_sized(rendered, variant):
   objects, _ = rendered[variant]
   claims = by_kind(objects, "PersistentVolumeClaim")
   claimed = set()
+  if board := tensorboard(objects):  # its volumes: test_the_tensorboard_component_...
+    (c,) = board["spec"]["template"]["spec"]["containers"]
+    assert_locked_down_and_sized(board["spec"]["template"]["spec"], c, "tensorboard")
   for role in ROLES:
     pod = workload(objects, role)["spec"]["template"]["spec"]
     c = container(objects, role)
-    # These at least (fsGroupChangePolicy may come with them).
-    assert pod["securityContext"] == {**pod["securityContext"], "runAsNonRoot": True,
-                                      "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-                                      "seccompProfile": {"type": "RuntimeDefault"}}
-    assert c["securityContext"] == {"allowPrivilegeEscalation": False,
-                                    "readOnlyRootFilesystem": True,
-                                    "capabilities": {"drop": ["ALL"]}}
-    assert pod["enableServiceLinks"] is False  # no injected *_PORT variables next to the settings
-    assert pod["automountServiceAccountToken"] is False
-    for kind in ("cpu", "memory"):
-      request, limit = (quantity(c["resources"][k][kind]) for k in ("requests", "limits"))
-      assert 0 < request <= limit, f"{role} {kind}"
+    assert_locked_down_and_sized(pod, c, role)
     # Writable: /tmp (an emptyDir; TMPDIR=/tmp in the image) and the data volume alone.
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
@@ -430,6 +549,118 @@ def test_the_hpa_component_owns_the_collector_count(rendered):
                                            "name": "collector"}
   assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
   assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"] < 256
+
+
+# --- metrics and TensorBoard ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, *COMPOSED])
+def test_every_pod_serves_metrics_where_prometheus_looks(rendered, variant, monkeypatch):
+  """The port a service opens, as it reads its args and DQNFLEET_* variables, is
+  its pod's `metrics` port and the one its prometheus.io/* annotations name."""
+  objects, _ = rendered[variant]
+  for role in ROLES:
+    template = workload(objects, role)["spec"]["template"]
+    c = container(objects, role)
+    for name in list(os.environ):
+      if name.startswith(ENV_PREFIX):
+        monkeypatch.delenv(name)
+    for name, value in pod_env(objects, c, f"{role}-0").items():
+      monkeypatch.setenv(name, value)
+    configs = build_configs(SERVICE_GROUPS[role], build_parser().parse_args(c["args"]))
+    (opened,) = [group.metrics_port for group in configs if hasattr(group, "metrics_port")]
+    # The defaults, which compose's prometheus.yml scrapes too (tests/test_monitoring.py).
+    assert opened == DEFAULT_METRICS_PORTS[role], role
+    assert [p["containerPort"] for p in c["ports"] if p["name"] == "metrics"] == [opened], role
+    annotations = {k: v for k, v in template["metadata"].get("annotations", {}).items()
+                   if k.startswith("prometheus.io/")}
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(opened),
+                           "prometheus.io/path": "/metrics"}, role
+
+
+def test_the_monitors_scrape_every_role_once_at_its_metrics_port(rendered):
+  """The service-monitor component: replay and trainer through their Services,
+  collectors (no Service, any number) and the evaluator as pods."""
+  objects, _ = rendered["monitoring"]
+  templates = {role: workload(objects, role)["spec"]["template"] for role in ROLES}
+  templates["tensorboard"] = tensorboard(objects)["spec"]["template"]  # must not be scraped
+  services = by_kind(objects, "Service")
+  interval = yaml.safe_load((ROOT / "deploy/monitoring/prometheus.yml").read_text())["global"][
+      "scrape_interval"]
+  scraped = []  # (role, container port, path, how)
+  for monitor in by_kind(objects, "ServiceMonitor").values():
+    spec = monitor["spec"]
+    assert "namespaceSelector" not in spec  # its own namespace, the fleet's
+    for service in services.values():
+      if not selects(spec["selector"], service["metadata"]["labels"]):
+        continue
+      (role,) = selected_pods(templates, {"matchLabels": service["spec"]["selector"]})
+      named = {p["name"]: p["containerPort"] for p in container(objects, role)["ports"]}
+      for endpoint in spec["endpoints"]:
+        (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+        scraped.append((role, named.get(port["targetPort"], port["targetPort"]),
+                        endpoint.get("path", "/metrics"), "service"))
+        assert endpoint["interval"] == interval  # as in compose: the dashboard's rates expect it
+  for monitor in by_kind(objects, "PodMonitor").values():
+    spec = monitor["spec"]
+    assert "namespaceSelector" not in spec
+    for role in selected_pods(templates, spec["selector"]):
+      labels = templates[role]["metadata"]["labels"]
+      # The job label is the pod's component, like compose's job names.
+      assert labels[spec["jobLabel"]] == role
+      (c,) = templates[role]["spec"]["containers"]
+      for endpoint in spec["podMetricsEndpoints"]:
+        (port,) = [p for p in c["ports"] if p["name"] == endpoint["port"]]
+        scraped.append((role, port["containerPort"], endpoint.get("path", "/metrics"), "pod"))
+        assert endpoint["interval"] == interval
+  assert sorted(scraped) == sorted(
+      (role, port, "/metrics", "service" if role in services else "pod")
+      for role, port in DEFAULT_METRICS_PORTS.items())
+  for monitor in [*by_kind(objects, "ServiceMonitor").values(),
+                  *by_kind(objects, "PodMonitor").values()]:
+    assert monitor["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dqnfleet"
+
+
+@pytest.mark.parametrize("variant", ["dev", "monitoring"])
+def test_the_tensorboard_component_reads_the_trainers_volume(rendered, variant):
+  """Compose's tensorboard profile on Kubernetes: the trainer's claim, read-only,
+  from a pod on the trainer's node (the claim is ReadWriteOnce)."""
+  objects, _ = rendered[variant]
+  board = tensorboard(objects)
+  spec = board["spec"]
+  pod = spec["template"]["spec"]
+  (c,) = pod["containers"]
+  profile = compose_file()["services"]["tensorboard"]
+  assert c["image"] == compose_default(profile["image"])
+  assert c["command"] == profile["entrypoint"] + profile["command"] and "args" not in c
+  logdir = tensorboard_logdir(c["command"])
+  (port,) = c["ports"]
+  assert f"--port={port['containerPort']}" in c["command"]
+  for probe in PROBES:
+    assert c[probe]["httpGet"]["port"] in (port["name"], port["containerPort"]), probe
+  # Where the trainer writes every service's summaries.
+  trainer, trainer_container = workload(objects, "trainer"), container(objects, "trainer")
+  assert logdir == flag_values(trainer_container["args"])["--run-dir"] + "/tensorboard"
+  (claim,) = trainer["spec"]["volumeClaimTemplates"]
+  assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+  trainer_path = {m["name"]: m["mountPath"] for m in trainer_container["volumeMounts"]}[
+      claim["metadata"]["name"]]
+  assert logdir.startswith(trainer_path + "/")
+  mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+  volumes = {v["name"]: v for v in pod["volumes"]}
+  assert set(mounts) == {trainer_path, "/tmp"}
+  assert mounts[trainer_path].get("readOnly") is True
+  # A StatefulSet's claims are named <template>-<StatefulSet>-<ordinal>.
+  assert volumes[mounts[trainer_path]["name"]]["persistentVolumeClaim"] == {
+      "claimName": f"{claim['metadata']['name']}-{trainer['metadata']['name']}-0",
+      "readOnly": True}
+  assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+  (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+  assert term["topologyKey"] == "kubernetes.io/hostname"
+  templates = {role: workload(objects, role)["spec"]["template"] for role in ROLES}
+  assert selected_pods(templates, term["labelSelector"]) == {"trainer"}
+  # One pod, the old one gone before the new one mounts the claim.
+  assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
 
 
 # --- the dev overlay, run ----------------------------------------------------------------------
@@ -565,6 +796,19 @@ def test_the_dev_overlay_runs_as_a_fleet_that_trains(rendered, services, tmp_pat
       lambda: alive() and (s := status(evaluator)).counters["evaluations"] >= 1 and s, 240,
       "the evaluator's first evaluation", interval=2)
   assert evaluation.role == "evaluator" and evaluation.policy_version >= 0
+  # Each pod serves, where its annotations tell Prometheus to look, the
+  # metrics the Grafana dashboard may use (tests/test_monitoring.py).
+  for pod in pods:
+    annotations = workload(objects, pod.role)["spec"]["template"]["metadata"]["annotations"]
+    url = (f"http://localhost:{pod.ports[int(annotations['prometheus.io/port'])]}"
+           f"{annotations['prometheus.io/path']}")
+    families = list(text_string_to_metric_families(
+        urllib.request.urlopen(url, timeout=10).read().decode()))
+    names = {f.name for f in families} | {s.name for f in families for s in f.samples}
+    expected = METRICS[pod.role] | METRICS["every service"] | METRICS["process"]
+    assert not expected - names, (pod.name, expected - names)
+    (info,) = [s for f in families for s in f.samples if s.name == "dqnfleet_build_info"]
+    assert info.labels["role"] == pod.role and info.value == 1, (pod.name, info)
   for pod in pods:
     status(pod)
   print("peak resident memory (MiB):", {n: round(r / 2**20) for n, r in peak_rss.items()})
@@ -579,11 +823,18 @@ def test_the_dev_overlay_runs_as_a_fleet_that_trains(rendered, services, tmp_pat
   (trainer_dir,) = [d for m, d in trainer.mounts.items() if m != "/tmp"]
   assert any(replay_dir.iterdir()), "no replay checkpoint on the replay volume"
   assert any((trainer_dir / "checkpoints").iterdir()) and any((trainer_dir / "policies").iterdir())
-  # The evaluator's results and summaries are on its own (standalone) claim.
+  # The evaluator's results are on its own (standalone) claim.
   (evaluator_dir,) = [d for m, d in evaluator.mounts.items() if m != "/tmp"]
   history = (evaluator_dir / "history.jsonl").read_text().splitlines()
   assert len(history) >= evaluation.counters["evaluations"]
-  assert list((evaluator_dir / "tensorboard").glob("events.out.tfevents.*"))
+  # Every service's summaries are on the trainer's claim, where the overlay's
+  # TensorBoard looks: collectors and the evaluator send theirs to the trainer.
+  (trainer_mount,) = [m for m in trainer.mounts if m != "/tmp"]
+  logdir = tensorboard_logdir(
+      tensorboard(objects)["spec"]["template"]["spec"]["containers"][0]["command"])
+  local_logdir = trainer_dir / pathlib.PurePosixPath(logdir).relative_to(trainer_mount)
+  for run in ("trainer", "collectors", "evaluator"):
+    assert list((local_logdir / run).rglob("events.out.tfevents.*")), f"no {run} summaries"
   # The dev overlay's memory limits leave room above what the processes used here.
   for pod in pods:
     limit = quantity(pod.container["resources"]["limits"]["memory"])
