@@ -4,8 +4,10 @@ Samples batches from Reverb, trains the DQN agent, checkpoints it (and resumes
 from the newest checkpoint on restart), and publishes the policy every
 `publish_every` train steps as version = train step.
 """
+import faulthandler
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 STEPS_PER_CALL = 10
 # Keeps every item sampleable under prioritized replay.
 PRIORITY_FLOOR = 1e-3
+SHUTDOWN_TIMEOUT_S = 15
 
 TRAIN_STEPS = metrics.counter("trainer_train_steps", "Gradient steps taken (since this process "
                                                      "started; the version counts all).")
@@ -274,6 +277,14 @@ class Trainer:
       tf.summary.scalar("trainer/mean_q", self.mean_q)
 
 
+def _exit_stuck() -> None:
+  log.error("shutdown did not finish within %d s after the final checkpoint; stacks follow, "
+            "exiting", SHUTDOWN_TIMEOUT_S)
+  faulthandler.dump_traceback(all_threads=True)
+  sys.stderr.flush()
+  os._exit(0)
+
+
 def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config: TrainerConfig,
           stop: threading.Event, service_id: str = "trainer") -> None:
   trainer = Trainer(env, net, agent_config, config, stop)
@@ -291,5 +302,11 @@ def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config:
   try:
     trainer.run()
   finally:
+    # The checkpoint and the final policy are on disk. Once in a 30-minute
+    # Breakout run the process then failed to exit within up's 30 s; if it
+    # happens again, the stacks in the log say where, and the process ends.
+    watchdog = threading.Timer(SHUTDOWN_TIMEOUT_S, _exit_stuck)
+    watchdog.daemon = True
+    watchdog.start()
     server.stop(grace=2)
     summaries.close()
