@@ -277,12 +277,12 @@ class Trainer:
       tf.summary.scalar("trainer/mean_q", self.mean_q)
 
 
-def _exit_stuck() -> None:
+def _exit_stuck(code: int) -> None:
   log.error("shutdown did not finish within %d s after the final checkpoint; stacks follow, "
             "exiting", SHUTDOWN_TIMEOUT_S)
   faulthandler.dump_traceback(all_threads=True)
   sys.stderr.flush()
-  os._exit(0)
+  os._exit(code)
 
 
 def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config: TrainerConfig,
@@ -299,13 +299,15 @@ def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config:
       config.port, status, max_workers=256,  # each collector holds one WatchPolicies stream
       extra=services)
   log.info("policy API, summaries, health and status on port %d", port)
+  finished = False
   try:
     trainer.run()
+    finished = True
   finally:
-    # The checkpoint and the final policy are on disk. Once in a 30-minute
-    # Breakout run the process then failed to exit within up's 30 s; if it
-    # happens again, the stacks in the log say where, and the process ends.
-    watchdog = threading.Timer(SHUTDOWN_TIMEOUT_S, _exit_stuck)
+    # After run() the checkpoint and the final policy are on disk. Once in a
+    # 30-minute Breakout run the process then failed to exit within up's 30 s;
+    # if it happens again, the stacks in the log say where, and it ends.
+    watchdog = threading.Timer(SHUTDOWN_TIMEOUT_S, _exit_stuck, args=(0 if finished else 1,))
     watchdog.daemon = True
     watchdog.start()
     server.stop(grace=2)
