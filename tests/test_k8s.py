@@ -809,6 +809,17 @@ def test_the_dev_overlay_runs_as_a_fleet_that_trains(rendered, services, tmp_pat
     assert not expected - names, (pod.name, expected - names)
     (info,) = [s for f in families for s in f.samples if s.name == "dqnfleet_build_info"]
     assert info.labels["role"] == pod.role and info.value == 1, (pod.name, info)
+  # Every service's summaries reach the trainer's claim, where the overlay's
+  # TensorBoard looks: collectors and the evaluator send theirs to the trainer
+  # every few seconds, and it flushes them as often.
+  (trainer_mount,) = [m for m in trainer.mounts if m != "/tmp"]
+  logdir = tensorboard_logdir(
+      tensorboard(objects)["spec"]["template"]["spec"]["containers"][0]["command"])
+  local_logdir = trainer.mounts[trainer_mount] / pathlib.PurePosixPath(logdir).relative_to(
+      trainer_mount)
+  for run in ("trainer", "collectors", "evaluator"):
+    wait_until(lambda: alive() and list((local_logdir / run).rglob("events.out.tfevents.*")), 120,
+               f"{run} summaries in the trainer's logdir", interval=2)
   for pod in pods:
     status(pod)
   print("peak resident memory (MiB):", {n: round(r / 2**20) for n, r in peak_rss.items()})
@@ -827,14 +838,6 @@ def test_the_dev_overlay_runs_as_a_fleet_that_trains(rendered, services, tmp_pat
   (evaluator_dir,) = [d for m, d in evaluator.mounts.items() if m != "/tmp"]
   history = (evaluator_dir / "history.jsonl").read_text().splitlines()
   assert len(history) >= evaluation.counters["evaluations"]
-  # Every service's summaries are on the trainer's claim, where the overlay's
-  # TensorBoard looks: collectors and the evaluator send theirs to the trainer.
-  (trainer_mount,) = [m for m in trainer.mounts if m != "/tmp"]
-  logdir = tensorboard_logdir(
-      tensorboard(objects)["spec"]["template"]["spec"]["containers"][0]["command"])
-  local_logdir = trainer_dir / pathlib.PurePosixPath(logdir).relative_to(trainer_mount)
-  for run in ("trainer", "collectors", "evaluator"):
-    assert list((local_logdir / run).rglob("events.out.tfevents.*")), f"no {run} summaries"
   # The dev overlay's memory limits leave room above what the processes used here.
   for pod in pods:
     limit = quantity(pod.container["resources"]["limits"]["memory"])
