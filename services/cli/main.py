@@ -28,7 +28,7 @@ log = logging.getLogger("dqnfleet")
 
 # What `up` sets itself for each service, so it takes no flag for them.
 UP_OWNS = frozenset({"port", "status_port", "metrics_port", "replay_address", "trainer_address", "collector_id",
-                     "seed", "summary_dir", "run_dir", "checkpoint_dir", "out_dir"})
+                     "seed", "run_dir", "checkpoint_dir", "out_dir"})
 
 SERVICE_GROUPS = {
     "replay": (CommonConfig, EnvConfig, ReplayConfig),

@@ -132,7 +132,7 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
     # Its TensorBoard summaries reach the run's logdir through the trainer.
     evaluator = dataclasses.replace(evaluator, trainer_address=f"localhost:{trainer_port}",
                                     status_port=port, metrics_port=free_port(),
-                                    out_dir=str(run_dir / "eval"), summary_dir="")
+                                    out_dir=str(run_dir / "eval"))
     metrics_ports["evaluator"] = evaluator.metrics_port
     fleet.start("evaluator", "evaluator", settings.to_flags(common)
                 + settings.to_flags(evaluator), port)

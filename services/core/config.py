@@ -317,7 +317,6 @@ class EvaluatorConfig:
                                 minimum=0)
   out_dir: str = setting("runs/evaluator", "Directory for history.jsonl, history.csv and "
                                            "best_episode.gif.")
-  summary_dir: str = setting("", "Directory for TensorBoard summaries (empty: none).")
   status_port: int = setting(DEFAULT_EVALUATOR_STATUS_PORT,
                              "Port of the health check and status RPC (0: any free port).",
                              minimum=0, maximum=65535)

@@ -4,7 +4,8 @@ It follows the trainer's PolicyService like a collector does (no filesystem
 shared with the trainer) and, every `--every-minutes` minutes or
 `--every-versions` new versions, plays the newest version by the evaluation
 protocol (evaluator/protocol.py) in environments of its own. Each result goes
-to <out_dir>/history.jsonl and history.csv, to TensorBoard, to the status RPC
+to <out_dir>/history.jsonl and history.csv, to TensorBoard (sent to the
+trainer, which writes it into its logdir), to Prometheus, to the status RPC
 (and so to `dqnfleet status` and `up`'s progress line), and the best episode
 of the latest evaluation to <out_dir>/best_episode.gif.
 """
@@ -53,8 +54,6 @@ class Evaluator:
     self.follower = PolicyFollower(config.trainer_address, None, stop)
     self.out = pathlib.Path(config.out_dir)
     self.out.mkdir(parents=True, exist_ok=True)
-    self._summary = (tf.summary.create_file_writer(config.summary_dir)
-                     if config.summary_dir else None)
     self.network = None
     self.latest: dict | None = None
     self.evaluations = 0
@@ -160,12 +159,6 @@ class Evaluator:
       RESULT[name].set(entry[name])
       self.summaries.scalar(f"evaluator/{name}", entry["version"], entry[name])
     self.summaries.scalar("evaluator/frames", entry["version"], entry["frames"])
-    if self._summary:
-      with self._summary.as_default(step=entry["version"]):
-        for name in SUMMARIZED:
-          tf.summary.scalar(f"evaluator/{name}", entry[name])
-        tf.summary.scalar("evaluator/frames", entry["frames"])
-      self._summary.flush()
 
 
 def serve(protocol_config: ProtocolConfig, config: EvaluatorConfig, stop: threading.Event,
