@@ -58,12 +58,12 @@ def fleet():
   compose("build", timeout=3600)
   print(f"image build took {time.monotonic() - started:.0f}s")
   try:
-    compose("up", "-d", "--scale", "collector=2", timeout=600)
+    compose("--profile", "tensorboard", "up", "-d", "--scale", "collector=2", timeout=600)
     yield
   finally:
     logs = compose("logs", "--no-color", "--tail=30", check=False).stdout
     print(logs[-6000:])
-    compose("down", "-v", "--remove-orphans", timeout=300)
+    compose("--profile", "tensorboard", "down", "-v", "--remove-orphans", timeout=300)
 
 
 def exec_json(service_or_id: str, *args, container=False):
@@ -120,6 +120,39 @@ def test_a_third_collector_reaches_the_replay_table(fleet):
     return int(source) in json.loads(out.strip().splitlines()[-1])
 
   wait_until(sampled_sources, 300, "items of the third collector in replay", interval=5)
+
+
+def test_tensorboard_shows_collector_returns_without_a_shared_filesystem(fleet):
+  """Collectors mount no volume: their scalars reach TensorBoard through the trainer."""
+  probe = ("import glob, tensorflow as tf; print(sorted({v.tag for f in glob.glob("
+           "'/data/trainer/tensorboard/collectors/events.out.tfevents.*') for e in "
+           "tf.compat.v1.train.summary_iterator(f) for v in e.summary.value}))")
+
+  def tags():
+    out = compose("--profile", "tensorboard", "exec", "-T", "tensorboard", "python", "-c", probe,
+                  timeout=120).stdout
+    return json.loads(out.strip().splitlines()[-1].replace("'", '"'))
+
+  found = wait_until(lambda: "collector/episode_return" in (t := tags()) and t, 300,
+                     "collector episode returns in the tensorboard container's logdir",
+                     interval=10)
+  assert "collector/episode_length" in found
+
+
+def test_prometheus_finds_every_collector_on_the_compose_network(fleet):
+  """What deploy/monitoring/prometheus.yml relies on: the service name resolves to each
+  collector, and each serves /metrics on its default port."""
+  probe = ("import socket, urllib.request; ips = sorted({a[4][0] for a in socket.getaddrinfo("
+           "'collector', 8021, type=socket.SOCK_STREAM)}); print(ips); [print(ip, 'env_steps', "
+           "[l for l in urllib.request.urlopen(f'http://{ip}:8021/metrics', timeout=10).read()"
+           ".decode().splitlines() if l.startswith('dqnfleet_collector_env_steps_total')])"
+           " for ip in ips]")
+  out = compose("exec", "-T", "trainer", "python", "-c", probe, timeout=120).stdout
+  lines = out.strip().splitlines()
+  ips = json.loads(lines[0].replace("'", '"'))
+  assert len(ips) == len(collectors()) >= 2, out
+  for line in lines[1:]:
+    assert "dqnfleet_collector_env_steps_total" in line, out
 
 
 def test_services_run_as_a_non_root_user(fleet):

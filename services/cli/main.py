@@ -27,8 +27,8 @@ from dqnfleet.core.settings import ConfigError
 log = logging.getLogger("dqnfleet")
 
 # What `up` sets itself for each service, so it takes no flag for them.
-UP_OWNS = frozenset({"port", "status_port", "metrics_port", "replay_address", "trainer_address", "collector_id",
-                     "seed", "run_dir", "checkpoint_dir", "out_dir"})
+UP_OWNS = frozenset({"port", "status_port", "metrics_port", "replay_address", "trainer_address",
+                     "collector_id", "seed", "run_dir", "checkpoint_dir", "out_dir"})
 
 SERVICE_GROUPS = {
     "replay": (CommonConfig, EnvConfig, ReplayConfig),

@@ -79,7 +79,7 @@ class Collector:
     self.policy_updates = 0
     self.recent_returns = collections.deque(maxlen=RECENT_EPISODES)
     # Episode statistics go to the trainer, which writes them for TensorBoard.
-    self.summaries = SummaryReporter(config.trainer_address, "collector", collector_id, stop)
+    self.summaries = SummaryReporter(config.trainer_address, "collector", collector_id)
 
   def snapshot(self) -> dict:
     return {"policy_version": self.version,
@@ -161,6 +161,7 @@ class Collector:
           observer.close()
     finally:
       env.close()
+      self.summaries.close()  # sends the last episodes' scalars
       log.info("stopped after %d env steps, %d episodes", self.env_steps, self.episodes)
 
   def _budget_spent(self) -> bool:

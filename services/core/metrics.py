@@ -75,8 +75,9 @@ def serve(port: int, role: str, version: str, git_revision: str) -> int | None:
   try:
     server, _ = prometheus_client.start_http_server(port)
   except OSError as e:
-    raise PortUnavailable(f"cannot serve metrics on port {port} ({e.strerror}): use --metrics-port to "
-                  "pick another port, 0 for any free one or -1 for none") from None
+    raise PortUnavailable(f"cannot serve metrics on port {port} ({e.strerror}): use "
+                          "--metrics-port to pick another port, 0 for any free one or -1 for "
+                          "none") from None
   bound = server.server_port
   log.info("Prometheus metrics on port %d (/metrics)", bound)
   return bound

@@ -2,7 +2,8 @@
 
 Every service logs this record once at start; the trainer and the evaluator
 also write it to `run.json` in their directory (run directory, output
-directory), and `dqnfleet up` writes its own for the whole fleet. run.json holds one entry per role, so services that share a directory
+directory), and `dqnfleet up` writes its own for the whole fleet. run.json
+holds one entry per role, so services that share a directory
 (`up` and the trainer it starts) keep each other's.
 """
 import dataclasses

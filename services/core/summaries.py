@@ -99,10 +99,11 @@ class SummaryReporter:
   backoff; training and collection never wait for it.
   """
 
-  def __init__(self, trainer_address: str, role: str, source_id: str, stop: threading.Event,
+  def __init__(self, trainer_address: str, role: str, source_id: str,
                every_s: float = REPORT_EVERY_S):
     self._address, self._role, self._source = trainer_address, role, source_id
-    self._stop, self._every_s = stop, every_s
+    self._every_s = every_s
+    self._closing = threading.Event()
     self._pending = collections.deque(maxlen=MAX_PENDING)
     self._lock = threading.Lock()
     self.sent = self.dropped = 0
@@ -110,6 +111,12 @@ class SummaryReporter:
 
   def start(self) -> None:
     self._thread.start()
+
+  def close(self, timeout: float = 5.0) -> None:
+    """Sends what is queued (waiting at most `timeout`), then stops the thread."""
+    self._closing.set()
+    if self._thread.is_alive():
+      self._thread.join(timeout)
 
   def scalar(self, tag: str, step: int, value: float) -> None:
     if not math.isfinite(value):  # e.g. the mean of no episodes yet
@@ -124,7 +131,7 @@ class SummaryReporter:
     with rpc.channel(self._address) as channel:
       stub = fleet_pb2_grpc.SummaryServiceStub(channel)
       while True:
-        stopping = self._stop.wait(delay)
+        stopping = self._closing.wait(delay)
         try:
           self._send(stub, timeout=2 if stopping else 10)
           if failing:

@@ -50,7 +50,7 @@ class Evaluator:
                stop: threading.Event, service_id: str = "evaluator"):
     self.protocol, self.config, self._stop = protocol_config, config, stop
     # Results go to the trainer, which writes them next to its own summaries.
-    self.summaries = SummaryReporter(config.trainer_address, "evaluator", service_id, stop)
+    self.summaries = SummaryReporter(config.trainer_address, "evaluator", service_id)
     self.follower = PolicyFollower(config.trainer_address, None, stop)
     self.out = pathlib.Path(config.out_dir)
     self.out.mkdir(parents=True, exist_ok=True)
@@ -79,20 +79,23 @@ class Evaluator:
     newest = None           # (version, weights) not yet evaluated
     since_last = 0          # versions seen since the last evaluation
     last_time = None        # the first version is evaluated at once: the curve's start
-    while not self._stop.wait(1.0):
-      update = self.follower.take()
-      if update is not None:
-        newest, since_last = update, since_last + 1
-        self.versions_seen += 1
-      if newest is None:
-        continue
-      now = time.monotonic()
-      due = (last_time is None
-             or (self.config.every_minutes and now - last_time >= 60 * self.config.every_minutes)
-             or (self.config.every_versions and since_last >= self.config.every_versions))
-      if due:
-        self.evaluate(*newest)
-        newest, since_last, last_time = None, 0, now
+    try:
+      while not self._stop.wait(1.0):
+        update = self.follower.take()
+        if update is not None:
+          newest, since_last = update, since_last + 1
+          self.versions_seen += 1
+        if newest is None:
+          continue
+        now = time.monotonic()
+        due = (last_time is None
+               or (self.config.every_minutes and now - last_time >= 60 * self.config.every_minutes)
+               or (self.config.every_versions and since_last >= self.config.every_versions))
+        if due:
+          self.evaluate(*newest)
+          newest, since_last, last_time = None, 0, now
+    finally:
+      self.summaries.close()  # sends the last evaluation's scalars
 
   def _cadence(self) -> str:
     parts = []
