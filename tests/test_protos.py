@@ -12,5 +12,7 @@ def test_generated_code_is_fresh():
 def test_generated_code_imports_and_has_the_v1_services():
   from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
   assert fleet_pb2.DESCRIPTOR.package == "dqnfleet.v1"
-  assert set(fleet_pb2.DESCRIPTOR.services_by_name) == {"PolicyService", "StatusService"}
+  assert set(fleet_pb2.DESCRIPTOR.services_by_name) == {"PolicyService", "StatusService",
+                                                        "SummaryService"}
   assert hasattr(fleet_pb2_grpc, "PolicyServiceStub")
+  assert hasattr(fleet_pb2_grpc, "SummaryServiceStub")
