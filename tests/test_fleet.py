@@ -313,9 +313,23 @@ def test_status_command_reports_every_service(fleet):
 
 
 def test_health_endpoints_answer_serving(fleet):
-  for port in ("replay_status", "trainer", "c0"):
-    assert dqnfleet("health", f"localhost:{fleet['ports'][port]}", timeout=60).returncode == 0
+  for port in ("replay_status", "trainer", "c0", "c1", "evaluator"):
+    address = f"localhost:{fleet['ports'][port]}"
+    assert dqnfleet("health", address, timeout=60).returncode == 0
+    assert dqnfleet("health", "--ready", address, timeout=60).returncode == 0, port
   assert dqnfleet("health", f"localhost:{free_port()}", timeout=60).returncode == 1
+
+
+def test_a_collector_without_replay_is_alive_but_not_ready(services, tmp_path):
+  port = free_port()
+  collector = services("collector", "collector", "--env-id", "CartPole-v1", "--replay-address",
+                       f"localhost:{free_port()}", "--trainer-address", f"localhost:{free_port()}",
+                       "--status-port", str(port), "--num-envs", "2")
+  wait_until(lambda: "connecting to replay" in collector.log(), 120, "the collector to start")
+  address = f"localhost:{port}"
+  assert dqnfleet("health", address, timeout=60).returncode == 0            # alive: no restart
+  assert dqnfleet("health", "--ready", address, timeout=60).returncode == 1  # but no work for it
+  assert collector.stop() == 0
 
 
 def test_evaluate_fetches_the_latest_policy_from_the_trainer(fleet):

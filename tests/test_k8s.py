@@ -290,8 +290,14 @@ def test_each_role_runs_what_compose_runs(rendered, variant):
     # (replay's Reverb port has no health service, its status port does).
     health_port = int(service["healthcheck"]["test"][-1].rpartition(":")[2])
     assert health_port in ports
+    # Compose waits for readiness; Kubernetes routes by readiness and restarts
+    # by liveness (the empty service name), so a service waiting for a peer is
+    # never killed for it.
+    assert "--ready" in service["healthcheck"]["test"], role
     for probe in PROBES:
-      assert c[probe]["grpc"] == {"port": health_port}, f"{role} {probe}"
+      expected = ({"port": health_port, "service": "readiness"} if probe == "readinessProbe"
+                  else {"port": health_port})
+      assert c[probe]["grpc"] == expected, f"{role} {probe}"
       assert c[probe].get("timeoutSeconds", 1) < c[probe].get("periodSeconds", 10)
     spec = workload(objects, role)["spec"]
     assert spec["template"]["spec"].get("terminationGracePeriodSeconds", 30) >= 30

@@ -6,7 +6,7 @@
     dqnfleet evaluate --policy DIR_OR_ADDR    returns of a published policy (Nature protocol)
     dqnfleet export --policy DIR_OR_ADDR --out DIR   the greedy policy as a SavedModel
     dqnfleet status [--json] ADDRESS...       what running services report
-    dqnfleet health ADDRESS                   exit 0 iff the service is SERVING
+    dqnfleet health [--ready] ADDRESS         exit 0 iff the service is alive (ready)
 
 Heavy imports (TensorFlow, Reverb) happen inside the handlers, so `status`
 and `health` answer in a fraction of a second.
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                                description="gRPC health check, for container health probes.")
   health.add_argument("address", metavar="ADDRESS", help="host:port of the health endpoint")
   health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
+  health.add_argument("--ready", action="store_true",
+                      help="ask readiness (can it do its job now: peers reached, a policy "
+                           "published or loaded; not while stopping) instead of liveness")
   return parser
 
 
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
       return run_status(args.addresses, as_json=args.json, timeout=args.timeout)
     if args.command == "health":
       from dqnfleet.core import rpc
-      return 0 if rpc.check_health(args.address, args.timeout) else 1
+      service = rpc.READINESS if args.ready else ""
+      return 0 if rpc.check_health(args.address, args.timeout, service) else 1
     configs = build_configs(SERVICE_GROUPS[args.command], args, args.command)
     return run_command(args.command, configs)
   except ConfigError as e:

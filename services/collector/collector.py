@@ -78,6 +78,7 @@ class Collector:
     self.episodes = 0
     self.policy_updates = 0
     self.recent_returns = collections.deque(maxlen=RECENT_EPISODES)
+    self.connected = False  # to replay: what readiness reports
     # Episode statistics go to the trainer, which writes them for TensorBoard.
     self.summaries = SummaryReporter(config.trainer_address, "collector", collector_id)
 
@@ -125,9 +126,11 @@ class Collector:
       self.summaries.scalar("collector/episode_length", self.fleet_steps, length)
 
   def _connect(self) -> reverb.Client | None:
+    self.connected = False
     client = reverb.Client(self.config.replay_address)
     ok = rpc.retry(lambda: client.server_info(timeout=5),
                    f"connecting to replay at {self.config.replay_address}", self._stop)
+    self.connected = ok is not None
     return client if ok is not None else None
 
   def run(self) -> None:
@@ -154,6 +157,7 @@ class Collector:
         except (RuntimeError, reverb.errors.ReverbError) as e:
           # Reverb reports a lost server as RuntimeError; the partial
           # episodes are lost with the writers, so every episode restarts.
+          self.connected = False
           log.warning("lost replay at %s (%s); reconnecting in %.1fs",
                       self.config.replay_address, str(e).splitlines()[0][:200], backoff.delay)
           backoff.wait(self._stop)
@@ -199,7 +203,8 @@ def serve(env: EnvConfig, net: NetworkConfig, config: CollectorConfig,
           stop: threading.Event, collector_id: str) -> None:
   collector = Collector(env, net, config, collector_id, stop)
   status = rpc.StatusServicer("collector", collector_id, env.env_id, collector.snapshot)
-  server, port = rpc.start_server(config.status_port, status)
+  server, port = rpc.start_server(config.status_port, status, stop=stop,
+                                  ready=lambda: collector.connected)
   log.info("health and status on port %d", port)
   try:
     collector.run()

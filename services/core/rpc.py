@@ -54,10 +54,22 @@ class StatusServicer(fleet_pb2_grpc.StatusServiceServicer):
         uptime_s=time.monotonic() - self._started)
 
 
+# Health service names: "" is liveness (the process answers), READINESS says
+# whether the service can do its job now (Kubernetes readinessProbe, compose
+# healthcheck); it turns NOT_SERVING as soon as the service is asked to stop,
+# before it drains, so no new work is routed to it.
+READINESS = "readiness"
+READINESS_POLL_S = 1.0
+
+
 def start_server(port: int, status: StatusServicer,
                  extra: Callable[[grpc.Server], None] | None = None,
-                 max_workers: int = 16) -> tuple[grpc.Server, int]:
-  """Starts a server with health, status and `extra` services; returns it and its port."""
+                 max_workers: int = 16, ready: Callable[[], bool] = lambda: True,
+                 stop: threading.Event | None = None) -> tuple[grpc.Server, int]:
+  """Starts a server with health, status and `extra` services; returns it and its port.
+
+  Readiness follows `ready()` (polled every second) until `stop` is set.
+  """
   server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                        options=SERVER_OPTIONS)
   health_servicer = health.HealthServicer()
@@ -73,9 +85,25 @@ def start_server(port: int, status: StatusServicer,
     raise PortUnavailable(f"cannot listen on port {port}: it is in use or not allowed; give "
                           "the service another port (0: any free one)")
   server.start()
-  # "" is the whole server's status, as grpc_health_probe and Kubernetes ask.
   for name in ("", "dqnfleet.v1.StatusService"):
     health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+  stop = stop or threading.Event()
+
+  def follow_readiness():
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    while True:
+      try:
+        is_ready = ready()
+      except Exception:  # a half-built service is not ready
+        is_ready = False
+      health_servicer.set(READINESS, serving if is_ready and not stop.is_set() else not_serving)
+      if stop.wait(READINESS_POLL_S):
+        health_servicer.set(READINESS, not_serving)
+        return
+
+  health_servicer.set(READINESS, health_pb2.HealthCheckResponse.NOT_SERVING)
+  threading.Thread(target=follow_readiness, name="readiness", daemon=True).start()
   return server, bound
 
 
@@ -89,10 +117,11 @@ def get_status(address: str, timeout: float = 5.0) -> fleet_pb2.ServiceStatus:
                                                           timeout=timeout)
 
 
-def check_health(address: str, timeout: float = 3.0) -> bool:
+def check_health(address: str, timeout: float = 3.0, service: str = "") -> bool:
+  """Whether `service` ("" = liveness, READINESS) answers SERVING."""
   try:
     with channel(address) as ch:
-      reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""),
+      reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                    timeout=timeout)
     return reply.status == health_pb2.HealthCheckResponse.SERVING
   except grpc.RpcError:

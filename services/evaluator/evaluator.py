@@ -171,7 +171,8 @@ def serve(protocol_config: ProtocolConfig, config: EvaluatorConfig, stop: thread
   tf.config.threading.set_inter_op_parallelism_threads(config.threads)
   evaluator = Evaluator(protocol_config, config, stop, service_id)
   status = rpc.StatusServicer("evaluator", service_id, "", evaluator.snapshot)
-  server, port = rpc.start_server(config.status_port, status)
+  server, port = rpc.start_server(config.status_port, status, stop=stop,
+                                  ready=lambda: evaluator.follower.latest_seen >= 0)
   log.info("health and status on port %d; results in %s", port, evaluator.out)
   try:
     evaluator.run()

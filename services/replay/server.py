@@ -109,7 +109,7 @@ def serve(env: EnvConfig, config: ReplayConfig, stop: threading.Event,
 
   metrics.register(metrics.ScrapeTimeCollector(lambda: table_metrics(client)))
   status = rpc.StatusServicer("replay", service_id, env.env_id, snapshot)
-  side_server, side_port = rpc.start_server(config.status_port, status)
+  side_server, side_port = rpc.start_server(config.status_port, status, stop=stop)
   log.info("health and status on port %d", side_port)
 
   def checkpoint():

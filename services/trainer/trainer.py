@@ -297,7 +297,9 @@ def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config:
 
   server, port = rpc.start_server(
       config.port, status, max_workers=256,  # each collector holds one WatchPolicies stream
-      extra=services)
+      extra=services, stop=stop,
+      # Ready once it has reached replay and published a policy collectors can load.
+      ready=lambda: trainer.replay_size >= 0 and trainer.publisher.latest_version >= 0)
   log.info("policy API, summaries, health and status on port %d", port)
   finished = False
   try:
