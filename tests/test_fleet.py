@@ -320,6 +320,23 @@ def test_health_endpoints_answer_serving(fleet):
   assert dqnfleet("health", f"localhost:{free_port()}", timeout=60).returncode == 1
 
 
+def test_a_trainer_past_its_step_limit_can_stay_up_serving_its_final_policy(fleet, services,
+                                                                             tmp_path):
+  wait_until(lambda: status(fleet, "replay").replay_size >= 300, 180, "data in replay")
+  port = free_port()
+  trainer = services("trainer-limited", "trainer", "--env-id", "CartPole-v1", "--replay-address",
+                     fleet["replay_address"], "--port", str(port), "--run-dir",
+                     str(tmp_path / "limited"), "--max-train-steps", "30",
+                     "--publish-every", "10", env={"DQNFLEET_SERVE_AFTER_MAX_STEPS": "true"})
+  wait_until(lambda: "reached --max-train-steps 30; serving policy v30" in trainer.log(), 180,
+             "the trainer to reach its limit")
+  assert trainer.proc.poll() is None  # still up: no exit for a supervisor to restart
+  reply = rpc.get_status(f"localhost:{port}")
+  assert reply.policy_version == 30 and reply.counters["train_steps"] == 30
+  assert dqnfleet("health", "--ready", f"localhost:{port}", timeout=60).returncode == 0
+  assert trainer.stop() == 0
+
+
 def test_a_collector_without_replay_is_alive_but_not_ready(services, tmp_path):
   port = free_port()
   collector = services("collector", "collector", "--env-id", "CartPole-v1", "--replay-address",

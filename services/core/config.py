@@ -237,6 +237,11 @@ class TrainerConfig:
                                   minimum=1, classic=2_000)
   max_train_steps: int = setting(0, "Stop after this many train steps (0: run until stopped).",
                                  minimum=0)
+  # A supervisor that restarts whatever exits (a Kubernetes StatefulSet)
+  # would otherwise restart a finished trainer forever.
+  serve_after_max_steps: bool = setting(
+      False, "After --max-train-steps, keep serving the final policy and status until stopped "
+             "instead of exiting.")
   # Batches sampled ahead of the train step, overlapping gRPC with compute.
   prefetch_batches: int = setting(4, "Batches prefetched from replay.", minimum=1, maximum=1024)
   log_every_s: float = setting(10.0, "Seconds between progress log lines.", minimum=0.1)

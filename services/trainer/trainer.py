@@ -7,7 +7,6 @@ from the newest checkpoint on restart), and publishes the policy every
 import faulthandler
 import logging
 import os
-import sys
 import threading
 import time
 
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 STEPS_PER_CALL = 10
 # Keeps every item sampleable under prioritized replay.
 PRIORITY_FLOOR = 1e-3
-SHUTDOWN_TIMEOUT_S = 15
+SHUTDOWN_TIMEOUT_S = 25  # under up's and Kubernetes' 30 s grace
 
 TRAIN_STEPS = metrics.counter("trainer_train_steps", "Gradient steps taken (since this process "
                                                      "started; the version counts all).")
@@ -190,7 +189,10 @@ class Trainer:
       self.publish()
     dataset = make_dataset(self.config.replay_address, self.specs, self.batch_size,
                            self.config.prefetch_batches, self.bad_items)
-    iterator = iter(dataset)
+    # Kept on self so that it is not torn down when run() returns: deleting a
+    # tf.data iterator over Reverb holds the GIL while it waits for its
+    # worker threads, and one running a py_function (dataset.py) needs it.
+    iterator = self._iterator = iter(dataset)
     max_steps = self.config.max_train_steps
     last_log, last_step = time.monotonic(), self.step
     backoff = rpc.Backoff()
@@ -204,7 +206,7 @@ class Trainer:
         TRAIN_STEPS.inc(int(done))
         if int(done) < steps:  # sampling timed out; the steps that ran still count
           self._explain_wait()
-          iterator = iter(dataset)
+          iterator = self._iterator = iter(dataset)
           if int(done) == 0:
             continue
       except (tf.errors.UnavailableError, tf.errors.InternalError,
@@ -212,7 +214,7 @@ class Trainer:
         log.warning("replay at %s unavailable (%s); retrying in %.1fs",
                     self.config.replay_address, e.message.splitlines()[0][:200], backoff.delay)
         backoff.wait(self._stop)
-        iterator = iter(dataset)
+        iterator = self._iterator = iter(dataset)
         continue
       finally:
         self._after_steps(before)
@@ -240,6 +242,10 @@ class Trainer:
     self.checkpoints.save(checkpoint_number=self.step)
     if self.publisher.latest_version != self.step:
       self.publish()
+    if self.config.serve_after_max_steps and not self._stop.is_set():
+      log.info("reached --max-train-steps %d; serving policy v%d until stopped", max_steps,
+               self.publisher.latest_version)
+      self._stop.wait()
     log.info("stopped at train step %d", self.step)
 
   def _after_steps(self, before: int) -> None:
@@ -277,12 +283,9 @@ class Trainer:
       tf.summary.scalar("trainer/mean_q", self.mean_q)
 
 
-def _exit_stuck(code: int) -> None:
-  log.error("shutdown did not finish within %d s after the final checkpoint; stacks follow, "
-            "exiting", SHUTDOWN_TIMEOUT_S)
-  faulthandler.dump_traceback(all_threads=True)
-  sys.stderr.flush()
-  os._exit(code)
+def _arm_shutdown_timer(stop: threading.Event) -> None:
+  stop.wait()
+  faulthandler.dump_traceback_later(SHUTDOWN_TIMEOUT_S, exit=True)
 
 
 def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config: TrainerConfig,
@@ -301,16 +304,14 @@ def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config:
       # Ready once it has reached replay and published a policy collectors can load.
       ready=lambda: trainer.replay_size >= 0 and trainer.publisher.latest_version >= 0)
   log.info("policy API, summaries, health and status on port %d", port)
-  finished = False
+  # Once the service is asked to stop it has SHUTDOWN_TIMEOUT_S to finish.
+  # faulthandler's timer is a C thread: it dumps every thread's stack to the
+  # log and exits even if a C++ call holds the GIL (trainers hung after their
+  # final checkpoint, twice; the suspect is below, in run()).
+  threading.Thread(target=_arm_shutdown_timer, args=(stop,), name="shutdown-timer",
+                   daemon=True).start()
   try:
     trainer.run()
-    finished = True
   finally:
-    # After run() the checkpoint and the final policy are on disk. Once in a
-    # 30-minute Breakout run the process then failed to exit within up's 30 s;
-    # if it happens again, the stacks in the log say where, and it ends.
-    watchdog = threading.Timer(SHUTDOWN_TIMEOUT_S, _exit_stuck, args=(0 if finished else 1,))
-    watchdog.daemon = True
-    watchdog.start()
     server.stop(grace=2)
     summaries.close()
