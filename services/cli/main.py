@@ -12,7 +12,6 @@ Heavy imports (TensorFlow, Reverb) happen inside the handlers, so `status`
 and `health` answer in a fraction of a second.
 """
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -102,15 +101,14 @@ def config_file(command: str, path: str | None):
     return lambda group: {}
   doc = settings.read_config_file(path)
   every_group = {g for groups in SERVICE_GROUPS.values() for g in groups}
-  known = settings.all_setting_names(every_group)
+  settings.check_config_file(doc, path, settings.all_setting_names(every_group),
+                             set(SERVICE_GROUPS))
 
   def values(group) -> dict:
     tables = [command]
     if command == "up" and group in ROLE_OF_GROUP:
       tables.insert(0, ROLE_OF_GROUP[group])  # [up] still wins
-    names = {f.name for f in dataclasses.fields(group)}
-    found = settings.config_file_values(doc, path, tables, known, set(SERVICE_GROUPS))
-    return {k: v for k, v in found.items() if k in names}
+    return settings.config_file_values(doc, path, tables)  # build reads only its own fields
   return values
 
 

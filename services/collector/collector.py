@@ -81,6 +81,9 @@ class Collector:
     self.connected = False  # to replay: what readiness reports
     # Episode statistics go to the trainer, which writes them for TensorBoard.
     self.summaries = SummaryReporter(config.trainer_address, "collector", collector_id)
+    # Read when Prometheus scrapes (one collector per process).
+    POLICY_VERSION.set_function(lambda: self.version)
+    EPSILON.set_function(lambda: float(self.epsilon.numpy()))
 
   def snapshot(self) -> dict:
     return {"policy_version": self.version,
@@ -100,8 +103,6 @@ class Collector:
     previous, self.version = self.version, version
     self.epsilon.assign(epsilon_at(self.fleet_steps, self.config))
     self.policy_updates += 1
-    POLICY_VERSION.set(version)
-    EPSILON.set(float(self.epsilon.numpy()))
     log.info("acting with policy v%d (was v%d), epsilon %.3f", version, previous,
              self.epsilon.numpy())
 
@@ -112,7 +113,6 @@ class Collector:
       return
     if self.version > 0:  # random weights act with epsilon_start whatever the count
       self.epsilon.assign(epsilon_at(self.fleet_steps, self.config))
-    EPSILON.set(float(self.epsilon.numpy()))
 
   def _record_episodes(self, env: envs.BatchedEnvironment) -> None:
     while env.finished_episodes:
@@ -136,7 +136,6 @@ class Collector:
   def run(self) -> None:
     self.follower.start()
     self.summaries.start()
-    EPSILON.set(float(self.epsilon.numpy()))
     env = envs.BatchedEnvironment(self.env_config, self.config.num_envs, self.seed)
     log.info("%d x %s, seed %d, replay %s, trainer %s", self.config.num_envs,
              self.env_config.env_id, self.seed, self.config.replay_address,

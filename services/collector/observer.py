@@ -135,7 +135,7 @@ class ReplayObserver:
       if step_types[i] == ts.StepType.FIRST:
         self._episode_steps[i] = 0
         for frame in self._specs.frames_of(time_step.observation[i]):
-          writer.append(frame, specs.pack_step(0, 0, 1, -1, self._source))
+          writer.append(**specs.row(frame, 0, 0, 1, -1, self._source))
       writer.append(frames[i], steps[i])
       self._episode_steps[i] += 1
       self.steps_observed += 1
@@ -146,7 +146,7 @@ class ReplayObserver:
         # The episode's last n-1 transitions still wait for their items.
         padding = specs.padding_row(frames[i], version, self._source)
         for _ in range(min(n - 1, self._episode_steps[i])):
-          writer.append(padding["frame"], padding["step"])
+          writer.append(**padding)
           writer.create_item()
           self.items_written += 1
         self._wait(lambda: writer.end_episode(timeout_ms=WAIT_TIMEOUT_MS))

@@ -174,14 +174,12 @@ def read_config_file(path: str) -> dict[str, Any]:
     raise ConfigError(f"--config {path!r} is not a readable TOML file: {e}") from None
 
 
-def config_file_values(doc: dict[str, Any], path: str, tables: Sequence[str],
-                       known: set[str], commands: set[str]) -> dict[str, tuple[Any, str]]:
-  """Settings of `doc` that apply: top-level keys, then each of `tables` in order.
+def check_config_file(doc: dict[str, Any], path: str, known: set[str],
+                      commands: set[str]) -> None:
+  """Refuses keys that are no setting of any command and tables that are no command.
 
-  Keys that are no setting of any command, and tables that are no command,
-  are refused (a misspelt key would otherwise be silently ignored).
+  A misspelt key would otherwise be silently ignored.
   """
-  values = {}
   for key, value in doc.items():
     if isinstance(value, dict):
       if key not in commands:
@@ -194,8 +192,13 @@ def config_file_values(doc: dict[str, Any], path: str, tables: Sequence[str],
     elif key not in known:
       raise ConfigError(f"--config {path!r}: {key} is not a setting (settings are the flags' "
                         "names with underscores, e.g. env_id)")
-    else:
-      values[key] = (value, f"{key} in {path}")
+
+
+def config_file_values(doc: dict[str, Any], path: str,
+                       tables: Sequence[str]) -> dict[str, tuple[Any, str]]:
+  """Settings of a checked `doc` that apply: top-level keys, then each of `tables` in order."""
+  values = {key: (value, f"{key} in {path}") for key, value in doc.items()
+            if not isinstance(value, dict)}
   for table in tables:
     for key, value in doc.get(table, {}).items():
       values[key] = (value, f"[{table}] {key} in {path}")

@@ -62,7 +62,6 @@ class SummaryWriter(fleet_pb2_grpc.SummaryServiceServicer):
     self._logdir = logdir
     self._writers = {}
     self._lock = threading.Lock()
-    self.written = 0
 
   def _writer(self, role: str):
     import tensorflow as tf  # the trainer has it loaded already
@@ -82,7 +81,6 @@ class SummaryWriter(fleet_pb2_grpc.SummaryServiceServicer):
       with self._writer(request.role).as_default():
         for scalar in request.scalars:
           tf.summary.scalar(scalar.tag, scalar.value, step=scalar.step)
-      self.written += len(request.scalars)
     return fleet_pb2.SummaryAck(written=len(request.scalars))
 
   def close(self) -> None:
@@ -106,7 +104,6 @@ class SummaryReporter:
     self._closing = threading.Event()
     self._pending = collections.deque(maxlen=MAX_PENDING)
     self._lock = threading.Lock()
-    self.sent = self.dropped = 0
     self._thread = threading.Thread(target=self._run, name="summary-reporter", daemon=True)
 
   def start(self) -> None:
@@ -122,8 +119,6 @@ class SummaryReporter:
     if not math.isfinite(value):  # e.g. the mean of no episodes yet
       return
     with self._lock:
-      if len(self._pending) == self._pending.maxlen:
-        self.dropped += 1
       self._pending.append(fleet_pb2.Scalar(tag=tag, step=int(step), value=float(value)))
 
   def _run(self) -> None:
@@ -159,7 +154,6 @@ class SummaryReporter:
       try:
         stub.Report(fleet_pb2.SummaryReport(role=self._role, source_id=self._source,
                                             scalars=batch), timeout=timeout)
-        self.sent += len(batch)
       except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
           with self._lock:  # back to the front, in order, for the next attempt

@@ -42,9 +42,10 @@ def to_experience(sample: reverb.ReplaySample, stack: int):
 def item_problems(sample: reverb.ReplaySample, env_specs: specs.EnvSpecs) -> tf.Tensor:
   """Per item of a batch, 0 if its values are ones a collector writes, else what is wrong.
 
-  The table's signature already refuses wrong shapes and dtypes; any Reverb
-  client can still write a NaN reward or an action the network has no output
-  for, and one such item would crash every train step that samples it.
+  Collectors write what the table's signature describes (their writers check
+  it; Reverb 0.14's server does not). Any Reverb client can still write a NaN
+  reward or an action the network has no output for, and one such item would
+  crash every train step that samples it.
   """
   step = sample.data["step"]                                # [B, n, 5]
   every = lambda x: tf.reduce_all(tf.reshape(x, [tf.shape(x)[0], -1]), axis=1)
