@@ -64,7 +64,7 @@ def main():
   env_specs = specs.env_specs(env)
   table = reverb.Table(specs.TABLE, reverb.selectors.Uniform(), reverb.selectors.Fifo(),
                        max_size=100_000, rate_limiter=reverb.rate_limiters.MinSize(1),
-                       signature=specs.replay_signature(env_specs))
+                       signature=specs.table_signature(env_specs))
   server = reverb.Server([table])
   client = reverb.Client(f"localhost:{server.port}")
   fill(client, env_specs, 5_000)

@@ -45,7 +45,7 @@ def n_step_items(rewards, discounts, n):
   table = reverb.Table(specs.TABLE, reverb.selectors.Fifo(), reverb.selectors.Fifo(),
                        max_size=1000, max_times_sampled=1,
                        rate_limiter=reverb.rate_limiters.MinSize(1),
-                       signature=specs.replay_signature(env_specs))
+                       signature=specs.table_signature(env_specs))
   server = reverb.Server([table], port=free_port())
   client = reverb.Client(f"localhost:{server.port}")
   observer = ReplayObserver(client, env_specs, 1, lambda: 7, threading.Event(), source=1)

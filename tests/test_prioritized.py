@@ -43,8 +43,8 @@ def test_the_trainer_updates_priorities_of_what_it_sampled(tmp_path):
   trainer._check_signature()
   assert trainer.prioritized  # read from the table's sampler, not configured twice
   iterator = iter(make_dataset(address, trainer.specs, 16, prefetch_batches=1))
-  done, loss, _, _ = trainer._train(iterator, tf.constant(20))
-  assert int(done) == 20 and np.isfinite(float(loss))
+  done, _, loss, _, _, problems = trainer._train(iterator, tf.constant(20))
+  assert int(done) == 20 and np.isfinite(float(loss)) and not len(problems)
   priorities = [s.info.priority for s in client.sample(specs.TABLE, num_samples=200,
                                                         emit_timesteps=False)]
   server.stop()

@@ -69,7 +69,7 @@ def test_sampled_transitions_are_exactly_the_collected_ones(env_id, n_step, step
   env_specs = specs.env_specs(config)
   table = reverb.Table(specs.TABLE, reverb.selectors.Uniform(), reverb.selectors.Fifo(),
                        max_size=100_000, rate_limiter=reverb.rate_limiters.MinSize(1),
-                       signature=specs.replay_signature(env_specs))
+                       signature=specs.table_signature(env_specs))
   server = reverb.Server([table], port=free_port())
   client = reverb.Client(f"localhost:{server.port}")
   env = envs.BatchedEnvironment(config, num_envs=3, seed=7)
@@ -91,7 +91,8 @@ def test_sampled_transitions_are_exactly_the_collected_ones(env_id, n_step, step
   # Several episodes ended (CartPole) or lives were played (Breakout) on the way.
   batch = 64
   dataset = make_dataset(f"localhost:{server.port}", env_specs, batch, prefetch_batches=1)
-  for experience, versions, _ in dataset.take(10):
+  for experience, versions, _, problems in dataset.take(10):
+    assert not problems.numpy()[:, 1].any()  # every collected item is valid
     obs = experience.observation.numpy()
     assert obs.shape[:2] == (batch, n_step + 1)
     assert obs.shape[2:] == env_specs.observation.shape
@@ -121,6 +122,24 @@ def test_a_frame_stack_is_not_stored_twice():
   np.testing.assert_array_equal(first, obs.astype(np.uint8))
   np.testing.assert_array_equal(second[0, ..., :3], obs[0, ..., 1:].astype(np.uint8))
   np.testing.assert_array_equal(second[0, ..., 3], np.full((84, 84), 7, np.uint8))
+
+
+def test_the_table_signature_declares_dtypes_and_still_names_its_layout():
+  """Any shape passes Reverb's sampler (the trainer checks shapes itself); the
+  layout check still tells environments and n-step settings apart, for new
+  tables and for checkpoints saved with exact shapes."""
+  breakout = specs.env_specs(EnvConfig(env_id="ALE/Breakout-v5"))
+  table = specs.table_signature(breakout)
+  assert all(spec.shape.rank is None for spec in table.values())
+  assert {k: s.dtype for k, s in table.items()} == {k: s.dtype for k, s in
+                                                     specs.replay_signature(breakout).items()}
+  assert specs.signature_mismatch(table, breakout) is None
+  assert specs.signature_mismatch(specs.replay_signature(breakout), breakout) is None
+  one_step = specs.env_specs(EnvConfig(env_id="ALE/Breakout-v5", n_step=1))
+  mismatch = specs.signature_mismatch(table, one_step)
+  assert "frames uint8[7, 84, 84]" in mismatch and "frames uint8[5, 84, 84]" in mismatch
+  cartpole = specs.env_specs(EnvConfig(env_id="CartPole-v1"))
+  assert specs.signature_mismatch(table, cartpole) is not None
 
 
 def test_packed_scalars_come_back_exactly():

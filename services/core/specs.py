@@ -113,8 +113,31 @@ def replay_signature(specs: EnvSpecs) -> dict[str, tf.TensorSpec]:
   }
 
 
+def table_signature(specs: EnvSpecs) -> dict[str, tf.TensorSpec]:
+  """The signature the replay table is created with: the dtypes, any shape.
+
+  Reverb 0.14's server stores any item a client writes without checking it
+  against the table's signature, and its sampler checks each sampled item
+  against that signature: one wrong-shaped item fails the trainer's dataset
+  with an error that does not say which item it was, so nothing could
+  delete it. Declared with any shape, such an item reaches the trainer,
+  which checks shapes itself where the item's key is known
+  (trainer/dataset.py). Each spec's name keeps the exact shape, so a table
+  still tells which layout it was made for (signature_mismatch).
+  """
+  return {name: tf.TensorSpec(None, spec.dtype, f"{name}{list(spec.shape)}")
+          for name, spec in replay_signature(specs).items()}
+
+
+def _declared_shape(spec: tf.TensorSpec) -> list | None:
+  if spec.shape.rank is not None:  # exact signatures (older checkpoints, tests)
+    return spec.shape.as_list()
+  _, bracket, dims = (spec.name or "").partition("[")
+  return [int(d) for d in dims.rstrip("]").split(",") if d.strip()] if bracket else None
+
+
 def describe_signature(signature) -> str:
-  return ", ".join(f"{name} {tf.as_dtype(spec.dtype).name}{list(spec.shape)}"
+  return ", ".join(f"{name} {tf.as_dtype(spec.dtype).name}{_declared_shape(spec)}"
                    for name, spec in sorted(signature.items()))
 
 
@@ -122,7 +145,8 @@ def signature_mismatch(signature, env_specs: EnvSpecs) -> str | None:
   """Why a replay table's signature is not this environment's layout (None if it is)."""
   ours = replay_signature(env_specs)
   if signature is None or (set(signature) == set(ours) and all(
-      signature[k].shape == ours[k].shape and signature[k].dtype == ours[k].dtype for k in ours)):
+      _declared_shape(signature[k]) == ours[k].shape.as_list()
+      and signature[k].dtype == ours[k].dtype for k in ours)):
     return None
   return f"the table holds {describe_signature(signature)}; this needs {describe_signature(ours)}"
 

@@ -33,7 +33,7 @@ def make_table(env: EnvConfig, config: ReplayConfig) -> reverb.Table:
           samples_per_insert=config.samples_per_insert,
           min_size_to_sample=config.min_size,
           error_buffer=config.error_buffer()),
-      signature=specs.replay_signature(specs.env_specs(env)))
+      signature=specs.table_signature(specs.env_specs(env)))
 
 
 def table_snapshot(client: reverb.Client) -> dict:

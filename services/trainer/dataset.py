@@ -1,10 +1,9 @@
 """Replay -> agent: batches of transitions sampled from Reverb over gRPC.
 
 Items come in the replay layout of core/specs.py (frames stored once) and
-leave as the [batch, n+1] `Trajectory` that TF-Agents' DqnAgent trains on.
+leave as the [batch, n+1] `Trajectory` that TF-Agents' DqnAgent trains on,
+with the keys of the invalid items the batch left out.
 """
-import threading
-
 import reverb
 import tensorflow as tf
 from tf_agents.trajectories import time_step as ts
@@ -15,6 +14,11 @@ from dqnfleet.core import specs
 # After this long without a sample, the dataset ends so the trainer can say
 # why (table below its minimum, or the rate limiter waiting for collectors).
 SAMPLE_TIMEOUT_MS = 5_000
+
+WRONG_SHAPE = 5
+PROBLEMS = {1: "a step value is not finite", 2: "a discount is outside [0, 1]",
+            3: "an action is not one of the environment's", 4: "an observation is not finite",
+            WRONG_SHAPE: "its shapes are not the table signature's"}
 
 
 def to_experience(sample: reverb.ReplaySample, stack: int):
@@ -39,13 +43,36 @@ def to_experience(sample: reverb.ReplaySample, stack: int):
   return experience, data["policy_version"][:, 0], sample.info
 
 
+def conform(sample: reverb.ReplaySample, signature) -> tuple[reverb.ReplaySample, tf.Tensor]:
+  """(One item with the signature's static shapes, 0 or WRONG_SHAPE).
+
+  Reverb 0.14's server stores any item a client writes (it keeps the table
+  signature for clients to read, and checks nothing against it), and its
+  sampler fails the whole dataset on an item of another shape, without
+  saying which. Sampled with any shape and checked here, where the item's
+  key is known, such an item becomes zeros of the right shape and is
+  reported with the rest.
+  """
+  def fits(x, shape):
+    return tf.cond(tf.equal(tf.rank(x), shape.rank),
+                   lambda: tf.reduce_all(tf.equal(tf.shape(x), shape.as_list())),
+                   lambda: tf.constant(False))
+
+  ok = tf.reduce_all(tf.stack([fits(sample.data[name], spec.shape)
+                               for name, spec in signature.items()]))
+  data = {name: tf.cond(ok, lambda x=sample.data[name], s=spec.shape: tf.reshape(x, s),
+                        lambda s=spec: tf.zeros(s.shape, s.dtype))
+          for name, spec in signature.items()}
+  return sample._replace(data=data), tf.where(ok, 0, WRONG_SHAPE)
+
+
 def item_problems(sample: reverb.ReplaySample, env_specs: specs.EnvSpecs) -> tf.Tensor:
   """Per item of a batch, 0 if its values are ones a collector writes, else what is wrong.
 
   Collectors write what the table's signature describes (their writers check
-  it; Reverb 0.14's server does not). Any Reverb client can still write a NaN
-  reward or an action the network has no output for, and one such item would
-  crash every train step that samples it.
+  it). Any Reverb client can still write a NaN reward or an action the
+  network has no output for, and one such item would crash every train
+  step that samples it.
   """
   step = sample.data["step"]                                # [B, n, 5]
   every = lambda x: tf.reduce_all(tf.reshape(x, [tf.shape(x)[0], -1]), axis=1)
@@ -62,63 +89,43 @@ def item_problems(sample: reverb.ReplaySample, env_specs: specs.EnvSpecs) -> tf.
   return tf.reduce_max(tf.stack(codes), axis=0)
 
 
-PROBLEMS = {1: "a step value is not finite", 2: "a discount is outside [0, 1]",
-            3: "an action is not one of the environment's", 4: "an observation is not finite"}
+def without_bad_items(sample: reverb.ReplaySample, shape_codes: tf.Tensor,
+                      env_specs: specs.EnvSpecs) -> tuple[reverb.ReplaySample, tf.Tensor]:
+  """(The batch with each invalid item replaced by a valid one, [B] (key, problem) pairs).
 
-
-class BadItems:
-  """Keys of invalid items found while sampling, for the trainer to delete from replay."""
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self._found: list[tuple[int, int]] = []  # (key, problem code)
-
-  def record(self, keys, codes) -> bool:
-    with self._lock:
-      self._found.extend(zip(keys.numpy().tolist(), codes.numpy().tolist()))
-    return True
-
-  def take(self) -> list[tuple[int, int]]:
-    with self._lock:
-      found, self._found = self._found, []
-    return found
-
-
-def without_bad_items(sample: reverb.ReplaySample, env_specs: specs.EnvSpecs,
-                      bad_items: BadItems) -> tuple[reverb.ReplaySample, tf.Tensor]:
-  """(The batch with each invalid item reported and replaced by a valid one, all invalid?).
-
-  Checked per batch, vectorised, so valid data costs a few cheap ops per
-  batch; a batch with no valid item at all is dropped by the caller.
+  The problems travel inside the dataset's element, so the trainer deletes
+  what it saw without a Python callback inside tf.data. A batch with no
+  valid item at all is all problems; the trainer does not train on it.
   """
-  codes = item_problems(sample, env_specs)
+  codes = tf.where(shape_codes > 0, shape_codes, item_problems(sample, env_specs))
   bad = codes > 0
-
-  def replace():
-    reported = tf.py_function(bad_items.record, [tf.boolean_mask(sample.info.key, bad),
-                                                 tf.boolean_mask(codes, bad)], tf.bool)
-    with tf.control_dependencies([reported]):
-      first_valid = tf.argmin(tf.cast(bad, tf.int32), output_type=tf.int32)
-      rows = tf.where(bad, first_valid, tf.range(tf.shape(bad)[0]))
-      return tf.nest.map_structure(lambda x: tf.gather(x, rows), sample)
-
-  return tf.cond(tf.reduce_any(bad), replace, lambda: sample), tf.reduce_all(bad)
+  first_valid = tf.argmin(tf.cast(bad, tf.int32), output_type=tf.int32)
+  rows = tf.where(bad, first_valid, tf.range(tf.shape(bad)[0]))
+  replaced = tf.cond(tf.reduce_any(bad),
+                     lambda: tf.nest.map_structure(lambda x: tf.gather(x, rows), sample),
+                     lambda: sample)
+  # Keys are uint64, the problems int64 to sit beside them: the bits travel
+  # unchanged and the trainer reads them back as uint64.
+  return replaced, tf.stack([tf.bitcast(sample.info.key, tf.int64), tf.cast(codes, tf.int64)],
+                            axis=1)
 
 
 def make_dataset(replay_address: str, env_specs: specs.EnvSpecs, batch_size: int,
-                 prefetch_batches: int, bad_items: BadItems | None = None) -> tf.data.Dataset:
-  """Batches of valid items; invalid ones are left out and reported to `bad_items`."""
+                 prefetch_batches: int) -> tf.data.Dataset:
+  """(experience, policy versions, info, problems) per batch; see without_bad_items."""
   signature = specs.replay_signature(env_specs)
   dataset = reverb.TrajectoryDataset(
       server_address=replay_address, table=specs.TABLE,
       dtypes=tf.nest.map_structure(lambda s: s.dtype, signature),
-      shapes=tf.nest.map_structure(lambda s: s.shape, signature),
+      shapes=tf.nest.map_structure(lambda s: tf.TensorShape(None), signature),
       max_in_flight_samples_per_worker=2 * batch_size,
       rate_limiter_timeout_ms=SAMPLE_TIMEOUT_MS)
-  bad_items = bad_items or BadItems()
-  return (dataset.batch(batch_size, drop_remainder=True)
-          .map(lambda sample: without_bad_items(sample, env_specs, bad_items))
-          .filter(lambda sample, all_bad: tf.logical_not(all_bad))
-          .map(lambda sample, _: to_experience(sample, env_specs.stack),
-               num_parallel_calls=tf.data.AUTOTUNE)
+
+  def to_batch(sample, shape_codes):
+    sample, problems = without_bad_items(sample, shape_codes, env_specs)
+    return (*to_experience(sample, env_specs.stack), problems)
+
+  return (dataset.map(lambda sample: conform(sample, signature))
+          .batch(batch_size, drop_remainder=True)
+          .map(to_batch, num_parallel_calls=tf.data.AUTOTUNE)
           .prefetch(prefetch_batches))

@@ -6,6 +6,7 @@ from the newest checkpoint on restart), and publishes the policy every
 """
 import faulthandler
 import logging
+import math
 import os
 import threading
 import time
@@ -18,7 +19,7 @@ from dqnfleet.core import metrics, networks, rpc, specs
 from dqnfleet.core.api import fleet_pb2_grpc
 from dqnfleet.core.summaries import SummaryWriter
 from dqnfleet.core.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
-from dqnfleet.trainer.dataset import PROBLEMS, BadItems, make_dataset
+from dqnfleet.trainer.dataset import PROBLEMS, make_dataset
 from dqnfleet.trainer.learner import importance_weights, make_agent
 from dqnfleet.trainer.publisher import PolicyPublisher
 
@@ -29,6 +30,7 @@ STEPS_PER_CALL = 10
 # Keeps every item sampleable under prioritized replay.
 PRIORITY_FLOOR = 1e-3
 SHUTDOWN_TIMEOUT_S = 25  # under up's and Kubernetes' 30 s grace
+UNREADABLE_LOG_EVERY_S = 60
 
 TRAIN_STEPS = metrics.counter("trainer_train_steps", "Gradient steps taken (since this process "
                                                      "started; the version counts all).")
@@ -36,8 +38,12 @@ LOSS = metrics.gauge("trainer_loss", "TD loss of the newest train step.")
 MEAN_Q = metrics.gauge("trainer_mean_q", "Mean over a sampled batch of the greedy action's "
                                          "Q-value (grows with what the agent expects to score).")
 BAD_ITEMS = metrics.counter("trainer_bad_items_dropped",
-                            "Replay items with invalid values, left out of training and deleted "
-                            "from the table.")
+                            "Replay items with invalid values or shapes, left out of training "
+                            "and deleted from the table.")
+UNREADABLE_ITEMS = metrics.counter(
+    "trainer_unreadable_items_skipped",
+    "Replay items of another dtype or column count, skipped (Reverb does not say which item, "
+    "so FIFO removes them).")
 POLICY_LAG = metrics.gauge("trainer_policy_lag_steps",
                            "Train steps between the newest policy and the policy that collected "
                            "the sampled transitions (mean over a batch).")
@@ -71,8 +77,9 @@ class Trainer:
     self.steps_per_s = 0.0
     self.policy_lag = 0.0
     self.mean_q = float("nan")
-    self.bad_items = BadItems()
     self.bad_items_dropped = 0
+    self.unreadable_items_skipped = 0
+    self._unreadable_logged = -math.inf
 
   def _resume(self) -> None:
     """Restores the newest intact checkpoint; a damaged one is named and skipped."""
@@ -102,7 +109,8 @@ class Trainer:
                          "published_version": self.publisher.latest_version,
                          "policy_lag_steps": self.policy_lag, "mean_q": self.mean_q,
                          "fleet_env_steps": self.fleet_env_steps,
-                         "bad_items_dropped": self.bad_items_dropped}}
+                         "bad_items_dropped": self.bad_items_dropped,
+                         "unreadable_items_skipped": self.unreadable_items_skipped}}
 
   def _replay_info(self):
     info = self.replay.server_info(timeout=5)
@@ -150,19 +158,30 @@ class Trainer:
   def _train_steps(self, iterator, steps):
     """Up to `steps` train steps in one TensorFlow graph; returns how many ran.
 
-    Fewer than `steps` means sampling timed out (no data, or the rate limiter
-    waits for collectors). An empty optional, unlike an exception, leaves no
-    half-run step behind: the train step counter moves only with real steps.
+    `timed_out`: sampling waited too long (no data, or the rate limiter
+    waits for collectors). A batch of invalid items only is not trained on;
+    `problems` lists the (key, problem) of every invalid item seen. An empty
+    optional, unlike an exception, leaves no half-run step behind: the train
+    step counter moves only with real steps.
     """
     done = tf.constant(0)
     loss = tf.constant(0.0)
     mean_q = tf.constant(0.0)
     versions = tf.zeros([self.batch_size], tf.int64)
+    problems = tf.zeros([0, 2], tf.int64)  # (key, problem) of the invalid items left out
+    timed_out = tf.constant(False)
     for i in tf.range(steps):
+      tf.autograph.experimental.set_loop_options(
+          shape_invariants=[(problems, tf.TensorShape([None, 2]))])
       batch = iterator.get_next_as_optional()
       if not batch.has_value():
+        timed_out = tf.constant(True)
         break
-      experience, versions, info = batch.get_value()
+      experience, versions, info, found = batch.get_value()
+      bad = found[:, 1] > 0
+      problems = tf.concat([problems, tf.boolean_mask(found, bad)], axis=0)
+      if tf.reduce_all(bad):
+        continue
       if self.prioritized:
         loss_info = self.agent.train(experience,
                                      weights=importance_weights(info, self.importance_exponent))
@@ -176,7 +195,7 @@ class Trainer:
       if i == steps - 1:  # once per call, not per step: it costs a forward pass
         q_values, _ = self.q_network(experience.observation[:, 0])
         mean_q = tf.reduce_mean(tf.reduce_max(q_values, axis=-1))
-    return done, loss, versions, mean_q
+    return done, timed_out, loss, versions, mean_q, problems
 
   def publish(self) -> None:
     self.publisher.publish(self.step, self.q_network)
@@ -188,11 +207,8 @@ class Trainer:
     if self.publisher.latest_version != self.step:
       self.publish()
     dataset = make_dataset(self.config.replay_address, self.specs, self.batch_size,
-                           self.config.prefetch_batches, self.bad_items)
-    # Kept on self so that it is not torn down when run() returns: deleting a
-    # tf.data iterator over Reverb holds the GIL while it waits for its
-    # worker threads, and one running a py_function (dataset.py) needs it.
-    iterator = self._iterator = iter(dataset)
+                           self.config.prefetch_batches)
+    iterator = iter(dataset)
     max_steps = self.config.max_train_steps
     last_log, last_step = time.monotonic(), self.step
     backoff = rpc.Backoff()
@@ -202,23 +218,30 @@ class Trainer:
       before = self.step
       steps = self.steps_per_call if not max_steps else min(self.steps_per_call, max_steps - before)
       try:
-        done, loss, versions, mean_q = self._train(iterator, tf.constant(steps))
+        done, timed_out, loss, versions, mean_q, problems = self._train(iterator,
+                                                                        tf.constant(steps))
         TRAIN_STEPS.inc(int(done))
-        if int(done) < steps:  # sampling timed out; the steps that ran still count
+        self._drop_bad_items(problems.numpy())
+        if timed_out:  # the steps that ran still count
           self._explain_wait()
-          iterator = self._iterator = iter(dataset)
-          if int(done) == 0:
-            continue
+          iterator = iter(dataset)
+        if int(done) == 0:
+          continue
+      except tf.errors.InvalidArgumentError as e:
+        if f"from table '{specs.TABLE}'" not in e.message:
+          raise  # not the replay's data: a bug, not something to skip
+        self._skip_unreadable_item(e.message)
+        iterator = iter(dataset)
+        continue
       except (tf.errors.UnavailableError, tf.errors.InternalError,
               tf.errors.CancelledError) as e:
         log.warning("replay at %s unavailable (%s); retrying in %.1fs",
                     self.config.replay_address, e.message.splitlines()[0][:200], backoff.delay)
         backoff.wait(self._stop)
-        iterator = self._iterator = iter(dataset)
+        iterator = iter(dataset)
         continue
       finally:
         self._after_steps(before)
-        self._drop_bad_items()
       backoff.reset()
       now = time.monotonic()
       if now - last_log >= self.config.log_every_s:
@@ -256,12 +279,11 @@ class Trainer:
     if step // self.config.checkpoint_every > before // self.config.checkpoint_every:
       self.checkpoints.save(checkpoint_number=step)
 
-  def _drop_bad_items(self) -> None:
+  def _drop_bad_items(self, problems: np.ndarray) -> None:
     """Deletes the invalid items sampling found, so they are never sampled again."""
-    found = self.bad_items.take()
-    if not found:
+    if not len(problems):
       return
-    keys = sorted({key for key, _ in found})
+    keys = sorted({int(key) for key in problems[:, 0].view(np.uint64)})
     try:
       self.replay.mutate_priorities(specs.TABLE, deletes=keys)
     except Exception as e:  # replay down: they are left out again when sampled again
@@ -269,10 +291,24 @@ class Trainer:
                   str(e).splitlines()[0][:200])
     self.bad_items_dropped += len(keys)
     BAD_ITEMS.inc(len(keys))
-    problems = sorted({PROBLEMS[code] for _, code in found})
-    log.warning("left %d replay item(s) with invalid values out of training and deleted them "
-                "(%s; %d so far); some Reverb client wrote what no collector writes",
-                len(keys), "; ".join(problems), self.bad_items_dropped)
+    found = sorted({PROBLEMS[int(code)] for _, code in problems})
+    log.warning("left %d replay item(s) out of training and deleted them (%s; %d so far): "
+                "some Reverb client wrote what no collector writes", len(keys), "; ".join(found),
+                self.bad_items_dropped)
+
+  def _skip_unreadable_item(self, message: str) -> None:
+    """Counts an item Reverb's sampler refused (another dtype or column count)."""
+    self.unreadable_items_skipped += 1
+    UNREADABLE_ITEMS.inc()
+    now = time.monotonic()
+    if now - self._unreadable_logged < UNREADABLE_LOG_EVERY_S:
+      return  # a small table samples the same item again within seconds
+    self._unreadable_logged = now
+    reason = next((line for line in message.splitlines() if "from table" in line), message)
+    log.error("skipped a replay item that does not match the table signature (%s; %d so far). "
+              "Reverb's error does not say which item, so it stays until FIFO removes it; "
+              "some Reverb client wrote what no collector writes", reason.strip()[:300],
+              self.unreadable_items_skipped)
 
   def _summarize(self, step: int) -> None:
     with self.summaries.as_default(step=step):
@@ -299,15 +335,15 @@ def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config:
     fleet_pb2_grpc.add_SummaryServiceServicer_to_server(summaries, server)
 
   server, port = rpc.start_server(
-      config.port, status, max_workers=256,  # each collector holds one WatchPolicies stream
-      extra=services, stop=stop,
+      config.port, status, extra=services, stop=stop,
       # Ready once it has reached replay and published a policy collectors can load.
       ready=lambda: trainer.replay_size >= 0 and trainer.publisher.latest_version >= 0)
   log.info("policy API, summaries, health and status on port %d", port)
   # Once the service is asked to stop it has SHUTDOWN_TIMEOUT_S to finish.
   # faulthandler's timer is a C thread: it dumps every thread's stack to the
   # log and exits even if a C++ call holds the GIL (trainers hung after their
-  # final checkpoint, twice; the suspect is below, in run()).
+  # final checkpoint twice, tearing down a tf.data iterator whose workers
+  # waited for the GIL in a Python callback; dataset.py has none now).
   threading.Thread(target=_arm_shutdown_timer, args=(stop,), name="shutdown-timer",
                    daemon=True).start()
   try:
