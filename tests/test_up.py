@@ -1,10 +1,12 @@
 """`dqnfleet up`: the embedded default. CartPole learns within a bounded budget,
-and Ctrl-C stops the whole fleet cleanly."""
+a service killed with SIGKILL is restarted and the fleet recovers, and Ctrl-C
+stops the whole fleet cleanly."""
 import json
 import re
 import signal
 import subprocess
 import sys
+import threading
 
 import psutil
 
@@ -64,6 +66,48 @@ def test_ctrl_c_stops_every_service(tmp_path):
   assert up.returncode == 0, "".join(lines) + output
   assert "stopped; policies in" in output
   assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(tmp_path):
+  up = subprocess.Popen([sys.executable, "-m", "dqnfleet", "up", "--env-id", "CartPole-v1",
+                         "--collectors", "1", "--run-dir", str(tmp_path / "run"),
+                         "--progress-every-s", "1", "--checkpoint-every", "200",
+                         "--publish-every", "100"],
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines: list[str] = []
+  threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True).start()
+
+  def train_steps() -> int:
+    progress = [line for line in lines if "train steps" in line]
+    return int(re.search(r"train steps ([\d,]+)", progress[-1]).group(1).replace(",", ""))
+
+  def child(role: str) -> psutil.Process:
+    return next(c for c in psutil.Process(up.pid).children()
+                if c.is_running() and c.cmdline()[3:4] == [role])
+
+  try:
+    wait_until(lambda: train_steps() > 300, 240, "training")
+    for role, name in (("replay", "replay"), ("trainer", "trainer"),
+                       ("collector", "collector-0")):
+      killed = child(role)
+      killed.send_signal(signal.SIGKILL)
+      killed.wait(30)
+      wait_until(lambda: any(f"restarting {name}" in line for line in lines), 30,
+                 f"up to restart {name}")
+      assert child(role).pid != killed.pid
+      # Recovered: train steps rise again, over two progress lines after the restart.
+      restarted_at = len(lines)
+      # (0 while the trainer does not answer yet)
+      steps = lambda: [n for line in lines[restarted_at:]
+                       if (m := re.search(r"train steps ([\d,]+)", line))
+                       and (n := int(m.group(1).replace(",", ""))) > 0]
+      wait_until(lambda: len(steps()) >= 2 and steps()[-1] > steps()[0], 240,
+                 f"the fleet to train on after {name} was killed")
+    assert up.poll() is None, "".join(lines)
+  finally:
+    up.send_signal(signal.SIGINT)
+    up.wait(180)
+  assert up.returncode == 0, "".join(lines)
 
 
 def test_the_progress_line_copes_with_services_that_do_not_answer_yet():

@@ -2,9 +2,12 @@
 
 Replay, trainer and N collectors run as separate OS processes on loopback
 ports, exactly as they would on separate machines; `up` only starts them,
-polls their status RPCs, and stops them (collectors, trainer, replay) on
-Ctrl-C, when the trainer reaches --max-train-steps, or when one of them dies.
+polls their status RPCs, restarts one that dies (as Kubernetes or compose
+would: each recovers from its checkpoints and peers reconnect), and stops
+them (collectors, trainer, replay) on Ctrl-C, when the trainer reaches
+--max-train-steps, or when one died more often than MAX_RESTARTS.
 """
+import collections
 import dataclasses
 import pathlib
 import signal
@@ -21,6 +24,10 @@ from dqnfleet.core.config import (AgentConfig, CollectorConfig, CommonConfig, En
                                   UpConfig)
 
 STOP_TIMEOUT_S = 30
+# Restarts per service over a run: one that keeps dying is not recovering,
+# and a fleet that goes on without it would hide that.
+MAX_RESTARTS = 3
+USAGE_ERROR = 2  # a service refused its settings: restarting cannot help
 
 
 def free_port() -> int:
@@ -37,15 +44,25 @@ class Fleet:
     self.logs.mkdir(parents=True, exist_ok=True)
     self.procs: dict[str, subprocess.Popen] = {}
     self.status_addresses: dict[str, str] = {}
+    self.restarts: collections.Counter = collections.Counter()
+    self._commands: dict[str, list[str]] = {}
 
   def start(self, name: str, role: str, flags: list[str], status_port: int) -> None:
+    self._commands[name] = [sys.executable, "-m", "dqnfleet", role, *flags]
+    self.status_addresses[name] = f"localhost:{status_port}"
+    self._spawn(name)
+
+  def restart(self, name: str) -> None:
+    self.restarts[name] += 1
+    self._spawn(name)
+
+  def _spawn(self, name: str) -> None:
     log = open(self.logs / f"{name}.log", "ab")
     # A session of its own: Ctrl-C reaches `up` alone, which then stops the
     # children in order instead of all at once.
-    self.procs[name] = subprocess.Popen([sys.executable, "-m", "dqnfleet", role, *flags],
-                                        stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-    self.status_addresses[name] = f"localhost:{status_port}"
+    self.procs[name] = subprocess.Popen(self._commands[name], stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()  # the child has its own copy
 
   def dead(self) -> list[str]:
     return [n for n, p in self.procs.items() if p.poll() is not None]
@@ -102,6 +119,23 @@ class Progress:
             f"(last {len(returns)} episodes){evaluation}")
 
 
+def restart_dead(fleet: Fleet, dead: list[str]) -> bool:
+  """Restarts each dead service; False if one must not be (stop the fleet then)."""
+  for name in dead:
+    code = fleet.procs[name].returncode
+    print(f"{name} exited with code {code}; last log lines:\n{fleet.tail(name)}", flush=True)
+    if code == USAGE_ERROR:
+      print(f"{name} refused its settings; stopping the fleet", flush=True)
+      return False
+    if fleet.restarts[name] >= MAX_RESTARTS:
+      print(f"{name} died {MAX_RESTARTS + 1} times; stopping the fleet", flush=True)
+      return False
+    print(f"restarting {name} (restart {fleet.restarts[name] + 1} of at most {MAX_RESTARTS})",
+          flush=True)
+    fleet.restart(name)
+  return True
+
+
 def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
         agent: AgentConfig, replay: ReplayConfig, collector: CollectorConfig,
         trainer: TrainerConfig, evaluator: EvaluatorConfig) -> int:
@@ -156,10 +190,7 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
       if "trainer" in dead and fleet.procs["trainer"].returncode == 0:
         print("trainer reached its last train step; stopping the fleet", flush=True)
         break
-      if dead:
-        for name in dead:
-          print(f"{name} exited with code {fleet.procs[name].returncode}; last log lines:\n"
-                f"{fleet.tail(name)}", flush=True)
+      if dead and not restart_dead(fleet, dead):
         code = 1
         break
       statuses = {}
