@@ -139,6 +139,12 @@ def test_tensorboard_shows_collector_returns_without_a_shared_filesystem(fleet):
   assert "collector/episode_length" in found
 
 
+def test_tensorboard_is_published_on_loopback_only(fleet):
+  """Nothing in front of TensorBoard asks who is looking: it stays on this machine."""
+  published = compose("--profile", "tensorboard", "port", "tensorboard", "6006").stdout.split()
+  assert published and all(p.startswith("127.0.0.1:") for p in published), published
+
+
 def test_prometheus_finds_every_collector_on_the_compose_network(fleet):
   """What deploy/monitoring/prometheus.yml relies on: the service name resolves to each
   collector, and each serves /metrics on its default port."""
