@@ -1,4 +1,5 @@
 """gRPC plumbing every service shares: servers, health, status, retries."""
+import asyncio
 import logging
 import random
 import threading
@@ -60,50 +61,113 @@ class StatusServicer(fleet_pb2_grpc.StatusServiceServicer):
 # before it drains, so no new work is routed to it.
 READINESS = "readiness"
 READINESS_POLL_S = 1.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# How long past its grace a server may take to stop before its service exits regardless.
+STOP_MARGIN_S = 5.0
 
 
-def start_server(port: int, status: StatusServicer,
-                 extra: Callable[[grpc.Server], None] | None = None,
-                 max_workers: int = 16, ready: Callable[[], bool] = lambda: True,
-                 stop: threading.Event | None = None) -> tuple[grpc.Server, int]:
-  """Starts a server with health, status and `extra` services; returns it and its port.
+class Server:
+  """A grpc.aio server on an event loop of its own (a daemon thread), for synchronous callers.
 
-  Readiness follows `ready()` (polled every second) until `stop` is set.
+  A waiting stream is a suspended coroutine, not a thread: the trainer holds
+  one WatchPolicies stream per collector and evaluator, a thousand or more,
+  which once took a thread each and starved health checks and new calls.
+  Servicer methods written as plain functions (status, summaries,
+  FetchPolicy) run in a thread pool of `max_workers`, so they may block.
   """
-  server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                       options=SERVER_OPTIONS)
-  health_servicer = health.HealthServicer()
-  health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-  fleet_pb2_grpc.add_StatusServiceServicer_to_server(status, server)
-  if extra:
-    extra(server)
-  try:
-    bound = server.add_insecure_port(f"[::]:{port}")
-  except RuntimeError:  # how grpcio reports a failed bind
-    bound = 0
-  if bound == 0:
-    raise PortUnavailable(f"cannot listen on port {port}: it is in use or not allowed; give "
-                          "the service another port (0: any free one)")
-  server.start()
-  for name in ("", "dqnfleet.v1.StatusService"):
-    health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-  stop = stop or threading.Event()
 
-  def follow_readiness():
-    serving = health_pb2.HealthCheckResponse.SERVING
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    while True:
+  def __init__(self, max_workers: int):
+    self.loop = asyncio.new_event_loop()
+    self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-server", daemon=True)
+    self._thread.start()
+    # Health checks run on the loop itself: they answer while the pool is busy.
+    self.health = health.aio.HealthServicer()
+    self._readiness = None
+    self._stopping = False
+    self._pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
+    # grpc.aio binds a server to the loop it is created on.
+    self.aio = self.call(self._create())
+
+  async def _create(self) -> grpc.aio.Server:
+    return grpc.aio.server(migration_thread_pool=self._pool, options=SERVER_OPTIONS)
+
+  def call(self, coroutine, timeout: float | None = None):
+    """Runs `coroutine` on the server's loop; returns its result."""
+    return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+  async def _start(self, ready: Callable[[], bool], stop: threading.Event) -> None:
+    await self.aio.start()
+    for name in ("", "dqnfleet.v1.StatusService"):
+      await self.health.set(name, SERVING)
+    await self.health.set(READINESS, NOT_SERVING)
+    self._readiness = asyncio.create_task(self._follow_readiness(ready, stop))
+
+  async def _follow_readiness(self, ready: Callable[[], bool], stop: threading.Event) -> None:
+    # ready() runs on the loop: the services' checks only read a few attributes.
+    while not stop.is_set():
       try:
         is_ready = ready()
       except Exception:  # a half-built service is not ready
         is_ready = False
-      health_servicer.set(READINESS, serving if is_ready and not stop.is_set() else not_serving)
-      if stop.wait(READINESS_POLL_S):
-        health_servicer.set(READINESS, not_serving)
-        return
+      await self.health.set(READINESS, SERVING if is_ready and not stop.is_set() else NOT_SERVING)
+      # A thread of the default executor waits, so that stop turns readiness
+      # off at once rather than at the next poll.
+      await self.loop.run_in_executor(None, stop.wait, READINESS_POLL_S)
+    await self.health.set(READINESS, NOT_SERVING)
 
-  health_servicer.set(READINESS, health_pb2.HealthCheckResponse.NOT_SERVING)
-  threading.Thread(target=follow_readiness, name="readiness", daemon=True).start()
+  async def _stop(self, grace: float | None) -> None:
+    if self._readiness:
+      self._readiness.cancel()
+    await self.health.set(READINESS, NOT_SERVING)
+    # Calls in flight get `grace` seconds; open streams are cancelled after it.
+    await self.aio.stop(grace)
+
+  def stop(self, grace: float | None = None) -> None:
+    """Stops serving (open streams end after `grace` seconds) and ends the loop's thread."""
+    if self._stopping:
+      return
+    self._stopping = True
+    try:
+      self.call(self._stop(grace), timeout=(grace or 0) + STOP_MARGIN_S)
+    except TimeoutError:
+      # A stopping service must not hang on its server: the process exits anyway.
+      log.warning("the gRPC server did not stop within %.0fs; leaving it to the process exit",
+                  (grace or 0) + STOP_MARGIN_S)
+      return
+    self.loop.call_soon_threadsafe(self.loop.stop)
+    self._thread.join()
+    self.loop.close()
+    self._pool.shutdown(wait=False)
+
+
+def start_server(port: int, status: StatusServicer,
+                 extra: Callable[[grpc.aio.Server], None] | None = None,
+                 max_workers: int = 16, ready: Callable[[], bool] = lambda: True,
+                 stop: threading.Event | None = None) -> tuple[Server, int]:
+  """Starts a server with health, status and `extra` services; returns it and its port.
+
+  `extra` adds services to the grpc.aio server: `async def` methods run on its
+  event loop, plain ones in its thread pool. Readiness follows `ready()`
+  (polled every second) until `stop` is set.
+  """
+  server = Server(max_workers)
+  try:
+    health_pb2_grpc.add_HealthServicer_to_server(server.health, server.aio)
+    fleet_pb2_grpc.add_StatusServiceServicer_to_server(status, server.aio)
+    if extra:
+      extra(server.aio)
+    try:
+      bound = server.aio.add_insecure_port(f"[::]:{port}")
+    except RuntimeError:  # how grpcio reports a failed bind
+      bound = 0
+    if bound == 0:
+      raise PortUnavailable(f"cannot listen on port {port}: it is in use or not allowed; give "
+                            "the service another port (0: any free one)")
+    server.call(server._start(ready, stop or threading.Event()))
+  except BaseException:
+    server.stop(grace=0)
+    raise
   return server, bound
 
 

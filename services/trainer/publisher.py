@@ -3,7 +3,12 @@
 Versions are written to <run_dir>/policies (core/policy_store.py) and served
 over PolicyService: collectors watch for new versions and fetch their files in
 chunks, so they need no filesystem shared with the trainer.
+
+WatchPolicies streams are coroutines on the trainer's gRPC event loop
+(core/rpc.py): a thousand watchers cost a thousand suspended coroutines, not
+a thousand threads, and one publication wakes them all.
 """
+import asyncio
 import logging
 import os
 import shutil
@@ -16,7 +21,6 @@ from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
-WATCH_POLL_S = 1.0
 
 VERSION = metrics.gauge("trainer_policy_version", "Newest published policy version (train step).")
 PUBLISHES = metrics.counter("trainer_publishes", "Policy versions published by this process.")
@@ -25,13 +29,55 @@ WATCHERS = metrics.gauge("trainer_policy_watchers",
                          "Open WatchPolicies streams (collectors and evaluators following).")
 
 
+class Broadcast:
+  """Wakes every coroutine waiting in `wait()`, on any event loop, from any thread.
+
+  Each loop with waiters has one asyncio.Event; `notify_all` sets it from the
+  loop's own thread and drops it, so the next `wait()` there gets a fresh one.
+  After `close()`, `wait()` returns at once.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._events: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
+    self.closed = False
+
+  async def wait(self) -> None:
+    if self.closed:
+      return
+    loop = asyncio.get_running_loop()
+    with self._lock:
+      event = self._events.setdefault(loop, asyncio.Event())
+    await event.wait()
+
+  def close(self) -> None:
+    self.closed = True
+    self.notify_all()
+
+  def notify_all(self) -> None:
+    with self._lock:
+      loops = list(self._events)
+    for loop in loops:
+      try:
+        loop.call_soon_threadsafe(self._wake, loop)
+      except RuntimeError:  # a closed loop: its server stopped, nobody waits there
+        with self._lock:
+          self._events.pop(loop, None)
+
+  def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
+    with self._lock:
+      event = self._events.pop(loop, None)
+    if event is not None:
+      event.set()
+
+
 class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
   """Writes new versions and answers PolicyService calls about them."""
 
   def __init__(self, policies_dir: str, env_config, network_config, keep: int):
     self.dir = policies_dir
     self._env, self._net, self._keep = env_config, network_config, keep
-    self._changed = threading.Condition()
+    self._announced = Broadcast()
     self._latest: fleet_pb2.PolicyVersion | None = None
     # A restarted trainer goes on serving what it published before, once it
     # has checked it: a version damaged on disk is moved aside, never served.
@@ -70,9 +116,8 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
         version=version, published_unix_ms=manifest["published_unix_ms"],
         files=[fleet_pb2.PolicyFile(name=n, size_bytes=s, sha256=h)
                for n, s, h in policy_store.file_digests(path)])
-    with self._changed:
-      self._latest = info
-      self._changed.notify_all()
+    self._latest = info
+    self._announced.notify_all()
     VERSION.set(version)
     POLICY_BYTES.set(sum(f.size_bytes for f in info.files))
 
@@ -81,20 +126,29 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
       context.abort(grpc.StatusCode.NOT_FOUND, "no policy has been published yet")
     return self._latest
 
-  def WatchPolicies(self, request, context):
+  def close(self) -> None:
+    """Ends every WatchPolicies stream, as the trainer stops.
+
+    Streams that end by themselves let the server stop without cancelling a
+    thousand calls at once, and followers reconnect at once (to a restarted
+    trainer) rather than at their next keepalive.
+    """
+    self._announced.close()
+
+  async def WatchPolicies(self, request, context):
+    # _announce (on the training thread) sets _latest before it wakes the
+    # loop: a watcher either sees the new version here or is already waiting.
     last = request.after_version
     WATCHERS.inc()
     try:
-      while context.is_active():
-        with self._changed:
-          self._changed.wait_for(
-              lambda: self._latest is not None and self._latest.version > last,
-              timeout=WATCH_POLL_S)
-          latest = self._latest
+      while not self._announced.closed:
+        latest = self._latest
         if latest is not None and latest.version > last:
           last = latest.version
           yield latest
-    finally:
+        else:
+          await self._announced.wait()
+    finally:  # also when the watcher goes away or the server stops (cancelled)
       WATCHERS.dec()
 
   def FetchPolicy(self, request, context):

@@ -349,5 +349,6 @@ def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config:
   try:
     trainer.run()
   finally:
+    trainer.publisher.close()  # ends the watch streams, so that stopping cancels none
     server.stop(grace=2)
     summaries.close()

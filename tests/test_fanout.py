@@ -1,0 +1,158 @@
+"""Policy fan-out at scale (issue #9): a real trainer process with 1,000 WatchPolicies streams
+open announces a newly published version to every one of them within seconds, while health
+and status keep answering in well under a second."""
+import asyncio
+import math
+import threading
+import time
+import urllib.request
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from dqnfleet.core import rpc
+from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+
+from conftest import free_port, wait_until
+
+WATCHERS = 1000
+STREAMS_PER_CHANNEL = 100  # one HTTP/2 connection per 100 watchers, as from many collectors
+DELIVERY_BOUND_S = 10.0
+PROBE_BOUND_S = 1.0
+
+
+class Watchers:
+  """WatchPolicies streams of grpc.aio clients, on an event loop in a thread of their own."""
+
+  def __init__(self, address: str, count: int):
+    self.received: dict[int, tuple[int, float]] = {}  # watcher -> (version, unix time received)
+    self.ended: dict[int, grpc.StatusCode] = {}
+    self.loop = asyncio.new_event_loop()
+    self._thread = threading.Thread(target=self.loop.run_forever, name="watchers", daemon=True)
+    self._thread.start()
+    self._tasks = self._call(self._open(address, count))
+
+  def _call(self, coroutine):
+    return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
+
+  async def _open(self, address: str, count: int) -> list[asyncio.Task]:
+    self._channels = [grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS)
+                      for _ in range(math.ceil(count / STREAMS_PER_CHANNEL))]
+    stubs = [fleet_pb2_grpc.PolicyServiceStub(channel) for channel in self._channels]
+    return [asyncio.create_task(self._watch(i, stubs[i // STREAMS_PER_CHANNEL]))
+            for i in range(count)]
+
+  async def _watch(self, i: int, stub) -> None:
+    try:
+      async for info in stub.WatchPolicies(fleet_pb2.WatchPoliciesRequest(after_version=-1)):
+        self.received.setdefault(i, (info.version, time.time()))
+      self.ended[i] = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as e:
+      self.ended[i] = e.code()
+
+  def cancel(self, watchers: range) -> None:
+    """Ends these watchers' streams from the client side, as a stopped collector does."""
+    self.loop.call_soon_threadsafe(lambda: [self._tasks[i].cancel() for i in watchers])
+
+  def close(self) -> None:
+    async def close():
+      for task in self._tasks:
+        task.cancel()
+      await asyncio.gather(*self._tasks, return_exceptions=True)
+      for channel in self._channels:
+        await channel.close()
+    self._call(close())
+    self.loop.call_soon_threadsafe(self.loop.stop)
+    self._thread.join(10)
+    self.loop.close()
+
+
+class Probes:
+  """Health and status asked every 0.1 s, each on a new connection as a kubelet does."""
+
+  def __init__(self, address: str):
+    self.results: list[tuple[str, bool, float]] = []  # (what, answered as expected, seconds)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(address,), name="probes", daemon=True)
+    self._thread.start()
+
+  def _run(self, address: str) -> None:
+    while not self._stop.wait(0.1):
+      for what, probe in (("health", lambda: rpc.check_health(address, timeout=PROBE_BOUND_S)),
+                          ("status", lambda: rpc.get_status(address, PROBE_BOUND_S).role
+                           == "trainer")):
+        started = time.monotonic()
+        try:
+          ok = probe()
+        except grpc.RpcError:
+          ok = False
+        self.results.append((what, ok, time.monotonic() - started))
+
+  def stop(self) -> list[tuple[str, bool, float]]:
+    self._stop.set()
+    self._thread.join(10)
+    return self.results
+
+
+def watcher_gauge(metrics_port: int) -> float:
+  text = urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=10).read()
+  for family in text_string_to_metric_families(text.decode()):
+    for sample in family.samples:
+      if sample.name == "dqnfleet_trainer_policy_watchers":
+        return sample.value
+  raise AssertionError("the trainer exports no dqnfleet_trainer_policy_watchers")
+
+
+def test_a_thousand_watchers_all_hear_of_a_new_version_and_health_keeps_answering(services,
+                                                                                   tmp_path):
+  replay_port, trainer_port, metrics_port = free_port(), free_port(), free_port()
+  address = f"localhost:{trainer_port}"
+  # The trainer publishes its first version as soon as it reaches replay: replay starts
+  # only once every watcher is waiting, so that version is new to all of them.
+  trainer = services("trainer", "trainer", "--env-id", "CartPole-v1", "--replay-address",
+                     f"localhost:{replay_port}", "--port", str(trainer_port), "--metrics-port",
+                     str(metrics_port), "--run-dir", str(tmp_path / "run"))
+  wait_until(lambda: rpc.check_health(address), 120, "the trainer's gRPC port")
+  watchers = Watchers(address, WATCHERS)
+  try:
+    wait_until(lambda: watcher_gauge(metrics_port) == WATCHERS, 60,
+               f"{WATCHERS} open WatchPolicies streams")
+    assert not watchers.received and rpc.get_status(address).policy_version == -1
+    probes = Probes(address)
+    replay = services("replay", "replay", "--env-id", "CartPole-v1", "--port", str(replay_port),
+                      "--status-port", str(free_port()))
+    wait_until(lambda: len(watchers.received) == WATCHERS, 120,
+               f"every watcher to receive the first version ({len(watchers.received)} did)")
+    results = probes.stop()
+
+    published = rpc.get_status(address).policy_version
+    with rpc.channel(address) as channel:
+      info = fleet_pb2_grpc.PolicyServiceStub(channel).GetLatestPolicy(
+          fleet_pb2.GetLatestPolicyRequest(), timeout=5)
+    assert published == info.version == 0
+    delays = sorted(at - info.published_unix_ms / 1000 for _, at in watchers.received.values())
+    assert {version for version, _ in watchers.received.values()} == {published}
+    assert delays[-1] < DELIVERY_BOUND_S, (
+        f"slowest watcher heard of v{published} {delays[-1]:.2f}s after publication "
+        f"(median {delays[len(delays) // 2]:.2f}s)")
+
+    # Probes ran from before the trainer reached replay until every watcher had the version.
+    assert len(results) >= 10
+    failed = [(what, round(seconds, 2)) for what, ok, seconds in results if not ok]
+    assert not failed, f"probes that failed or took over {PROBE_BOUND_S}s: {failed}"
+    slowest = max(seconds for _, _, seconds in results)
+    assert slowest < PROBE_BOUND_S
+
+    # Watchers that go away are counted out: the gauge follows cancelled streams.
+    watchers.cancel(range(WATCHERS // 2))
+    wait_until(lambda: watcher_gauge(metrics_port) == WATCHERS - WATCHERS // 2, 30,
+               "the watcher gauge to count the cancelled streams out")
+    # The other half is still open when the trainer is asked to stop: it exits in time
+    # (Service.stop asserts it), ending their streams first rather than cancelling them.
+    assert trainer.stop() == 0
+    wait_until(lambda: all(i in watchers.ended for i in range(WATCHERS // 2, WATCHERS)), 30,
+               "the remaining streams to end with the trainer")
+    assert {watchers.ended[i] for i in range(WATCHERS // 2, WATCHERS)} == {grpc.StatusCode.OK}
+    assert replay.stop() == 0
+  finally:
+    watchers.close()
