@@ -1,5 +1,6 @@
 """gRPC plumbing every service shares: servers, health, status, retries."""
 import asyncio
+import inspect
 import logging
 import random
 import threading
@@ -67,6 +68,58 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 STOP_MARGIN_S = 5.0
 
 
+class _Aborted(Exception):
+  """Ends a thread-pool handler whose context.abort() has sent the status."""
+
+
+class _AbortingContext:
+  def __init__(self, context):
+    self._context = context
+
+  def abort(self, *args, **kwargs):
+    self._context.abort(*args, **kwargs)
+    raise _Aborted()
+
+  def __getattr__(self, name):
+    return getattr(self._context, name)
+
+
+def _abort_ends(behavior, streaming: bool):
+  if streaming:
+    def wrapped(request, context):
+      try:
+        yield from behavior(request, _AbortingContext(context))
+      except _Aborted:
+        return  # grpc.aio then finishes the call with the status abort() sent
+  else:
+    def wrapped(request, context):
+      try:
+        return behavior(request, _AbortingContext(context))
+      except _Aborted:
+        return None
+  return wrapped
+
+
+class AbortEndsHandler(grpc.aio.ServerInterceptor):
+  """context.abort() ends a plain (thread-pool) handler, as it does on grpc.server.
+
+  grpc.aio gives such a handler a context whose abort() sends the status and
+  returns: the handler would go on, e.g. write the summary report it has just
+  refused. Coroutine handlers are left alone: their abort() raises.
+  """
+
+  async def intercept_service(self, continuation, handler_call_details):
+    handler = await continuation(handler_call_details)
+    if handler is None:
+      return None
+    for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+      behavior = getattr(handler, name)
+      if behavior is not None and not (asyncio.iscoroutinefunction(behavior)
+                                       or inspect.isasyncgenfunction(behavior)):
+        return handler._replace(**{name: _abort_ends(behavior, handler.response_streaming)})
+    return handler
+
+
 class Server:
   """A grpc.aio server on an event loop of its own (a daemon thread), for synchronous callers.
 
@@ -90,7 +143,8 @@ class Server:
     self.aio = self.call(self._create())
 
   async def _create(self) -> grpc.aio.Server:
-    return grpc.aio.server(migration_thread_pool=self._pool, options=SERVER_OPTIONS)
+    return grpc.aio.server(migration_thread_pool=self._pool, options=SERVER_OPTIONS,
+                           interceptors=[AbortEndsHandler()])
 
   def call(self, coroutine, timeout: float | None = None):
     """Runs `coroutine` on the server's loop; returns its result."""
