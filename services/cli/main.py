@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name],
                               epilog=ENV_NOTE)
     if name == "up":  # up's own settings, then the services' that it does not set itself
-      settings.add_flags(sub, *groups[:2])
+      settings.add_flags(sub, groups[0], exclude={"listen_host"})  # loopback, always
+      settings.add_flags(sub, groups[1])
       settings.add_flags(sub, *groups[2:], exclude=UP_OWNS)
     else:
       settings.add_flags(sub, *groups)
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="host:port of a service's status endpoint (replay: its status port)")
   status.add_argument("--json", action="store_true", help="print one JSON array")
   status.add_argument("--timeout", type=float, default=5.0, help="seconds per service")
+  settings.add_flags(status, CommonConfig)  # TLS and token of the servers it asks
   health = commands.add_parser("health", help="Exit 0 if the service answers SERVING.",
                                description="gRPC health check, for container health probes.")
   health.add_argument("address", metavar="ADDRESS", help="host:port of the health endpoint")
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
   health.add_argument("--ready", action="store_true",
                       help="ask readiness (can it do its job now: peers reached, a policy "
                            "published or loaded; not while stopping) instead of liveness")
+  settings.add_flags(health, CommonConfig)
   return parser
 
 
@@ -136,6 +139,9 @@ def main(argv=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
+    if args.command in ("status", "health"):
+      from dqnfleet.core import security
+      security.configure(settings.build(CommonConfig, args))
     if args.command == "status":
       from dqnfleet.cli.status import run as run_status
       return run_status(args.addresses, as_json=args.json, timeout=args.timeout)
@@ -162,8 +168,9 @@ RECORD_DIRECTORY = {"trainer": "run_dir", "evaluator": "out_dir"}
 
 
 def run_command(command: str, configs: list) -> int:
-  from dqnfleet.core import envs, run_record, runtime
+  from dqnfleet.core import envs, run_record, runtime, security
   common = configs[0]
+  security.configure(common)  # before any server or channel exists
   env = next((c for c in configs if isinstance(c, EnvConfig)), None)
   if env is not None:
     envs.validate_env(env)

@@ -140,6 +140,8 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
         agent: AgentConfig, replay: ReplayConfig, collector: CollectorConfig,
         trainer: TrainerConfig, evaluator: EvaluatorConfig) -> int:
   run_dir = pathlib.Path(up.run_dir).resolve()
+  # Every address of the fleet is on this machine: nothing needs to listen wider.
+  common = dataclasses.replace(common, listen_host="127.0.0.1")
   fleet = Fleet(run_dir)
   replay_port, replay_status, trainer_port = free_port(), free_port(), free_port()
   replay = dataclasses.replace(replay, port=replay_port, status_port=replay_status,

@@ -44,6 +44,25 @@ class CommonConfig:
   # JSON lines carry time, level, service, instance and message as fields.
   log_format: str = setting("text", "Log line format: text for people, json for log pipelines.",
                             choices=("text", "json"))
+  # Containers reach each other by their own addresses, so every interface
+  # by default; `dqnfleet up` gives 127.0.0.1. Reverb's own port has no such
+  # option (core/security.py).
+  listen_host: str = setting("::", "Address the service's gRPC and metrics servers listen on: "
+                                   ":: or 0.0.0.0 for every interface, 127.0.0.1 for this "
+                                   "machine only.")
+  # One identity per service: the certificate its servers present is also the
+  # one it shows as a client to servers that ask (mutual TLS).
+  tls_cert: str = setting("", "PEM certificate (chain) of this service; with --tls-key its gRPC "
+                              "servers speak TLS. Empty: plaintext.")
+  tls_key: str = setting("", "PEM private key of --tls-cert.")
+  tls_client_ca: str = setting("", "PEM CA certificate(s): this service's servers accept only "
+                                   "clients with a certificate they signed (mutual TLS).")
+  tls_ca: str = setting("", "PEM CA certificate(s) that signed the servers this process "
+                            "connects to (trainer, status); set it to connect with TLS.")
+  # A file, not a value: flags show in `ps` and values in `docker inspect`.
+  auth_token_file: str = setting("", "File holding a bearer token: servers require it on the "
+                                     "status, policy and summary APIs (health stays open for "
+                                     "probes), clients send it. Empty: no token.")
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dqnfleet.core import security
 from dqnfleet.core.config import METRICS_OFF
 from dqnfleet.core.rpc import PortUnavailable
 
@@ -73,7 +74,10 @@ def serve(port: int, role: str, version: str, git_revision: str) -> int | None:
   if port == METRICS_OFF:
     return None
   try:
-    server, _ = prometheus_client.start_http_server(port)
+    # "::" is every interface to gRPC, which falls back to IPv4 where a
+    # container has no IPv6; the HTTP server would fail there instead.
+    host = security.current().listen_host
+    server, _ = prometheus_client.start_http_server(port, addr="0.0.0.0" if host == "::" else host)
   except OSError as e:
     raise PortUnavailable(f"cannot serve metrics on port {port} ({e.strerror}): use "
                           "--metrics-port to pick another port, 0 for any free one or -1 for "

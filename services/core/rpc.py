@@ -11,6 +11,7 @@ from typing import Callable, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from dqnfleet.core import security
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
 T = TypeVar("T")
@@ -143,8 +144,10 @@ class Server:
     self.aio = self.call(self._create())
 
   async def _create(self) -> grpc.aio.Server:
+    token = security.current().token
+    interceptors = ([security.RequireToken(token)] if token else []) + [AbortEndsHandler()]
     return grpc.aio.server(migration_thread_pool=self._pool, options=SERVER_OPTIONS,
-                           interceptors=[AbortEndsHandler()])
+                           interceptors=interceptors)
 
   def call(self, coroutine, timeout: float | None = None):
     """Runs `coroutine` on the server's loop; returns its result."""
@@ -211,13 +214,18 @@ def start_server(port: int, status: StatusServicer,
     fleet_pb2_grpc.add_StatusServiceServicer_to_server(status, server.aio)
     if extra:
       extra(server.aio)
+    address = security.current().bind_address(port)
+    credentials = security.current().server_credentials
     try:
-      bound = server.aio.add_insecure_port(f"[::]:{port}")
+      bound = (server.aio.add_secure_port(address, credentials) if credentials
+               else server.aio.add_insecure_port(address))
     except RuntimeError:  # how grpcio reports a failed bind
       bound = 0
     if bound == 0:
-      raise PortUnavailable(f"cannot listen on port {port}: it is in use or not allowed; give "
-                            "the service another port (0: any free one)")
+      raise PortUnavailable(
+          f"cannot listen on port {port}: it is in use or not allowed, or --listen-host "
+          f"{security.current().listen_host} is not an address of this machine; give the service "
+          "another port (0: any free one) or listen host")
     server.call(server._start(ready, stop or threading.Event()))
   except BaseException:
     server.stop(grace=0)
@@ -226,7 +234,8 @@ def start_server(port: int, status: StatusServicer,
 
 
 def channel(address: str) -> grpc.Channel:
-  return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+  """A channel to one of the project's servers, with this process's TLS and token."""
+  return security.channel(address, CHANNEL_OPTIONS)
 
 
 def get_status(address: str, timeout: float = 5.0) -> fleet_pb2.ServiceStatus:
