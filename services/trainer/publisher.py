@@ -30,11 +30,12 @@ WATCHERS = metrics.gauge("trainer_policy_watchers",
 
 
 class Broadcast:
-  """Wakes every coroutine waiting in `wait()`, on any event loop, from any thread.
+  """Wakes every coroutine waiting on a `waiter()`, on any event loop, from any thread.
 
   Each loop with waiters has one asyncio.Event; `notify_all` sets it from the
-  loop's own thread and drops it, so the next `wait()` there gets a fresh one.
-  After `close()`, `wait()` returns at once.
+  loop's own thread and drops it, so the next `waiter()` there is a fresh one.
+  Take the waiter before checking the state it announces: a notification
+  between the check and the wait then still wakes it.
   """
 
   def __init__(self):
@@ -42,13 +43,10 @@ class Broadcast:
     self._events: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
     self.closed = False
 
-  async def wait(self) -> None:
-    if self.closed:
-      return
+  def waiter(self) -> asyncio.Event:
     loop = asyncio.get_running_loop()
     with self._lock:
-      event = self._events.setdefault(loop, asyncio.Event())
-    await event.wait()
+      return self._events.setdefault(loop, asyncio.Event())
 
   def close(self) -> None:
     self.closed = True
@@ -136,18 +134,22 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
     self._announced.close()
 
   async def WatchPolicies(self, request, context):
-    # _announce (on the training thread) sets _latest before it wakes the
-    # loop: a watcher either sees the new version here or is already waiting.
     last = request.after_version
     WATCHERS.inc()
     try:
-      while not self._announced.closed:
+      while True:
+        # Taken before reading _latest and closed, which _announce (on the
+        # training thread) and close() set before they notify: a version
+        # announced, or a close, in between still wakes this stream.
+        announced = self._announced.waiter()
+        if self._announced.closed:
+          break
         latest = self._latest
         if latest is not None and latest.version > last:
           last = latest.version
           yield latest
         else:
-          await self._announced.wait()
+          await announced.wait()
     finally:  # also when the watcher goes away or the server stops (cancelled)
       WATCHERS.dec()
 
