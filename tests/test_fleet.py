@@ -102,10 +102,11 @@ def test_the_trainer_trains_and_publishes_increasing_versions(fleet):
 def test_both_collectors_switch_to_each_new_version(fleet):
   for _ in range(3):
     published = status(fleet, "trainer").policy_version
-    for name in ("c0", "c1"):
-      wait_until(lambda: status(fleet, name).policy_version >= published, 60,
-                 f"{name} to act with v{published}")
-    wait_until(lambda: status(fleet, "trainer").policy_version > published, 120, "a newer version")
+    acting = [wait_until(lambda: (v := status(fleet, name).policy_version) >= published and (v,),
+                         60, f"{name} to act with v{published}")[0] for name in ("c0", "c1")]
+    # Newer than any version a collector acts with: each round is a switch for both.
+    wait_until(lambda: status(fleet, "trainer").policy_version > max(acting), 120,
+               "a newer version")
   for name in ("c0", "c1"):
     collector = status(fleet, name)
     assert collector.counters["policy_updates"] >= 3

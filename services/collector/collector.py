@@ -71,7 +71,9 @@ class Collector:
     self.policy = py_tf_eager_policy.PyTFEagerPolicy(
         networks.epsilon_greedy(self.specs, self.network, self.epsilon), use_tf_function=True,
         batch_time_steps=False)
-    self.version = 0  # 0: initial random weights, acting with epsilon_start
+    # -1: no published policy loaded yet (its own random weights), acting with
+    # epsilon_start; status and metrics say so rather than claim v0.
+    self.version = -1
     self.fleet_steps = 0
     self.follower = PolicyFollower(config.trainer_address, networks.q_net(self.specs, net), stop)
     self.env_steps = 0
@@ -111,7 +113,7 @@ class Collector:
       self.fleet_steps = max(self.fleet_steps, fleet_steps(client))
     except Exception:  # replay unreachable: the writers notice and reconnect
       return
-    if self.version > 0:  # random weights act with epsilon_start whatever the count
+    if self.version > 0:  # untrained weights (none, v0) act with epsilon_start whatever the count
       self.epsilon.assign(epsilon_at(self.fleet_steps, self.config))
 
   def _record_episodes(self, env: envs.BatchedEnvironment) -> None:
