@@ -140,7 +140,8 @@ def test_a_service_listens_on_the_address_it_is_given(services):
     (["--tls-cert", "{pki}/service.pem", "--tls-key", "{pki}/service.pem"],
      "not an unencrypted PEM private key"),
     (["--tls-client-ca", "{pki}/ca.pem"], "which needs TLS"),
-    (["--tls-ca", "{pki}/missing.pem"], "--tls-ca {pki}/missing.pem: cannot read"),
+    (["--tls-ca", "{pki}/missing.pem"],
+     "--tls-ca (DQNFLEET_TLS_CA) {pki}/missing.pem: cannot read"),
     (["--listen-host", "every-interface"], "is not an IP address"),
 ])
 def test_bad_security_settings_are_refused_naming_the_flag(pki, flags, message):

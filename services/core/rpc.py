@@ -214,17 +214,17 @@ def start_server(port: int, status: StatusServicer,
     fleet_pb2_grpc.add_StatusServiceServicer_to_server(status, server.aio)
     if extra:
       extra(server.aio)
-    address = security.current().bind_address(port)
-    credentials = security.current().server_credentials
+    identity = security.current()
+    address = identity.bind_address(port)
     try:
-      bound = (server.aio.add_secure_port(address, credentials) if credentials
-               else server.aio.add_insecure_port(address))
+      bound = (server.aio.add_secure_port(address, identity.server_credentials)
+               if identity.server_credentials else server.aio.add_insecure_port(address))
     except RuntimeError:  # how grpcio reports a failed bind
       bound = 0
     if bound == 0:
       raise PortUnavailable(
           f"cannot listen on port {port}: it is in use or not allowed, or --listen-host "
-          f"{security.current().listen_host} is not an address of this machine; give the service "
+          f"{identity.listen_host} is not an address of this machine; give the service "
           "another port (0: any free one) or listen host")
     server.call(server._start(ready, stop or threading.Event()))
   except BaseException:

@@ -21,6 +21,8 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from dqnfleet.core import settings
+from dqnfleet.core.config import CommonConfig
 from dqnfleet.core.settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -54,36 +56,45 @@ def configure(common) -> Security:
   return _current
 
 
-def _read(path: str, flag: str, what: str) -> bytes:
+_FIELDS = {field.name: field for field in dataclasses.fields(CommonConfig)}
+
+
+def _named(setting: str) -> str:
+  """A setting as errors name it: its flag and its environment variable."""
+  field = _FIELDS[setting]
+  return f"{settings.flag_name(field)} ({settings.env_name(field)})"
+
+
+def _read(path: str, setting: str, what: str) -> bytes:
   try:
     return pathlib.Path(path).read_bytes()
   except OSError as e:
-    raise ConfigError(f"{flag} {path}: cannot read the {what} ({e.strerror})") from None
+    raise ConfigError(f"{_named(setting)} {path}: cannot read the {what} ({e.strerror})") from None
 
 
-def _certificate(path: str, flag: str) -> bytes:
-  data = _read(path, flag, "PEM certificate")
+def _certificate(path: str, setting: str) -> bytes:
+  data = _read(path, setting, "PEM certificate")
   try:
     x509.load_pem_x509_certificates(data)
   except ValueError:
-    raise ConfigError(f"{flag} {path}: not a PEM certificate (expected -----BEGIN "
+    raise ConfigError(f"{_named(setting)} {path}: not a PEM certificate (expected -----BEGIN "
                       "CERTIFICATE-----)") from None
   return data
 
 
-def _private_key(path: str, flag: str) -> bytes:
-  data = _read(path, flag, "PEM private key")
+def _private_key(path: str, setting: str) -> bytes:
+  data = _read(path, setting, "PEM private key")
   try:
     serialization.load_pem_private_key(data, password=None)
   except (ValueError, TypeError):
-    raise ConfigError(f"{flag} {path}: not an unencrypted PEM private key") from None
+    raise ConfigError(f"{_named(setting)} {path}: not an unencrypted PEM private key") from None
   return data
 
 
 def check_listen_host(host: str) -> str:
   if host in ("localhost", "") or _is_ip(host):
     return host or "::"
-  raise ConfigError(f"--listen-host (DQNFLEET_LISTEN_HOST) {host!r} is not an IP address: use "
+  raise ConfigError(f"{_named('listen_host')} {host!r} is not an IP address: use "
                     ":: or 0.0.0.0 for every interface, 127.0.0.1 or ::1 for this machine only, "
                     "or one of this machine's addresses")
 
@@ -100,25 +111,25 @@ def from_config(common) -> Security:
   host = check_listen_host(common.listen_host)
   cert = key = client_ca = ca = None
   if bool(common.tls_cert) != bool(common.tls_key):
-    raise ConfigError("--tls-cert (DQNFLEET_TLS_CERT) and --tls-key (DQNFLEET_TLS_KEY) go "
-                      "together: give both or neither")
+    raise ConfigError(f"{_named('tls_cert')} and {_named('tls_key')} go together: give both "
+                      "or neither")
   if common.tls_cert:
-    cert = _certificate(common.tls_cert, "--tls-cert")
-    key = _private_key(common.tls_key, "--tls-key")
+    cert = _certificate(common.tls_cert, "tls_cert")
+    key = _private_key(common.tls_key, "tls_key")
   if common.tls_client_ca:
     if not cert:
-      raise ConfigError("--tls-client-ca (DQNFLEET_TLS_CLIENT_CA) asks clients for certificates, "
-                        "which needs TLS: give --tls-cert and --tls-key too")
-    client_ca = _certificate(common.tls_client_ca, "--tls-client-ca")
+      raise ConfigError(f"{_named('tls_client_ca')} asks clients for certificates, which needs "
+                        "TLS: give --tls-cert and --tls-key too")
+    client_ca = _certificate(common.tls_client_ca, "tls_client_ca")
   if common.tls_ca:
-    ca = _certificate(common.tls_ca, "--tls-ca")
+    ca = _certificate(common.tls_ca, "tls_ca")
   token = None
   if common.auth_token_file:
-    token = _read(common.auth_token_file, "--auth-token-file", "token").decode(
+    token = _read(common.auth_token_file, "auth_token_file", "token").decode(
         errors="replace").strip()
     if not token or any(c.isspace() or not c.isprintable() for c in token):
-      raise ConfigError(f"--auth-token-file {common.auth_token_file}: the token must be one "
-                        "non-empty line of printable characters without spaces")
+      raise ConfigError(f"{_named('auth_token_file')} {common.auth_token_file}: the token must "
+                        "be one non-empty line of printable characters without spaces")
   server = (grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                         require_client_auth=client_ca is not None)
             if cert else None)
