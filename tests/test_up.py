@@ -81,20 +81,28 @@ def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(t
     progress = [line for line in lines if "train steps" in line]
     return int(re.search(r"train steps ([\d,]+)", progress[-1]).group(1).replace(",", ""))
 
-  def child(role: str) -> psutil.Process:
-    return next(c for c in psutil.Process(up.pid).children()
-                if c.is_running() and c.cmdline()[3:4] == [role])
+  def child(role: str) -> psutil.Process | None:
+    for c in psutil.Process(up.pid).children():
+      try:
+        if c.is_running() and c.cmdline()[3:4] == [role]:
+          return c
+      except psutil.NoSuchProcess:  # the one just killed, reaped while we looked
+        pass
+    return None
 
   try:
     wait_until(lambda: train_steps() > 300, 240, "training")
     for role, name in (("replay", "replay"), ("trainer", "trainer"),
                        ("collector", "collector-0")):
       killed = child(role)
+      assert killed is not None, f"no {name} process under up"
       killed.send_signal(signal.SIGKILL)
       killed.wait(30)
       wait_until(lambda: any(f"restarting {name}" in line for line in lines), 30,
                  f"up to restart {name}")
-      assert child(role).pid != killed.pid
+      # up says "restarting" before it spawns the new process.
+      wait_until(lambda: (c := child(role)) is not None and c.pid != killed.pid, 30,
+                 f"a new {name} process")
       # Recovered: train steps rise again, over two progress lines after the restart.
       restarted_at = len(lines)
       # (0 while the trainer does not answer yet)
