@@ -1,7 +1,10 @@
 """Policy fan-out at scale (issue #9): a real trainer process with 1,000 WatchPolicies streams
-open announces a newly published version to every one of them within seconds, while health
-and status keep answering in well under a second."""
+open announces a newly published version to every one of them within seconds, and serves the
+herd of downloads that follows, while health and status keep answering in well under a
+second."""
 import asyncio
+import collections
+import hashlib
 import math
 import threading
 import time
@@ -19,13 +22,20 @@ WATCHERS = 1000
 STREAMS_PER_CHANNEL = 100  # one HTTP/2 connection per 100 watchers, as from many collectors
 DELIVERY_BOUND_S = 10.0
 PROBE_BOUND_S = 1.0
+# Small chunks turn the downloads of CartPole's 16 KB network into 16,000 messages, a
+# herd that lasts long enough for the probes to ask during it.
+FETCH_CHUNK_BYTES = 1024
 
 
 class Watchers:
-  """WatchPolicies streams of grpc.aio clients, on an event loop in a thread of their own."""
+  """WatchPolicies streams of grpc.aio clients, on an event loop in a thread of their own.
+
+  Like a collector, each downloads the first version it hears of.
+  """
 
   def __init__(self, address: str, count: int):
     self.received: dict[int, tuple[int, float]] = {}  # watcher -> (version, unix time received)
+    self.downloaded: dict[int, bool] = {}  # watcher -> its files matched the announced digests
     self.ended: dict[int, grpc.StatusCode] = {}
     self.loop = asyncio.new_event_loop()
     self._thread = threading.Thread(target=self.loop.run_forever, name="watchers", daemon=True)
@@ -45,10 +55,23 @@ class Watchers:
   async def _watch(self, i: int, stub) -> None:
     try:
       async for info in stub.WatchPolicies(fleet_pb2.WatchPoliciesRequest(after_version=-1)):
-        self.received.setdefault(i, (info.version, time.time()))
+        if i not in self.received:
+          self.received[i] = (info.version, time.time())
+          self.downloaded[i] = await self._download(stub, info)
       self.ended[i] = grpc.StatusCode.OK
     except grpc.aio.AioRpcError as e:
       self.ended[i] = e.code()
+
+  async def _download(self, stub, info) -> bool:
+    files = collections.defaultdict(bytes)
+    try:
+      async for chunk in stub.FetchPolicy(fleet_pb2.FetchPolicyRequest(
+          version=info.version, max_chunk_bytes=FETCH_CHUNK_BYTES)):
+        files[chunk.file_name] += chunk.data
+    except grpc.aio.AioRpcError:
+      return False
+    return ({(name, len(data), hashlib.sha256(data).hexdigest()) for name, data in files.items()}
+            == {(f.name, f.size_bytes, f.sha256) for f in info.files})
 
   def cancel(self, watchers: range) -> None:
     """Ends these watchers' streams from the client side, as a stopped collector does."""
@@ -105,6 +128,7 @@ def watcher_gauge(metrics_port: int) -> float:
 
 def test_a_thousand_watchers_all_hear_of_a_new_version_and_health_keeps_answering(services,
                                                                                    tmp_path):
+  """...and all download it intact, the herd a publication sets off in a fleet."""
   replay_port, trainer_port, metrics_port = free_port(), free_port(), free_port()
   address = f"localhost:{trainer_port}"
   # The trainer publishes its first version as soon as it reaches replay: replay starts
@@ -123,7 +147,11 @@ def test_a_thousand_watchers_all_hear_of_a_new_version_and_health_keeps_answerin
                       "--status-port", str(free_port()))
     wait_until(lambda: len(watchers.received) == WATCHERS, 120,
                f"every watcher to receive the first version ({len(watchers.received)} did)")
+    wait_until(lambda: len(watchers.downloaded) == WATCHERS, 120,
+               f"every watcher to download it ({len(watchers.downloaded)} did)")
     results = probes.stop()
+    assert all(watchers.downloaded.values()), (
+        f"{list(watchers.downloaded.values()).count(False)} downloads failed or arrived corrupted")
 
     published = rpc.get_status(address).policy_version
     with rpc.channel(address) as channel:
@@ -136,7 +164,8 @@ def test_a_thousand_watchers_all_hear_of_a_new_version_and_health_keeps_answerin
         f"slowest watcher heard of v{published} {delays[-1]:.2f}s after publication "
         f"(median {delays[len(delays) // 2]:.2f}s)")
 
-    # Probes ran from before the trainer reached replay until every watcher had the version.
+    # Probes ran from before the trainer reached replay until every watcher had downloaded
+    # the version.
     assert len(results) >= 10
     failed = [(what, round(seconds, 2)) for what, ok, seconds in results if not ok]
     assert not failed, f"probes that failed or took over {PROBE_BOUND_S}s: {failed}"

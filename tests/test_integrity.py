@@ -63,3 +63,50 @@ def test_a_damaged_newest_checkpoint_falls_back_to_an_older_intact_one(tmp_path,
     path.write_bytes(b"garbage")
   with pytest.raises(SystemExit, match="no intact training checkpoint"):
     Trainer(ENV, NET, agent, config, threading.Event())
+
+
+def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp_path):
+  import grpc
+
+  from dqnfleet.core import rpc
+  from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+
+  policies = tmp_path / "policies"
+  publish(policies, 100, 200)
+  publisher = PolicyPublisher(str(policies), ENV, NET, keep=5)
+  status = rpc.StatusServicer("trainer", "test", ENV.env_id, lambda: {})
+  server, port = rpc.start_server(
+      0, status, extra=lambda s: fleet_pb2_grpc.add_PolicyServiceServicer_to_server(publisher, s))
+  try:
+    with rpc.channel(f"localhost:{port}") as channel:
+      stub = fleet_pb2_grpc.PolicyServiceStub(channel)
+      latest = stub.GetLatestPolicy(fleet_pb2.GetLatestPolicyRequest(), timeout=10)
+      fetched = policy_store.fetch(stub, latest, tmp_path / "collector")
+      assert policy_store.damage(fetched) is None and latest.version == 200
+
+      def fetch_error(**request) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as raised:
+          list(stub.FetchPolicy(fleet_pb2.FetchPolicyRequest(**request), timeout=10))
+        return raised.value
+
+      # Damaged on disk after the publisher checked it at start: refused, never served.
+      weights = policy_store.version_dir(policies, 100) / "weights.data-00000-of-00001"
+      weights.write_bytes(b"garbage")
+      error = fetch_error(version=100)
+      assert error.code() == grpc.StatusCode.DATA_LOSS and str(weights) in error.details()
+
+      error = fetch_error(version=150)
+      assert error.code() == grpc.StatusCode.NOT_FOUND
+      assert "v150 is not kept; kept versions: [100, 200]" in error.details()
+
+      error = fetch_error(version=200, max_chunk_bytes=-1)
+      assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+      assert "max_chunk_bytes" in error.details() and "-1" in error.details()
+
+      # Small chunks reassemble to the same files.
+      chunks = list(stub.FetchPolicy(fleet_pb2.FetchPolicyRequest(version=200,
+                                                                  max_chunk_bytes=100)))
+      assert max(len(c.data) for c in chunks) == 100
+      assert sum(len(c.data) for c in chunks) == sum(f.size_bytes for f in latest.files)
+  finally:
+    server.stop(grace=0)

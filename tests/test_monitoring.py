@@ -45,7 +45,7 @@ METRICS = {
                 "dqnfleet_trainer_mean_q", "dqnfleet_trainer_policy_lag_steps",
                 "dqnfleet_trainer_policy_version", "dqnfleet_trainer_publishes_total",
                 "dqnfleet_trainer_policy_bytes", "dqnfleet_trainer_policy_watchers",
-                "dqnfleet_trainer_bad_items_dropped_total",
+                "dqnfleet_trainer_policy_fetches", "dqnfleet_trainer_bad_items_dropped_total",
                 "dqnfleet_trainer_unreadable_items_skipped_total"},
     "evaluator": {"dqnfleet_evaluator_evaluations_total", "dqnfleet_evaluator_return_mean",
                   "dqnfleet_evaluator_return_median", "dqnfleet_evaluator_return_max",

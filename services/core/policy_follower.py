@@ -70,8 +70,10 @@ class PolicyFollower:
       except grpc.RpcError as e:
         if self._stop.is_set():
           break
-        log.warning("trainer policy API at %s unavailable (%s); retrying in %.1fs",
-                    self._address, e.code().name, backoff.delay)
+        # The trainer's reason too: a version damaged on its disk (DATA_LOSS) is
+        # not an unreachable trainer.
+        log.warning("trainer policy API at %s: %s (%s); retrying in %.1fs",
+                    self._address, e.code().name, e.details(), backoff.delay)
       except Exception as e:  # a corrupted download or a mismatched network: say so, retry
         log.error("could not load policy from %s: %s; retrying in %.1fs",
                   self._address, e, backoff.delay)

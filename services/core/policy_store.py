@@ -85,24 +85,42 @@ def read_manifest(path: str | os.PathLike) -> dict:
   return manifest
 
 
-def damage(path: str | os.PathLike) -> str | None:
-  """What is wrong with a version on disk (None if its files match its manifest)."""
+class Damaged(ValueError):
+  """A version's files do not match its manifest."""
+
+
+def read_verified(path: str | os.PathLike) -> list[tuple[str, bytes]]:
+  """(name, bytes) of every file of a version, sorted by name, checked against its manifest.
+
+  Raises FileNotFoundError if the version is not there, Damaged if its files
+  do not match what its manifest lists.
+  """
   path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(path)
+  files = [(file.name, file.read_bytes()) for file in sorted(path.iterdir())]
   try:
-    manifest = read_manifest(path)
-  except ValueError as e:
-    return str(e)
-  listed = manifest.get("files")
-  if listed is None:  # published before manifests listed their files
-    return None
-  present = {name: (size, digest) for name, size, digest in file_digests(path)
-             if name != MANIFEST}
+    manifest = json.loads(dict(files)[MANIFEST])
+  except (KeyError, ValueError) as e:
+    raise Damaged(f"{path}: no readable {MANIFEST} ({e})") from None
+  listed = manifest.get("files", {})  # empty: published before manifests listed their files
+  present = {name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in files}
   for name, expected in listed.items():
     if name not in present:
-      return f"{path / name} is missing"
+      raise Damaged(f"{path / name} is missing")
     if present[name] != (expected["size"], expected["sha256"]):
-      return (f"{path / name} does not match the manifest ({present[name][0]} bytes, expected "
-              f"{expected['size']})")
+      raise Damaged(f"{path / name} does not match the manifest ({present[name][0]} bytes, "
+                    f"expected {expected['size']})")
+  return files
+
+
+def damage(path: str | os.PathLike) -> str | None:
+  """What is wrong with a version on disk (None if its files match its manifest)."""
+  try:
+    read_manifest(path)
+    read_verified(path)
+  except (OSError, ValueError) as e:  # Damaged is a ValueError
+    return str(e)
   return None
 
 

@@ -7,6 +7,12 @@ chunks, so they need no filesystem shared with the trainer.
 WatchPolicies streams are coroutines on the trainer's gRPC event loop
 (core/rpc.py): a thousand watchers cost a thousand suspended coroutines, not
 a thousand threads, and one publication wakes them all.
+
+Every announcement is followed by a herd: each follower fetches the new
+version at once. FetchPolicy is a coroutine too, serving bytes read once per
+version, and a bounded number of downloads stream at a time. The rest wait
+as suspended coroutines, so status and GetLatestPolicy, which run in the
+server's thread pool, never queue behind the herd, and memory stays bounded.
 """
 import asyncio
 import logging
@@ -21,12 +27,22 @@ from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
+# Downloads sending at once; the rest wait their turn. Measured with 1,000 Breakout
+# followers (docs/scale.md): the herd takes as long with 1 as with 32, since one
+# event loop does all the sending, but past 4 the loop stalls health checks and
+# status calls for up to 2 s. A few keep the link busy across round trips.
+CONCURRENT_FETCHES = 4
+# Versions whose bytes stay in memory: the newest, and the one before it for
+# followers still downloading it when the next is published.
+CACHED_VERSIONS = 2
 
 VERSION = metrics.gauge("trainer_policy_version", "Newest published policy version (train step).")
 PUBLISHES = metrics.counter("trainer_publishes", "Policy versions published by this process.")
 POLICY_BYTES = metrics.gauge("trainer_policy_bytes", "Size of the newest published version.")
 WATCHERS = metrics.gauge("trainer_policy_watchers",
                          "Open WatchPolicies streams (collectors and evaluators following).")
+FETCHES = metrics.gauge("trainer_policy_fetches",
+                        "FetchPolicy downloads in progress, sending or waiting their turn.")
 
 
 class Broadcast:
@@ -77,6 +93,9 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
     self._env, self._net, self._keep = env_config, network_config, keep
     self._announced = Broadcast()
     self._latest: fleet_pb2.PolicyVersion | None = None
+    # version -> Future of its files' bytes; only touched on the server's event loop.
+    self._files: dict[int, asyncio.Future] = {}
+    self._sending = asyncio.Semaphore(CONCURRENT_FETCHES)
     # A restarted trainer goes on serving what it published before, once it
     # has checked it: a version damaged on disk is moved aside, never served.
     for version in reversed(policy_store.list_versions(policies_dir)):
@@ -153,18 +172,42 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
     finally:  # also when the watcher goes away or the server stops (cancelled)
       WATCHERS.dec()
 
-  def FetchPolicy(self, request, context):
+  async def FetchPolicy(self, request, context):
     chunk_bytes = request.max_chunk_bytes or CHUNK_BYTES
-    path = policy_store.version_dir(self.dir, request.version)
+    if chunk_bytes < 0:
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"max_chunk_bytes must be 0 (the default, {CHUNK_BYTES}) or positive; "
+                          f"got {chunk_bytes}")
+    FETCHES.inc()
     try:
-      files = sorted(p for p in path.iterdir())
-      for file in files:
-        with open(file, "rb") as f:
-          offset = 0
-          while data := f.read(chunk_bytes):
-            yield fleet_pb2.PolicyChunk(file_name=file.name, offset=offset, data=data)
-            offset += len(data)
-    except FileNotFoundError:
-      kept = policy_store.list_versions(self.dir)
-      context.abort(grpc.StatusCode.NOT_FOUND,
-                    f"policy v{request.version} is not kept; kept versions: {kept}")
+      try:
+        files = await self._version_files(request.version)
+      except FileNotFoundError:
+        kept = policy_store.list_versions(self.dir)
+        await context.abort(grpc.StatusCode.NOT_FOUND,
+                            f"policy v{request.version} is not kept; kept versions: {kept}")
+      except policy_store.Damaged as e:
+        await context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+      async with self._sending:
+        for name, data in files:
+          for offset in range(0, len(data), chunk_bytes):
+            yield fleet_pb2.PolicyChunk(file_name=name, offset=offset,
+                                        data=data[offset:offset + chunk_bytes])
+    finally:
+      FETCHES.dec()
+
+  async def _version_files(self, version: int) -> list[tuple[str, bytes]]:
+    """A version's files, read and checked against its manifest once, then kept in memory."""
+    if version not in self._files:
+      self._files[version] = asyncio.ensure_future(asyncio.to_thread(
+          policy_store.read_verified, policy_store.version_dir(self.dir, version)))
+      for old in sorted(self._files)[:-CACHED_VERSIONS]:
+        del self._files[old]  # downloads already sending it hold their own reference
+    future = self._files[version]
+    try:
+      # Shielded: one caller going away must not cancel the read the others await.
+      return await asyncio.shield(future)
+    except (FileNotFoundError, policy_store.Damaged):
+      if self._files.get(version) is future:
+        del self._files[version]  # ask the disk again next time
+      raise
