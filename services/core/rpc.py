@@ -128,7 +128,7 @@ class Server:
   one WatchPolicies stream per collector and evaluator, a thousand or more,
   which once took a thread each and starved health checks and new calls.
   Servicer methods written as plain functions (status, summaries,
-  FetchPolicy) run in a thread pool of `max_workers`, so they may block.
+  GetLatestPolicy) run in a thread pool of `max_workers`, so they may block.
   """
 
   def __init__(self, max_workers: int):
