@@ -72,7 +72,7 @@ def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp
   from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
   policies = tmp_path / "policies"
-  publish(policies, 100, 200)
+  publish(policies, 50, 75, 100, 200)
   publisher = PolicyPublisher(str(policies), ENV, NET, keep=5)
   status = rpc.StatusServicer("trainer", "test", ENV.env_id, lambda: {})
   server, port = rpc.start_server(
@@ -83,6 +83,13 @@ def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp
       latest = stub.GetLatestPolicy(fleet_pb2.GetLatestPolicyRequest(), timeout=10)
       fetched = policy_store.fetch(stub, latest, tmp_path / "collector")
       assert policy_store.damage(fetched) is None and latest.version == 200
+      # Older versions too, more than the publisher keeps in memory at once.
+      for version in (75, 50, 200):
+        info = fleet_pb2.PolicyVersion(
+            version=version, files=[fleet_pb2.PolicyFile(name=n, size_bytes=size, sha256=h)
+                                    for n, size, h in policy_store.file_digests(
+                                        policy_store.version_dir(policies, version))])
+        assert policy_store.damage(policy_store.fetch(stub, info, tmp_path / "collector")) is None
 
       def fetch_error(**request) -> grpc.RpcError:
         with pytest.raises(grpc.RpcError) as raised:
@@ -97,7 +104,7 @@ def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp
 
       error = fetch_error(version=150)
       assert error.code() == grpc.StatusCode.NOT_FOUND
-      assert "v150 is not kept; kept versions: [100, 200]" in error.details()
+      assert "v150 is not kept; kept versions: [50, 75, 100, 200]" in error.details()
 
       error = fetch_error(version=200, max_chunk_bytes=-1)
       assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -188,6 +188,9 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
                             f"policy v{request.version} is not kept; kept versions: {kept}")
       except policy_store.Damaged as e:
         await context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+      except OSError as e:
+        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                            f"cannot read policy v{request.version} on the trainer: {e}")
       async with self._sending:
         for name, data in files:
           for offset in range(0, len(data), chunk_bytes):
@@ -198,16 +201,16 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
 
   async def _version_files(self, version: int) -> list[tuple[str, bytes]]:
     """A version's files, read and checked against its manifest once, then kept in memory."""
-    if version not in self._files:
-      self._files[version] = asyncio.ensure_future(asyncio.to_thread(
+    future = self._files.get(version)
+    if future is None:
+      future = self._files[version] = asyncio.ensure_future(asyncio.to_thread(
           policy_store.read_verified, policy_store.version_dir(self.dir, version)))
       for old in sorted(self._files)[:-CACHED_VERSIONS]:
-        del self._files[old]  # downloads already sending it hold their own reference
-    future = self._files[version]
+        del self._files[old]  # downloads sending it hold their own reference
     try:
       # Shielded: one caller going away must not cancel the read the others await.
       return await asyncio.shield(future)
-    except (FileNotFoundError, policy_store.Damaged):
+    except Exception:
       if self._files.get(version) is future:
-        del self._files[version]  # ask the disk again next time
+        del self._files[version]  # a failed read is asked of the disk again next time
       raise
