@@ -22,9 +22,6 @@ WATCHERS = 1000
 STREAMS_PER_CHANNEL = 100  # one HTTP/2 connection per 100 watchers, as from many collectors
 DELIVERY_BOUND_S = 10.0
 PROBE_BOUND_S = 1.0
-# Small chunks turn the downloads of CartPole's 16 KB network into 16,000 messages, a
-# herd that lasts long enough for the probes to ask during it.
-FETCH_CHUNK_BYTES = 1024
 
 
 class Watchers:
@@ -65,8 +62,7 @@ class Watchers:
   async def _download(self, stub, info) -> bool:
     files = collections.defaultdict(bytes)
     try:
-      async for chunk in stub.FetchPolicy(fleet_pb2.FetchPolicyRequest(
-          version=info.version, max_chunk_bytes=FETCH_CHUNK_BYTES)):
+      async for chunk in stub.FetchPolicy(fleet_pb2.FetchPolicyRequest(version=info.version)):
         files[chunk.file_name] += chunk.data
     except grpc.aio.AioRpcError:
       return False
