@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-from dqnfleet.core import runtime
+from dqnfleet.core.transport import runtime
 
 runtime.quiet_imports()  # before TensorFlow is imported
 
@@ -36,8 +36,9 @@ import reverb
 from dqnfleet.cli.up import free_port
 from dqnfleet.collector.collector import Collector
 from dqnfleet.collector.observer import ReplayObserver
-from dqnfleet.core import envs, rpc, specs
-from dqnfleet.core.config import CollectorConfig, EnvConfig, NetworkConfig
+from dqnfleet.core.rl import envs, specs
+from dqnfleet.core.transport import rpc
+from dqnfleet.core.settings.config import CollectorConfig, EnvConfig, NetworkConfig
 
 
 def bare_loop(env, policy, steps: int) -> float:

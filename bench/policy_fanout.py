@@ -3,7 +3,7 @@ trainer's other calls cost meanwhile.
 
 A server process runs the trainer's policy API as the trainer builds it (a real
 PolicyPublisher on rpc.start_server, publishing real versions of the Q-network
-with policy_store). Watcher processes open N streams on loopback with grpc.aio
+with core/policy/store.py). Watcher processes open N streams on loopback with grpc.aio
 (`--per-channel` streams share one HTTP/2 connection, `--per-process` streams
 one process), as N collectors would. With every stream open (each has received
 the current version), this process probes health, GetStatus and FetchPolicy
@@ -38,7 +38,7 @@ import time
 import grpc
 import psutil
 
-from dqnfleet.core import rpc
+from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
 
@@ -50,11 +50,11 @@ def serve(env_id: str) -> None:
   """The trainer's policy API; publishes a new version per line "publish" on stdin."""
   import tempfile
 
-  from dqnfleet.core import runtime
+  from dqnfleet.core.transport import runtime
   runtime.quiet_imports()  # before TensorFlow is imported
-  from dqnfleet.core import networks, specs
-  from dqnfleet.core.config import EnvConfig, NetworkConfig
-  from dqnfleet.trainer.publisher import PolicyPublisher
+  from dqnfleet.core.rl import networks, specs
+  from dqnfleet.core.settings.config import EnvConfig, NetworkConfig
+  from dqnfleet.core.policy.server import PolicyPublisher
 
   env, net = EnvConfig(env_id=env_id), NetworkConfig()
   network = networks.q_net(specs.env_specs(env), net)

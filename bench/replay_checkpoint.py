@@ -45,7 +45,7 @@ import numpy as np
 import reverb
 
 from dqnfleet.collector.observer import ReplayObserver
-from dqnfleet.core import specs
+from dqnfleet.core.rl import specs
 
 POLL_S = 0.02
 # A full 1-step-per-row Breakout table (docs/performance.md: 1,413 bytes per

@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 
-from dqnfleet.core import runtime
+from dqnfleet.core.transport import runtime
 
 runtime.quiet_imports()  # before TensorFlow is imported
 
@@ -47,8 +47,9 @@ from tf_agents.trajectories import time_step as ts
 
 from dqnfleet.cli.up import free_port
 from dqnfleet.collector.observer import ReplayObserver
-from dqnfleet.core import envs, rpc, specs
-from dqnfleet.core.config import EnvConfig
+from dqnfleet.core.rl import envs, specs
+from dqnfleet.core.transport import rpc
+from dqnfleet.core.settings.config import EnvConfig
 
 ENV = EnvConfig(env_id="ALE/Breakout-v5")
 NUM_ENVS = 8  # a collector's default

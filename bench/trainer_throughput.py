@@ -15,7 +15,7 @@ import json
 import statistics
 import time
 
-from dqnfleet.core import runtime
+from dqnfleet.core.transport import runtime
 
 runtime.quiet_imports()  # before TensorFlow is imported
 
@@ -23,8 +23,9 @@ import numpy as np
 import reverb
 import tensorflow as tf
 
-from dqnfleet.core import networks, settings, specs
-from dqnfleet.core.config import AgentConfig, EnvConfig, NetworkConfig, is_atari
+from dqnfleet.core.rl import networks, specs
+from dqnfleet.core.settings import flags
+from dqnfleet.core.settings.config import AgentConfig, EnvConfig, NetworkConfig, is_atari
 from dqnfleet.trainer import trainer as trainer_lib
 from dqnfleet.trainer.dataset import make_dataset
 from dqnfleet.trainer.learner import make_agent
@@ -57,10 +58,10 @@ def main():
   parser.add_argument("--xla", action="store_true", help="also time the XLA-compiled train step")
   args = parser.parse_args()
   classic = not is_atari(args.env_id)
-  env = settings.build(EnvConfig, None, {"DQNFLEET_ENV_ID": args.env_id},
+  env = flags.build(EnvConfig, None, {"DQNFLEET_ENV_ID": args.env_id},
                        classic_control=classic)
-  agent_config = settings.build(AgentConfig, None, {}, classic_control=classic)
-  net = settings.build(NetworkConfig, None, {}, classic_control=classic)
+  agent_config = flags.build(AgentConfig, None, {}, classic_control=classic)
+  net = flags.build(NetworkConfig, None, {}, classic_control=classic)
   env_specs = specs.env_specs(env)
   table = reverb.Table(specs.TABLE, reverb.selectors.Uniform(), reverb.selectors.Fifo(),
                        max_size=100_000, rate_limiter=reverb.rate_limiters.MinSize(1),

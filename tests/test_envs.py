@@ -1,8 +1,8 @@
 """The gymnasium -> TF-Agents adapter on real ALE and classic-control environments."""
 import numpy as np
 
-from dqnfleet.core import envs, specs
-from dqnfleet.core.config import EnvConfig
+from dqnfleet.core.rl import envs, specs
+from dqnfleet.core.settings.config import EnvConfig
 from tf_agents.trajectories import time_step as ts
 
 

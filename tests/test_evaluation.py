@@ -4,8 +4,9 @@ import json
 import pytest
 from PIL import Image
 
-from dqnfleet.core import envs, networks, policy_store, specs
-from dqnfleet.core.config import EnvConfig, NetworkConfig, ProtocolConfig
+from dqnfleet.core.policy import store
+from dqnfleet.core.rl import envs, networks, specs
+from dqnfleet.core.settings.config import EnvConfig, NetworkConfig, ProtocolConfig
 from dqnfleet.evaluator import protocol
 
 from conftest import dqnfleet
@@ -16,7 +17,7 @@ def untrained_breakout(tmp_path_factory):
   """What a fresh Breakout trainer publishes first: v0, random weights."""
   env, net = EnvConfig(env_id="ALE/Breakout-v5"), NetworkConfig()
   policies = tmp_path_factory.mktemp("run") / "policies"
-  policy_store.publish(policies, 0, networks.q_net(specs.env_specs(env), net), env, net, keep=1)
+  store.publish(policies, 0, networks.q_net(specs.env_specs(env), net), env, net, keep=1)
   return policies
 
 

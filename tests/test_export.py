@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dqnfleet.core import envs, networks, policy_store, specs
-from dqnfleet.core.config import EnvConfig, NetworkConfig
+from dqnfleet.core.policy import store
+from dqnfleet.core.rl import envs, networks, specs
+from dqnfleet.core.settings.config import EnvConfig, NetworkConfig
 
 from conftest import dqnfleet, free_port, wait_until
 
@@ -49,7 +50,7 @@ def act_with_plain_tensorflow(model, observations: np.ndarray, tmp_path) -> dict
 
 def greedy_actions(version_dir, observations: np.ndarray) -> np.ndarray:
   """What the published Q-network itself prefers, computed here with dqnfleet."""
-  _, _, network, _ = policy_store.load(version_dir)
+  _, _, network, _ = store.load(version_dir)
   q_values, _ = network(tf.constant(observations))
   return np.argmax(q_values.numpy(), axis=-1)
 
@@ -58,7 +59,7 @@ def publish_untrained(root, env_id: str, version: int, net: NetworkConfig):
   env = EnvConfig(env_id=env_id)
   tf.keras.utils.set_random_seed(version)  # the same weights on every run
   network = networks.q_net(specs.env_specs(env), net)
-  return policy_store.publish(root / "policies", version, network, env, net, keep=1)
+  return store.publish(root / "policies", version, network, env, net, keep=1)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,7 @@ def test_a_non_empty_out_is_refused_and_left_alone(cartpole, tmp_path):
 
 def test_a_failed_export_leaves_nothing_behind(tmp_path):
   version_dir = publish_untrained(tmp_path / "run", "CartPole-v1", 5, NetworkConfig((8,)))
-  for weights in version_dir.glob(f"{policy_store.WEIGHTS_PREFIX}.*"):
+  for weights in version_dir.glob(f"{store.WEIGHTS_PREFIX}.*"):
     weights.unlink()
   out_parent = tmp_path / "out"
   result = dqnfleet("export", "--policy", str(version_dir), "--out", str(out_parent / "model"))
@@ -172,5 +173,5 @@ def test_export_fetches_the_latest_policy_from_a_trainer(services, tmp_path):
   assert info["policy_version"] == 0 and info["source"] == f"localhost:{trainer_port}"
   observations = cartpole_observations(50)
   acted = act_with_plain_tensorflow(out, observations, tmp_path)
-  published = policy_store.version_dir(run_dir / "policies", 0)
+  published = store.version_dir(run_dir / "policies", 0)
   np.testing.assert_array_equal(acted["actions"], greedy_actions(published, observations))

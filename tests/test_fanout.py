@@ -13,7 +13,7 @@ import urllib.request
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from dqnfleet.core import rpc
+from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
 from conftest import free_port, wait_until

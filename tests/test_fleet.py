@@ -12,7 +12,8 @@ import reverb
 import tensorflow as tf
 from prometheus_client.parser import text_string_to_metric_families
 
-from dqnfleet.core import rpc, specs
+from dqnfleet.core.rl import specs
+from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
 from conftest import Service, dqnfleet, free_port, wait_until
@@ -117,7 +118,7 @@ def test_epsilon_follows_the_agent_steps_of_the_whole_fleet(fleet):
   """Each collector decays epsilon with replay's insert count (both collectors' steps),
   not with its own steps or the policy version."""
   from dqnfleet.collector.collector import epsilon_at
-  from dqnfleet.core.config import CollectorConfig
+  from dqnfleet.core.settings.config import CollectorConfig
   config = CollectorConfig(epsilon_decay_steps=8_000, epsilon_end=0.02)  # classic defaults
 
   def counting_both():

@@ -4,9 +4,10 @@ import threading
 
 import pytest
 
-from dqnfleet.core import networks, policy_store, specs
-from dqnfleet.core.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
-from dqnfleet.trainer.publisher import PolicyPublisher
+from dqnfleet.core.policy import store
+from dqnfleet.core.rl import networks, specs
+from dqnfleet.core.settings.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
+from dqnfleet.core.policy.server import PolicyPublisher
 from dqnfleet.trainer.trainer import Trainer
 
 ENV = EnvConfig(env_id="CartPole-v1", n_step=1, clip_rewards=False)
@@ -16,21 +17,21 @@ NET = NetworkConfig(fc_layers=(16,))
 def publish(policies, *versions):
   network = networks.q_net(specs.env_specs(ENV), NET)
   for version in versions:
-    policy_store.publish(policies, version, network, ENV, NET, keep=5)
+    store.publish(policies, version, network, ENV, NET, keep=5)
 
 
 def test_a_damaged_newest_policy_is_moved_aside_and_never_served(tmp_path, caplog):
   policies = tmp_path / "policies"
   publish(policies, 100, 200)
-  weights = policy_store.version_dir(policies, 200) / "weights.data-00000-of-00001"
+  weights = store.version_dir(policies, 200) / "weights.data-00000-of-00001"
   weights.write_bytes(weights.read_bytes()[:10])  # truncated, as by a crash or a full disk
   with caplog.at_level(logging.WARNING):
     publisher = PolicyPublisher(str(policies), ENV, NET, keep=5)
   assert publisher.latest_version == 100
-  assert policy_store.list_versions(policies) == [100]
+  assert store.list_versions(policies) == [100]
   assert (policies / ".damaged-v000000000200").is_dir()  # kept for a look, out of the way
   assert "published policy v200 is damaged" in caplog.text and str(weights) in caplog.text
-  assert policy_store.damage(policy_store.version_dir(policies, 100)) is None
+  assert store.damage(store.version_dir(policies, 100)) is None
 
 
 def test_announced_versions_never_go_back_after_a_restart(tmp_path):
@@ -42,7 +43,7 @@ def test_announced_versions_never_go_back_after_a_restart(tmp_path):
   assert publisher.latest_version == 300
   publisher.publish(400, network)
   assert publisher.latest_version == 400
-  assert policy_store.list_versions(policies) == [100, 300, 400]
+  assert store.list_versions(policies) == [100, 300, 400]
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_an_older_intact_one(tmp_path, caplog):
@@ -68,7 +69,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_an_older_intact_one(tmp_path,
 def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp_path):
   import grpc
 
-  from dqnfleet.core import rpc
+  from dqnfleet.core.transport import rpc
   from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
   policies = tmp_path / "policies"
@@ -81,15 +82,15 @@ def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp
     with rpc.channel(f"localhost:{port}") as channel:
       stub = fleet_pb2_grpc.PolicyServiceStub(channel)
       latest = stub.GetLatestPolicy(fleet_pb2.GetLatestPolicyRequest(), timeout=10)
-      fetched = policy_store.fetch(stub, latest, tmp_path / "collector")
-      assert policy_store.damage(fetched) is None and latest.version == 200
+      fetched = store.fetch(stub, latest, tmp_path / "collector")
+      assert store.damage(fetched) is None and latest.version == 200
       # Older versions too, more than the publisher keeps in memory at once.
       for version in (75, 50, 200):
         info = fleet_pb2.PolicyVersion(
             version=version, files=[fleet_pb2.PolicyFile(name=n, size_bytes=size, sha256=h)
-                                    for n, size, h in policy_store.file_digests(
-                                        policy_store.version_dir(policies, version))])
-        assert policy_store.damage(policy_store.fetch(stub, info, tmp_path / "collector")) is None
+                                    for n, size, h in store.file_digests(
+                                        store.version_dir(policies, version))])
+        assert store.damage(store.fetch(stub, info, tmp_path / "collector")) is None
 
       def fetch_error(**request) -> grpc.RpcError:
         with pytest.raises(grpc.RpcError) as raised:
@@ -97,7 +98,7 @@ def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp
         return raised.value
 
       # Damaged on disk after the publisher checked it at start: refused, never served.
-      weights = policy_store.version_dir(policies, 100) / "weights.data-00000-of-00001"
+      weights = store.version_dir(policies, 100) / "weights.data-00000-of-00001"
       weights.write_bytes(b"garbage")
       error = fetch_error(version=100)
       assert error.code() == grpc.StatusCode.DATA_LOSS and str(weights) in error.details()

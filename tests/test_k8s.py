@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dqnfleet.cli.main import SERVICE_GROUPS, build_configs, build_parser
 from dqnfleet.core import config as config_module
-from dqnfleet.core import rpc
-from dqnfleet.core.settings import ENV_PREFIX, env_name
+from dqnfleet.core.transport import rpc
+from dqnfleet.core.settings.flags import ENV_PREFIX, env_name
 
 from conftest import free_port, wait_until
 from test_monitoring import METRICS

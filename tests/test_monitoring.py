@@ -18,7 +18,7 @@ import subprocess
 import pytest
 import yaml
 
-from dqnfleet.core import config
+from dqnfleet.core.settings import config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "deploy" / "monitoring"

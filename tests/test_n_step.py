@@ -13,8 +13,8 @@ from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories import trajectory
 
 from dqnfleet.collector.observer import ReplayObserver
-from dqnfleet.core import specs
-from dqnfleet.core.config import EnvConfig
+from dqnfleet.core.rl import specs
+from dqnfleet.core.settings.config import EnvConfig
 from dqnfleet.trainer.dataset import to_experience
 
 from conftest import free_port

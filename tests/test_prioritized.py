@@ -6,8 +6,8 @@ import numpy as np
 import reverb
 import tensorflow as tf
 
-from dqnfleet.core import specs
-from dqnfleet.core.config import AgentConfig, EnvConfig, NetworkConfig, ReplayConfig, TrainerConfig
+from dqnfleet.core.rl import specs
+from dqnfleet.core.settings.config import AgentConfig, EnvConfig, NetworkConfig, ReplayConfig, TrainerConfig
 from dqnfleet.replay.server import make_table
 from dqnfleet.trainer.dataset import make_dataset
 from dqnfleet.trainer.learner import importance_weights

@@ -12,8 +12,8 @@ from tf_agents.trajectories import time_step as ts
 
 from dqnfleet.collector.driver import PipelinedDriver
 from dqnfleet.collector.observer import ReplayObserver
-from dqnfleet.core import envs, specs
-from dqnfleet.core.config import EnvConfig
+from dqnfleet.core.rl import envs, specs
+from dqnfleet.core.settings.config import EnvConfig
 from dqnfleet.trainer.dataset import make_dataset
 
 from conftest import free_port

@@ -4,8 +4,8 @@ import threading
 import pytest
 
 from dqnfleet.cli.main import build_configs, build_parser
-from dqnfleet.core import settings
-from dqnfleet.core.config import EnvConfig, ReplayConfig
+from dqnfleet.core.settings import flags
+from dqnfleet.core.settings.config import EnvConfig, ReplayConfig
 
 from conftest import dqnfleet, wait_until
 
@@ -17,20 +17,20 @@ def parse(*argv):
 def test_flag_beats_environment_beats_family_default():
   args = parse("replay", "--env-id", "CartPole-v1", "--max-size", "777")
   env = {"DQNFLEET_MAX_SIZE": "555", "DQNFLEET_MIN_SIZE": "50"}
-  replay = settings.build(ReplayConfig, args, env, classic_control=True)
+  replay = flags.build(ReplayConfig, args, env, classic_control=True)
   assert replay.max_size == 777          # flag
   assert replay.min_size == 50           # environment variable
   assert replay.samples_per_insert == 64.0  # classic-control default
-  atari = settings.build(ReplayConfig, parse("replay"), {}, classic_control=False)
+  atari = flags.build(ReplayConfig, parse("replay"), {}, classic_control=False)
   assert atari.samples_per_insert == 8.0 and atari.max_size == 1_000_000
 
 
 def test_tuple_and_bool_settings_parse_from_environment():
   args = parse("collector")
   env = {"DQNFLEET_TERMINAL_ON_LIFE_LOSS": "true", "DQNFLEET_ENV_ID": "ALE/Pong-v5"}
-  config = settings.build(EnvConfig, args, env)
+  config = flags.build(EnvConfig, args, env)
   assert config.terminal_on_life_loss is True and config.env_id == "ALE/Pong-v5"
-  assert settings.to_flags(config)[:1] == ["--env-id=ALE/Pong-v5"]
+  assert flags.to_flags(config)[:1] == ["--env-id=ALE/Pong-v5"]
 
 
 def test_every_setting_has_help_and_an_environment_variable():
@@ -60,7 +60,7 @@ def test_every_setting_has_help_and_an_environment_variable():
 def test_bad_settings_are_refused_in_process(argv, message):
   args = parse(*argv)
   from dqnfleet.cli.main import SERVICE_GROUPS
-  with pytest.raises(settings.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+  with pytest.raises(flags.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
     build_configs(SERVICE_GROUPS[args.command], args)
 
 
@@ -140,7 +140,7 @@ def test_a_config_file_sits_between_environment_variables_and_defaults(tmp_path,
 def test_a_bad_config_file_is_refused_with_what_is_wrong(tmp_path, text, message):
   path = tmp_path / "bad.toml"
   path.write_text(text)
-  with pytest.raises(settings.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+  with pytest.raises(flags.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
     configs_of("trainer", "--config", str(path))
 
 
@@ -164,7 +164,7 @@ def test_the_presets_load_for_every_command(preset):
 
 def test_a_port_in_use_is_refused_not_shared():
   """gRPC's SO_REUSEPORT default would let a second server share the port."""
-  from dqnfleet.core import rpc
+  from dqnfleet.core.transport import rpc
   first, port = rpc.start_server(0, rpc.StatusServicer("collector", "a", "", dict))
   try:
     with pytest.raises(OSError, match=f"cannot listen on port {port}"):
@@ -190,7 +190,7 @@ def test_a_service_given_a_port_in_use_exits_with_an_error_naming_it():
 
 
 def test_reconnect_backoff_doubles_to_its_cap_with_jitter():
-  from dqnfleet.core import rpc
+  from dqnfleet.core.transport import rpc
   backoff = rpc.Backoff(first=1.0, cap=4.0)
   waits = [backoff.jittered() for _ in range(200)]
   assert all(0.5 <= w < 1.5 for w in waits) and len(set(waits)) > 150

@@ -12,10 +12,11 @@ import tempfile
 
 import tensorflow as tf
 
-from dqnfleet.core import policy_store, rpc
+from dqnfleet.core.policy import store
+from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
-from dqnfleet.core.config import CommonConfig, EvaluateConfig, ProtocolConfig
-from dqnfleet.core.settings import ConfigError
+from dqnfleet.core.settings.config import CommonConfig, EvaluateConfig, ProtocolConfig
+from dqnfleet.core.settings.flags import ConfigError
 from dqnfleet.evaluator import protocol
 
 
@@ -27,11 +28,11 @@ def resolve(policy: str, scratch: str) -> pathlib.Path:
   path = pathlib.Path(policy)
   if path.exists():
     for candidate in (path, path / "policies"):
-      if (candidate / policy_store.MANIFEST).exists():
+      if (candidate / store.MANIFEST).exists():
         return candidate
-      versions = policy_store.list_versions(candidate)
+      versions = store.list_versions(candidate)
       if versions:
-        return policy_store.version_dir(candidate, versions[-1])
+        return store.version_dir(candidate, versions[-1])
     raise ConfigError(f"--policy {policy!r} holds no published policy (expected v<step>/ "
                       "folders with a manifest.json, or a run directory with policies/)")
   if ":" not in policy:
@@ -41,7 +42,7 @@ def resolve(policy: str, scratch: str) -> pathlib.Path:
     import grpc
     try:
       info = stub.GetLatestPolicy(fleet_pb2.GetLatestPolicyRequest(), timeout=30)
-      return policy_store.fetch(stub, info, scratch)
+      return store.fetch(stub, info, scratch)
     except grpc.RpcError as e:
       raise ConfigError(f"--policy {policy}: the trainer did not provide a policy "
                         f"({e.code().name}: {e.details()})") from None
@@ -52,7 +53,7 @@ def load(policy: str, scratch: str):
   for attempt in range(LOAD_ATTEMPTS):
     path = resolve(policy, scratch)
     try:
-      return (path, *policy_store.load(path))
+      return (path, *store.load(path))
     except (tf.errors.NotFoundError, FileNotFoundError):
       # A running trainer pruned the version while we loaded it: take the newest again.
       if attempt == LOAD_ATTEMPTS - 1:

@@ -22,8 +22,8 @@ import tempfile
 import tensorflow as tf
 
 from dqnfleet.cli.evaluate import load
-from dqnfleet.core.config import CommonConfig, ExportConfig
-from dqnfleet.core.settings import ConfigError
+from dqnfleet.core.settings.config import CommonConfig, ExportConfig
+from dqnfleet.core.settings.flags import ConfigError
 
 INFO_FILE = "dqnfleet_export.json"
 

@@ -16,12 +16,12 @@ import logging
 import os
 import sys
 
-from dqnfleet.core import settings
-from dqnfleet.core.config import (AgentConfig, CollectorConfig, CommonConfig, EnvConfig,
+from dqnfleet.core.settings import flags
+from dqnfleet.core.settings.config import (AgentConfig, CollectorConfig, CommonConfig, EnvConfig,
                                   EvaluateConfig, EvaluatorConfig, ExportConfig,
                                   NetworkConfig, ProtocolConfig,
                                   ReplayConfig, TrainerConfig, UpConfig, is_atari)
-from dqnfleet.core.settings import ConfigError
+from dqnfleet.core.settings.flags import ConfigError
 
 log = logging.getLogger("dqnfleet")
 
@@ -70,11 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name],
                               epilog=ENV_NOTE)
     if name == "up":  # up's own settings, then the services' that it does not set itself
-      settings.add_flags(sub, groups[0], exclude={"listen_host"})  # loopback, always
-      settings.add_flags(sub, groups[1])
-      settings.add_flags(sub, *groups[2:], exclude=UP_OWNS)
+      flags.add_flags(sub, groups[0], exclude={"listen_host"})  # loopback, always
+      flags.add_flags(sub, groups[1])
+      flags.add_flags(sub, *groups[2:], exclude=UP_OWNS)
     else:
-      settings.add_flags(sub, *groups)
+      flags.add_flags(sub, *groups)
     sub.add_argument("--config", metavar="FILE", default=os.environ.get(CONFIG_ENV) or None,
                      help="TOML file of settings: top-level keys for every command, [<command>] "
                           "tables for one (presets in deploy/presets/; env DQNFLEET_CONFIG). "
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="host:port of a service's status endpoint (replay: its status port)")
   status.add_argument("--json", action="store_true", help="print one JSON array")
   status.add_argument("--timeout", type=float, default=5.0, help="seconds per service")
-  settings.add_flags(status, CommonConfig)  # TLS and token of the servers it asks
+  flags.add_flags(status, CommonConfig)  # TLS and token of the servers it asks
   health = commands.add_parser("health", help="Exit 0 if the service answers SERVING.",
                                description="gRPC health check, for container health probes.")
   health.add_argument("address", metavar="ADDRESS", help="host:port of the health endpoint")
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
   health.add_argument("--ready", action="store_true",
                       help="ask readiness (can it do its job now: peers reached, a policy "
                            "published or loaded; not while stopping) instead of liveness")
-  settings.add_flags(health, CommonConfig)
+  flags.add_flags(health, CommonConfig)
   return parser
 
 
@@ -102,30 +102,30 @@ def config_file(command: str, path: str | None):
   """For each config class, the settings `path` gives it under `command`."""
   if not path:
     return lambda group: {}
-  doc = settings.read_config_file(path)
+  doc = flags.read_config_file(path)
   every_group = {g for groups in SERVICE_GROUPS.values() for g in groups}
-  settings.check_config_file(doc, path, settings.all_setting_names(every_group),
+  flags.check_config_file(doc, path, flags.all_setting_names(every_group),
                              set(SERVICE_GROUPS))
 
   def values(group) -> dict:
     tables = [command]
     if command == "up" and group in ROLE_OF_GROUP:
       tables.insert(0, ROLE_OF_GROUP[group])  # [up] still wins
-    return settings.config_file_values(doc, path, tables)  # build reads only its own fields
+    return flags.config_file_values(doc, path, tables)  # build reads only its own fields
   return values
 
 
 def build_configs(groups, args, command: str = "") -> list:
   """Each group's config from flags, environment, config file and the env family's defaults."""
   from_file = config_file(command, getattr(args, "config", None))
-  env = (settings.build(EnvConfig, args, file_values=from_file(EnvConfig))
+  env = (flags.build(EnvConfig, args, file_values=from_file(EnvConfig))
          if EnvConfig in groups else None)
   classic = env is not None and not is_atari(env.env_id)
   if classic:  # the id decides which defaults the rest of EnvConfig takes
-    env = settings.build(EnvConfig, args, classic_control=True, file_values=from_file(EnvConfig))
+    env = flags.build(EnvConfig, args, classic_control=True, file_values=from_file(EnvConfig))
   configs = []
   for group in groups:
-    config = env if group is EnvConfig else settings.build(
+    config = env if group is EnvConfig else flags.build(
         group, args, classic_control=classic, file_values=from_file(group))
     if hasattr(config, "validate"):
       config.validate()
@@ -134,19 +134,19 @@ def build_configs(groups, args, command: str = "") -> list:
 
 
 def main(argv=None) -> int:
-  from dqnfleet.core import runtime
+  from dqnfleet.core.transport import runtime
   runtime.quiet_imports()
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
     if args.command in ("status", "health"):
-      from dqnfleet.core import security
-      security.configure(settings.build(CommonConfig, args))
+      from dqnfleet.core.transport import security
+      security.configure(flags.build(CommonConfig, args))
     if args.command == "status":
       from dqnfleet.cli.status import run as run_status
       return run_status(args.addresses, as_json=args.json, timeout=args.timeout)
     if args.command == "health":
-      from dqnfleet.core import rpc
+      from dqnfleet.core.transport import rpc
       service = rpc.READINESS if args.ready else ""
       return 0 if rpc.check_health(args.address, args.timeout, service) else 1
     configs = build_configs(SERVICE_GROUPS[args.command], args, args.command)
@@ -168,7 +168,8 @@ RECORD_DIRECTORY = {"trainer": "run_dir", "evaluator": "out_dir"}
 
 
 def run_command(command: str, configs: list) -> int:
-  from dqnfleet.core import envs, run_record, runtime, security
+  from dqnfleet.core.rl import envs
+  from dqnfleet.core.transport import run_record, runtime, security
   common = configs[0]
   security.configure(common)  # before any server or channel exists
   env = next((c for c in configs if isinstance(c, EnvConfig)), None)
@@ -194,8 +195,8 @@ def run_command(command: str, configs: list) -> int:
   record = run_record.create(command, service_id, configs)
   service_config = by_type[SERVICE_CONFIG[command]]
   run_record.publish(record, getattr(service_config, RECORD_DIRECTORY.get(command, ""), ""))
-  from dqnfleet.core import metrics
-  from dqnfleet.core.rpc import PortUnavailable
+  from dqnfleet.core.transport import metrics
+  from dqnfleet.core.transport.rpc import PortUnavailable
   try:
     metrics.serve(service_config.metrics_port, command, record["packages"]["dqnfleet"],
                   record["git_revision"])

@@ -3,7 +3,7 @@ import json
 
 import grpc
 
-from dqnfleet.core import rpc
+from dqnfleet.core.transport import rpc
 
 
 def run(addresses: list[str], as_json: bool, timeout: float) -> int:

@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 
-from dqnfleet.core import rpc, settings
-from dqnfleet.core.config import (AgentConfig, CollectorConfig, CommonConfig, EnvConfig,
+from dqnfleet.core.settings import flags
+from dqnfleet.core.transport import rpc
+from dqnfleet.core.settings.config import (AgentConfig, CollectorConfig, CommonConfig, EnvConfig,
                                   EvaluatorConfig, NetworkConfig, ReplayConfig, TrainerConfig,
                                   UpConfig)
 
@@ -150,10 +151,10 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
   trainer = dataclasses.replace(trainer, replay_address=f"localhost:{replay_port}",
                                 port=trainer_port, metrics_port=free_port(), run_dir=str(run_dir))
   metrics_ports = {"replay": replay.metrics_port, "trainer": trainer.metrics_port}
-  shared = settings.to_flags(common) + settings.to_flags(env)
-  fleet.start("replay", "replay", shared + settings.to_flags(replay), replay_status)
-  fleet.start("trainer", "trainer", shared + settings.to_flags(net) + settings.to_flags(agent)
-              + settings.to_flags(trainer), trainer_port)
+  shared = flags.to_flags(common) + flags.to_flags(env)
+  fleet.start("replay", "replay", shared + flags.to_flags(replay), replay_status)
+  fleet.start("trainer", "trainer", shared + flags.to_flags(net) + flags.to_flags(agent)
+              + flags.to_flags(trainer), trainer_port)
   for i in range(up.collectors):
     port = free_port()
     one = dataclasses.replace(collector, replay_address=f"localhost:{replay_port}",
@@ -162,7 +163,7 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
                               status_port=port, metrics_port=free_port())
     metrics_ports[f"collector-{i}"] = one.metrics_port
     fleet.start(f"collector-{i}", "collector",
-                shared + settings.to_flags(net) + settings.to_flags(one), port)
+                shared + flags.to_flags(net) + flags.to_flags(one), port)
   if up.evaluator:
     port = free_port()
     # Its TensorBoard summaries reach the run's logdir through the trainer.
@@ -170,8 +171,8 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
                                     status_port=port, metrics_port=free_port(),
                                     out_dir=str(run_dir / "eval"))
     metrics_ports["evaluator"] = evaluator.metrics_port
-    fleet.start("evaluator", "evaluator", settings.to_flags(common)
-                + settings.to_flags(evaluator), port)
+    fleet.start("evaluator", "evaluator", flags.to_flags(common)
+                + flags.to_flags(evaluator), port)
   print(f"dqnfleet up: {env.env_id}, replay :{replay_port} (status :{replay_status}), trainer "
         f":{trainer_port}, {up.collectors} collectors; run dir {run_dir}", flush=True)
   if up.evaluator:

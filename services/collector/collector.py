@@ -17,10 +17,11 @@ from tf_agents.policies import py_tf_eager_policy
 
 from dqnfleet.collector.driver import PipelinedDriver
 from dqnfleet.collector.observer import ReplayObserver, Stopped
-from dqnfleet.core import envs, metrics, networks, rpc, specs
-from dqnfleet.core.config import CollectorConfig, EnvConfig, NetworkConfig
-from dqnfleet.core.policy_follower import PolicyFollower
-from dqnfleet.core.summaries import SummaryReporter
+from dqnfleet.core.rl import envs, networks, specs
+from dqnfleet.core.transport import metrics, rpc
+from dqnfleet.core.settings.config import CollectorConfig, EnvConfig, NetworkConfig
+from dqnfleet.core.policy.follower import PolicyFollower
+from dqnfleet.core.transport.summaries import SummaryReporter
 
 log = logging.getLogger(__name__)
 STEPS_PER_RUN = 16        # driver steps between checks for new policies and stop

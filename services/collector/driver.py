@@ -8,7 +8,7 @@ collector (almost) no wall-clock time (bench/collector_throughput.py).
 """
 from tf_agents.trajectories import time_step as ts
 
-from dqnfleet.core.envs import BatchedEnvironment
+from dqnfleet.core.rl.envs import BatchedEnvironment
 
 
 class PipelinedDriver:

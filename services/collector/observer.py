@@ -1,7 +1,7 @@
 """The observer: writes each environment's transitions into the replay table.
 
 One Reverb trajectory writer per environment, rows and items laid out as
-core/specs.py describes (each frame stored once). It is a TF-Agents
+core/rl/specs.py describes (each frame stored once). It is a TF-Agents
 *transition* observer: the driver hands it (s_t, a_t, s_t+1) for all
 environments at once.
 """
@@ -14,7 +14,8 @@ import reverb
 from reverb import pybind
 from tf_agents.trajectories import time_step as ts
 
-from dqnfleet.core import metrics, specs
+from dqnfleet.core.rl import specs
+from dqnfleet.core.transport import metrics
 
 log = logging.getLogger(__name__)
 

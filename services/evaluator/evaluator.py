@@ -18,10 +18,11 @@ import time
 
 import tensorflow as tf
 
-from dqnfleet.core import envs, metrics, networks, rpc, specs
-from dqnfleet.core.config import EvaluatorConfig, ProtocolConfig, is_atari
-from dqnfleet.core.policy_follower import PolicyFollower
-from dqnfleet.core.summaries import SummaryReporter
+from dqnfleet.core.rl import envs, networks, specs
+from dqnfleet.core.transport import metrics, rpc
+from dqnfleet.core.settings.config import EvaluatorConfig, ProtocolConfig, is_atari
+from dqnfleet.core.policy.follower import PolicyFollower
+from dqnfleet.core.transport.summaries import SummaryReporter
 from dqnfleet.evaluator import protocol
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ import tensorflow as tf
 from PIL import Image
 from tf_agents.policies import py_tf_eager_policy
 
-from dqnfleet.core import envs, networks
-from dqnfleet.core.config import EnvConfig, ProtocolConfig, is_atari
-from dqnfleet.core.specs import EnvSpecs
+from dqnfleet.core.rl import envs, networks
+from dqnfleet.core.settings.config import EnvConfig, ProtocolConfig, is_atari
+from dqnfleet.core.rl.specs import EnvSpecs
 
 # A GIF frame per agent step: 4 emulator frames at 60 Hz is 15 steps/s.
 GIF_FRAME_MS = 67

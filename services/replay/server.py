@@ -3,16 +3,17 @@
 Collectors insert transitions, the trainer samples batches; a SampleToInsertRatio
 rate limiter keeps the number of times each transition is sampled steady,
 whichever side is faster. The table's signature is derived from the
-environment settings (core/specs.py), so services may start in any order.
+environment settings (core/rl/specs.py), so services may start in any order.
 """
 import logging
 import threading
 
 import reverb
 
-from dqnfleet.core import metrics, rpc, specs
-from dqnfleet.core.config import EnvConfig, ReplayConfig
-from dqnfleet.core.settings import ConfigError
+from dqnfleet.core.rl import specs
+from dqnfleet.core.transport import metrics, rpc
+from dqnfleet.core.settings.config import EnvConfig, ReplayConfig
+from dqnfleet.core.settings.flags import ConfigError
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = metrics.counter("replay_checkpoints", "Checkpoints of the replay table written.")

@@ -1,6 +1,6 @@
 """Replay -> agent: batches of transitions sampled from Reverb over gRPC.
 
-Items come in the replay layout of core/specs.py (frames stored once) and
+Items come in the replay layout of core/rl/specs.py (frames stored once) and
 leave as the [batch, n+1] `Trajectory` that TF-Agents' DqnAgent trains on,
 with the keys of the invalid items the batch left out.
 """
@@ -9,7 +9,7 @@ import tensorflow as tf
 from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories import trajectory
 
-from dqnfleet.core import specs
+from dqnfleet.core.rl import specs
 
 # After this long without a sample, the dataset ends so the trainer can say
 # why (table below its minimum, or the rate limiter waiting for collectors).

@@ -3,8 +3,8 @@ import tensorflow as tf
 from tf_agents.agents.dqn import dqn_agent
 from tf_agents.utils import common
 
-from dqnfleet.core.config import AgentConfig
-from dqnfleet.core.specs import EnvSpecs
+from dqnfleet.core.settings.config import AgentConfig
+from dqnfleet.core.rl.specs import EnvSpecs
 
 
 def make_optimizer(config: AgentConfig) -> tf.keras.optimizers.Optimizer:
@@ -29,7 +29,7 @@ def make_agent(env_specs: EnvSpecs, q_network: tf.keras.Model, config: AgentConf
       env_specs.time_step, env_specs.action,
       q_network=q_network,
       optimizer=make_optimizer(config),
-      # Collectors build their own epsilon-greedy policy (core/networks.py);
+      # Collectors build their own epsilon-greedy policy (core/rl/networks.py);
       # the agent's collect policy is never used.
       epsilon_greedy=0.0,
       target_update_period=config.target_update_period,
@@ -38,7 +38,7 @@ def make_agent(env_specs: EnvSpecs, q_network: tf.keras.Model, config: AgentConf
                          else common.element_wise_squared_loss),
       reward_scale_factor=config.reward_scale,
       gamma=config.gamma,
-      # Items carry n transitions (core/specs.py); the agent sums their
+      # Items carry n transitions (core/rl/specs.py); the agent sums their
       # discounted rewards and bootstraps from the n-th next observation.
       n_step_update=env_specs.n_step,
       gradient_clipping=config.gradient_clipping or None,

@@ -15,13 +15,14 @@ import numpy as np
 import reverb
 import tensorflow as tf
 
-from dqnfleet.core import metrics, networks, rpc, specs
+from dqnfleet.core.rl import networks, specs
+from dqnfleet.core.transport import metrics, rpc
 from dqnfleet.core.api import fleet_pb2_grpc
-from dqnfleet.core.summaries import SummaryWriter
-from dqnfleet.core.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
+from dqnfleet.core.transport.summaries import SummaryWriter
+from dqnfleet.core.settings.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
 from dqnfleet.trainer.dataset import PROBLEMS, make_dataset
 from dqnfleet.trainer.learner import importance_weights, make_agent
-from dqnfleet.trainer.publisher import PolicyPublisher
+from dqnfleet.core.policy.server import PolicyPublisher
 
 log = logging.getLogger(__name__)
 # Train steps per call into TensorFlow: one graph runs several steps, which

@@ -1,11 +1,11 @@
 """The trainer's policy API: publishes versions and serves them to collectors.
 
-Versions are written to <run_dir>/policies (core/policy_store.py) and served
+Versions are written to <run_dir>/policies (core/store.py) and served
 over PolicyService: collectors watch for new versions and fetch their files in
 chunks, so they need no filesystem shared with the trainer.
 
 WatchPolicies streams are coroutines on the trainer's gRPC event loop
-(core/rpc.py): a thousand watchers cost a thousand suspended coroutines, not
+(core/transport/rpc.py): a thousand watchers cost a thousand suspended coroutines, not
 a thousand threads, and one publication wakes them all.
 
 Every announcement is followed by a herd: each follower fetches the new
@@ -22,7 +22,8 @@ import threading
 
 import grpc
 
-from dqnfleet.core import metrics, policy_store
+from dqnfleet.core.policy import store
+from dqnfleet.core.transport import metrics
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,9 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
     self._sending = asyncio.Semaphore(CONCURRENT_FETCHES)
     # A restarted trainer goes on serving what it published before, once it
     # has checked it: a version damaged on disk is moved aside, never served.
-    for version in reversed(policy_store.list_versions(policies_dir)):
-      path = policy_store.version_dir(policies_dir, version)
-      problem = policy_store.damage(path)
+    for version in reversed(store.list_versions(policies_dir)):
+      path = store.version_dir(policies_dir, version)
+      problem = store.damage(path)
       if problem is None:
         self._announce(version)
         break
@@ -122,17 +123,17 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
       log.info("not publishing v%d: v%d, published before the restart, stays the newest until "
                "training passes it", version, self.latest_version)
       return
-    policy_store.publish(self.dir, version, network, self._env, self._net, self._keep)
+    store.publish(self.dir, version, network, self._env, self._net, self._keep)
     self._announce(version)
     PUBLISHES.inc()
 
   def _announce(self, version: int) -> None:
-    path = policy_store.version_dir(self.dir, version)
-    manifest = policy_store.read_manifest(path)
+    path = store.version_dir(self.dir, version)
+    manifest = store.read_manifest(path)
     info = fleet_pb2.PolicyVersion(
         version=version, published_unix_ms=manifest["published_unix_ms"],
         files=[fleet_pb2.PolicyFile(name=n, size_bytes=s, sha256=h)
-               for n, s, h in policy_store.file_digests(path)])
+               for n, s, h in store.file_digests(path)])
     self._latest = info
     self._announced.notify_all()
     VERSION.set(version)
@@ -183,10 +184,10 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
       try:
         files = await self._version_files(request.version)
       except FileNotFoundError:
-        kept = policy_store.list_versions(self.dir)
+        kept = store.list_versions(self.dir)
         await context.abort(grpc.StatusCode.NOT_FOUND,
                             f"policy v{request.version} is not kept; kept versions: {kept}")
-      except policy_store.Damaged as e:
+      except store.Damaged as e:
         await context.abort(grpc.StatusCode.DATA_LOSS, str(e))
       except OSError as e:
         await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -204,7 +205,7 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
     future = self._files.get(version)
     if future is None:
       future = self._files[version] = asyncio.ensure_future(asyncio.to_thread(
-          policy_store.read_verified, policy_store.version_dir(self.dir, version)))
+          store.read_verified, store.version_dir(self.dir, version)))
       for old in sorted(self._files)[:-CACHED_VERSIONS]:
         del self._files[old]  # downloads sending it hold their own reference
     try:

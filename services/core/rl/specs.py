@@ -46,8 +46,8 @@ import tensorflow as tf
 from tf_agents.specs import array_spec
 from tf_agents.trajectories import time_step as ts
 
-from dqnfleet.core import envs
-from dqnfleet.core.config import EnvConfig, is_atari
+from dqnfleet.core.rl import envs
+from dqnfleet.core.settings.config import EnvConfig, is_atari
 
 TABLE = "transitions"
 # The scalars of a transition and their dtypes, in their order in the packed

@@ -14,7 +14,8 @@ import threading
 
 import grpc
 
-from dqnfleet.core import policy_store, rpc
+from dqnfleet.core.policy import store
+from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -82,17 +83,17 @@ class PolicyFollower:
     shutil.rmtree(self._cache, ignore_errors=True)
 
   def _load(self, stub, info) -> None:
-    path = policy_store.fetch(stub, info, self._cache)
+    path = store.fetch(stub, info, self._cache)
     if self._staging is None:  # a follower told nothing of the env learns it from the manifest
-      self.env_config, self.network_config = policy_store.configs_of(
-          policy_store.read_manifest(path))
-      self._staging = policy_store.load(path)[2]
-    policy_store.restore_weights(self._staging, path)
+      self.env_config, self.network_config = store.configs_of(
+          store.read_manifest(path))
+      self._staging = store.load(path)[2]
+    store.restore_weights(self._staging, path)
     weights = self._staging.get_weights()
     with self._lock:
       self._pending = (info.version, weights)
     self.latest_seen = info.version
     # Older copies are no longer needed: the weights are in memory.
-    for old in policy_store.list_versions(self._cache)[:-1]:
-      shutil.rmtree(policy_store.version_dir(self._cache, old), ignore_errors=True)
+    for old in store.list_versions(self._cache)[:-1]:
+      shutil.rmtree(store.version_dir(self._cache, old), ignore_errors=True)
     log.debug("downloaded policy v%d", info.version)

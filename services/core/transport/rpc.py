@@ -11,7 +11,7 @@ from typing import Callable, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dqnfleet.core import security
+from dqnfleet.core.transport import security
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
 T = TypeVar("T")

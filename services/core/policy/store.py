@@ -21,8 +21,8 @@ import time
 
 import tensorflow as tf
 
-from dqnfleet.core import networks, specs
-from dqnfleet.core.config import EnvConfig, NetworkConfig
+from dqnfleet.core.rl import networks, specs
+from dqnfleet.core.settings.config import EnvConfig, NetworkConfig
 
 FORMAT = "dqnfleet-policy-v1"
 MANIFEST = "manifest.json"

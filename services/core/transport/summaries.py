@@ -21,7 +21,7 @@ import threading
 
 import grpc
 
-from dqnfleet.core import rpc
+from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ import tensorflow as tf
 from tf_agents.networks import q_network
 from tf_agents.policies import epsilon_greedy_policy, q_policy
 
-from dqnfleet.core.config import NetworkConfig
-from dqnfleet.core.specs import EnvSpecs
+from dqnfleet.core.settings.config import NetworkConfig
+from dqnfleet.core.rl.specs import EnvSpecs
 
 # Nature DQN (Mnih et al. 2015): (filters, kernel, stride).
 NATURE_CONV_LAYERS = ((32, (8, 8), 4), (64, (4, 4), 2), (64, (3, 3), 1))

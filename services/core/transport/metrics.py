@@ -13,9 +13,9 @@ import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from dqnfleet.core import security
-from dqnfleet.core.config import METRICS_OFF
-from dqnfleet.core.rpc import PortUnavailable
+from dqnfleet.core.transport import security
+from dqnfleet.core.settings.config import METRICS_OFF
+from dqnfleet.core.transport.rpc import PortUnavailable
 
 log = logging.getLogger(__name__)
 PREFIX = "dqnfleet_"

@@ -10,7 +10,7 @@ small MLP learns in minutes with far more updates per environment step.
 """
 import dataclasses
 
-from dqnfleet.core.settings import ConfigError, setting
+from dqnfleet.core.settings.flags import ConfigError, setting
 
 DEFAULT_REPLAY_PORT = 8000
 DEFAULT_REPLAY_STATUS_PORT = 8001
@@ -46,7 +46,7 @@ class CommonConfig:
                             choices=("text", "json"))
   # Containers reach each other by their own addresses, so every interface
   # by default; `dqnfleet up` gives 127.0.0.1. Reverb's own port has no such
-  # option (core/security.py).
+  # option (core/transport/security.py).
   listen_host: str = setting("::", "Address the service's gRPC and metrics servers listen on: "
                                    ":: or 0.0.0.0 for every interface, 127.0.0.1 for this "
                                    "machine only.")
@@ -75,7 +75,7 @@ class EnvConfig:
       "Gymnasium environment id: an Atari id (ALE/<Game>-v5) or a classic-control id "
       "with discrete actions (CartPole-v1, Acrobot-v1, MountainCar-v0, ...).")
   # Frames per observation; consecutive observations share all but one, so
-  # replay stores each frame once (see core/specs.py).
+  # replay stores each frame once (see core/rl/specs.py).
   frame_stack: int = setting(4, "Atari: most recent 84x84 grayscale frames per observation.",
                              minimum=1, maximum=16)
   # Up to 30 random no-ops at reset de-correlate the starts of episodes.
@@ -90,7 +90,7 @@ class EnvConfig:
   # with probability 0.25 per frame; off is the Nature DQN protocol.
   sticky_actions: bool = setting(False, "Atari: sticky actions (repeat probability 0.25).")
   # Part of the replay item layout, so replay, collectors and trainer agree
-  # on it like on the environment (core/specs.py).
+  # on it like on the environment (core/rl/specs.py).
   n_step: int = setting(3, "Transitions per n-step return target (1: one-step DQN).",
                         minimum=1, maximum=32, classic=1)
   # Clipping keeps TD errors in the same range across games; episode returns

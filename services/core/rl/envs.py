@@ -25,8 +25,8 @@ from tf_agents.environments import py_environment
 from tf_agents.specs import array_spec
 from tf_agents.trajectories import time_step as ts
 
-from dqnfleet.core.config import EnvConfig, is_atari
-from dqnfleet.core.settings import ConfigError
+from dqnfleet.core.settings.config import EnvConfig, is_atari
+from dqnfleet.core.settings.flags import ConfigError
 
 gym.register_envs(ale_py)
 

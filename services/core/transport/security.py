@@ -21,9 +21,9 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from dqnfleet.core import settings
-from dqnfleet.core.config import CommonConfig
-from dqnfleet.core.settings import ConfigError
+from dqnfleet.core.settings import flags
+from dqnfleet.core.settings.config import CommonConfig
+from dqnfleet.core.settings.flags import ConfigError
 
 log = logging.getLogger(__name__)
 # Probes (kubelet, compose healthchecks) know no token; health says nothing secret.
@@ -62,7 +62,7 @@ _FIELDS = {field.name: field for field in dataclasses.fields(CommonConfig)}
 def _named(setting: str) -> str:
   """A setting as errors name it: its flag and its environment variable."""
   field = _FIELDS[setting]
-  return f"{settings.flag_name(field)} ({settings.env_name(field)})"
+  return f"{flags.flag_name(field)} ({flags.env_name(field)})"
 
 
 def _read(path: str, setting: str, what: str) -> bytes:
