@@ -55,14 +55,16 @@ def serve(env_id: str) -> None:
   from dqnfleet.core.rl import networks, specs
   from dqnfleet.core.settings.config import EnvConfig, NetworkConfig
   from dqnfleet.core.policy.server import PolicyPublisher
+  from dqnfleet.core.transport.security import PLAINTEXT
+  from dqnfleet.core.transport.status import Report, StatusServicer, TrainerCounters
 
   env, net = EnvConfig(env_id=env_id), NetworkConfig()
   network = networks.q_net(specs.env_specs(env), net)
   publisher = PolicyPublisher(tempfile.mkdtemp(prefix="fanout-"), env, net, keep=5)
-  status = rpc.StatusServicer("trainer", "bench", env_id,
-                              lambda: {"policy_version": publisher.latest_version})
+  status = StatusServicer("trainer", "bench", env_id,
+                          lambda: Report(TrainerCounters(), publisher.latest_version))
   server, port = rpc.start_server(
-      0, status, extra=lambda s: fleet_pb2_grpc.add_PolicyServiceServicer_to_server(publisher, s))
+      0, status, security=PLAINTEXT, extra=lambda s: fleet_pb2_grpc.add_PolicyServiceServicer_to_server(publisher, s))
   emit(port=port)
   for line in sys.stdin:
     if line.strip() == "publish":

@@ -72,12 +72,12 @@ def test_a_collector_whose_replay_is_down_says_so_and_retries(fleet):
   log = fleet["procs"]["c0"].log()
   assert re.search(r"connecting to replay at localhost:\d+ failed .*retrying in", log), log[-2000:]
   # ...and once replay is up, its items arrive.
-  wait_until(lambda: status(fleet, "c0").counters["env_steps"] > 0, 120, "c0 to collect")
+  wait_until(lambda: status(fleet, "c0").counters.env_steps > 0, 120, "c0 to collect")
 
 
 def test_items_from_both_collectors_reach_the_replay_table(fleet):
   wait_until(lambda: status(fleet, "replay").replay_size >= 300, 180, "replay to fill to min size")
-  sources = {status(fleet, name).counters["source_id"]: name for name in ("c0", "c1")}
+  sources = {status(fleet, name).counters.source_id: name for name in ("c0", "c1")}
   assert len(sources) == 2
   client = reverb.Client(fleet["replay_address"])
 
@@ -94,8 +94,8 @@ def test_the_trainer_trains_and_publishes_increasing_versions(fleet):
                      "a first published version")
   later = wait_until(lambda: (s := status(fleet, "trainer")).policy_version > first.policy_version
                      and s, 120, "a newer version")
-  assert later.counters["train_steps"] > first.counters["train_steps"]
-  assert later.policy_version % 50 == 0 or later.policy_version == later.counters["train_steps"]
+  assert later.counters.train_steps > first.counters.train_steps
+  assert later.policy_version % 50 == 0 or later.policy_version == later.counters.train_steps
   policies = fleet["root"] / "run" / "policies"
   assert sorted(p.name for p in policies.iterdir())[-1].startswith("v")
 
@@ -110,7 +110,7 @@ def test_both_collectors_switch_to_each_new_version(fleet):
                "a newer version")
   for name in ("c0", "c1"):
     collector = status(fleet, name)
-    assert collector.counters["policy_updates"] >= 3
+    assert collector.counters.policy_updates >= 3
     assert "acting with policy v" in fleet["procs"][name].log()
 
 
@@ -130,9 +130,9 @@ def test_epsilon_follows_the_agent_steps_of_the_whole_fleet(fleet):
   c0, c1 = wait_until(counting_both, 180, "collectors to count each other's steps")
   for counters in (c0, c1):
     # Snapshots are taken while the collector runs: epsilon may trail by one update.
-    assert counters["epsilon"] == pytest.approx(epsilon_at(counters["fleet_env_steps"], config),
+    assert counters.epsilon == pytest.approx(epsilon_at(counters.fleet_env_steps, config),
                                                 abs=0.1)
-  replay = status(fleet, "replay").counters["items_inserted"]
+  replay = status(fleet, "replay").counters.items_inserted
   assert max(c0["fleet_env_steps"], c1["fleet_env_steps"]) <= replay
 
 
@@ -154,7 +154,7 @@ def test_the_evaluator_follows_versions_and_reports(fleet):
   rows = (fleet["root"] / "eval" / "history.csv").read_text().splitlines()
   assert rows[0].startswith("version,minutes,frames") and len(rows) >= len(entries) + 1
   reply = status(fleet, "evaluator")
-  assert reply.role == "evaluator" and reply.counters["evaluations"] >= 3
+  assert reply.role == "evaluator" and reply.counters.evaluations >= 3
   assert reply.policy_version >= versions[-1] and len(reply.recent_returns) == 3
   result = dqnfleet("status", f"localhost:{fleet['ports']['evaluator']}", timeout=60)
   assert "evaluator" in result.stdout and "last_mean_return" in result.stdout
@@ -277,7 +277,7 @@ def test_json_logs_carry_time_level_service_instance_and_message(fleet):
 
 
 def test_items_with_impossible_values_or_shapes_are_left_out_and_the_trainer_trains_on(fleet):
-  wait_until(lambda: status(fleet, "trainer").counters["train_steps"] > 0, 240, "training")
+  wait_until(lambda: status(fleet, "trainer").counters.train_steps > 0, 240, "training")
   client = reverb.Client(fleet["replay_address"])
   obs = np.zeros(4, np.float32)
   # Values no collector writes: left out of training and deleted from the table.
@@ -297,12 +297,12 @@ def test_items_with_impossible_values_or_shapes_are_left_out_and_the_trainer_tra
     rogue.create_item(specs.TABLE, 1.0, specs.item(rogue.history, 1, 1))
     rogue.end_episode(timeout_ms=10_000)
     rogue.close()
-  wait_until(lambda: status(fleet, "trainer").counters["bad_items_dropped"] >= 3, 240,
+  wait_until(lambda: status(fleet, "trainer").counters.bad_items_dropped >= 3, 240,
              "the trainer to drop the invalid items")
-  wait_until(lambda: status(fleet, "trainer").counters["unreadable_items_skipped"] >= 1, 240,
+  wait_until(lambda: status(fleet, "trainer").counters.unreadable_items_skipped >= 1, 240,
              "the trainer to skip the item of another dtype")
-  steps = status(fleet, "trainer").counters["train_steps"]
-  wait_until(lambda: status(fleet, "trainer").counters["train_steps"] > steps, 120,
+  steps = status(fleet, "trainer").counters.train_steps
+  wait_until(lambda: status(fleet, "trainer").counters.train_steps > steps, 120,
              "the trainer to go on training")
   assert fleet["procs"]["trainer"].proc.poll() is None
   log = fleet["procs"]["trainer"].log()
@@ -350,7 +350,7 @@ def test_a_trainer_past_its_step_limit_can_stay_up_serving_its_final_policy(flee
              "the trainer to reach its limit")
   assert trainer.proc.poll() is None  # still up: no exit for a supervisor to restart
   reply = rpc.get_status(f"localhost:{port}")
-  assert reply.policy_version == 30 and reply.counters["train_steps"] == 30
+  assert reply.policy_version == 30 and reply.counters.train_steps == 30
   assert dqnfleet("health", "--ready", f"localhost:{port}", timeout=60).returncode == 0
   assert trainer.stop() == 0
 
@@ -377,11 +377,11 @@ def test_evaluate_fetches_the_latest_policy_from_the_trainer(fleet):
 
 def test_a_restarted_trainer_resumes_from_its_checkpoint(fleet):
   procs = fleet["procs"]
-  wait_until(lambda: status(fleet, "trainer").counters["train_steps"] >= 200, 240, "200 steps")
-  before = status(fleet, "trainer").counters["train_steps"]
+  wait_until(lambda: status(fleet, "trainer").counters.train_steps >= 200, 240, "200 steps")
+  before = status(fleet, "trainer").counters.train_steps
   assert procs["trainer"].stop() == 0
   procs["trainer"] = Service("trainer-2", ["trainer", *fleet["trainer_args"]], fleet["root"], ENV)
-  wait_until(lambda: status(fleet, "trainer").counters["train_steps"] > before, 180, "resumed steps")
+  wait_until(lambda: status(fleet, "trainer").counters.train_steps > before, 180, "resumed steps")
   log = procs["trainer"].log()
   assert re.search(r"resumed from .*ckpt-\d+ at train step (\d+)", log), log[-2000:]
   step = int(re.search(r"at train step (\d+)", log).group(1))
@@ -401,12 +401,12 @@ def test_replay_restores_its_checkpoint_and_collectors_reconnect(fleet):
   # Collectors' writers reconnect by themselves and insert again; the trainer
   # samples again: nobody needed a restart.
   for name in ("c0", "c1"):
-    steps = status(fleet, name).counters["env_steps"]
-    wait_until(lambda: status(fleet, name).counters["env_steps"] > steps + 100, 180,
+    steps = status(fleet, name).counters.env_steps
+    wait_until(lambda: status(fleet, name).counters.env_steps > steps + 100, 180,
                f"{name} to insert into the restarted replay")
     assert procs[name].proc.poll() is None
-  trained = status(fleet, "trainer").counters["train_steps"]
-  wait_until(lambda: status(fleet, "trainer").counters["train_steps"] > trained, 180,
+  trained = status(fleet, "trainer").counters.train_steps
+  wait_until(lambda: status(fleet, "trainer").counters.train_steps > trained, 180,
              "the trainer to sample from the restarted replay")
 
 
@@ -420,5 +420,5 @@ def test_a_trainer_without_data_says_it_is_waiting(services, tmp_path):
   wait_until(lambda: "waiting for data: replay holds 0 of the 5000 transitions" in trainer.log(),
              120, "the trainer to say it waits for data")
   reply = rpc.get_status(f"localhost:{trainer_port}")
-  assert reply.role == "trainer" and reply.counters["train_steps"] == 0
+  assert reply.role == "trainer" and reply.counters.train_steps == 0
   assert trainer.stop() == 0  # and it stops cleanly while waiting

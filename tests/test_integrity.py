@@ -8,6 +8,8 @@ from dqnfleet.core.policy import store
 from dqnfleet.core.rl import networks, specs
 from dqnfleet.core.settings.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
 from dqnfleet.core.policy.server import PolicyPublisher
+from dqnfleet.core.transport.security import PLAINTEXT
+from dqnfleet.core.transport.status import Report, StatusServicer, TrainerCounters
 from dqnfleet.trainer.trainer import Trainer
 
 ENV = EnvConfig(env_id="CartPole-v1", n_step=1, clip_rewards=False)
@@ -75,9 +77,9 @@ def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp
   policies = tmp_path / "policies"
   publish(policies, 50, 75, 100, 200)
   publisher = PolicyPublisher(str(policies), ENV, NET, keep=5)
-  status = rpc.StatusServicer("trainer", "test", ENV.env_id, lambda: {})
+  status = StatusServicer("trainer", "test", ENV.env_id, lambda: Report(TrainerCounters()))
   server, port = rpc.start_server(
-      0, status, extra=lambda s: fleet_pb2_grpc.add_PolicyServiceServicer_to_server(publisher, s))
+      0, status, security=PLAINTEXT, extra=lambda s: fleet_pb2_grpc.add_PolicyServiceServicer_to_server(publisher, s))
   try:
     with rpc.channel(f"localhost:{port}") as channel:
       stub = fleet_pb2_grpc.PolicyServiceStub(channel)

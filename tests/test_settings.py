@@ -165,10 +165,13 @@ def test_the_presets_load_for_every_command(preset):
 def test_a_port_in_use_is_refused_not_shared():
   """gRPC's SO_REUSEPORT default would let a second server share the port."""
   from dqnfleet.core.transport import rpc
-  first, port = rpc.start_server(0, rpc.StatusServicer("collector", "a", "", dict))
+  from dqnfleet.core.transport.security import PLAINTEXT
+  from dqnfleet.core.transport.status import CollectorCounters, Report, StatusServicer
+  status = lambda name: StatusServicer("collector", name, "", lambda: Report(CollectorCounters()))
+  first, port = rpc.start_server(0, status("a"), security=PLAINTEXT)
   try:
     with pytest.raises(OSError, match=f"cannot listen on port {port}"):
-      rpc.start_server(port, rpc.StatusServicer("collector", "b", "", dict))
+      rpc.start_server(port, status("b"), security=PLAINTEXT)
   finally:
     first.stop(grace=0)
 

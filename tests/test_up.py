@@ -121,8 +121,10 @@ def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(t
 def test_the_progress_line_copes_with_services_that_do_not_answer_yet():
   from dqnfleet.cli.up import Progress
   from dqnfleet.core.api import fleet_pb2
-  collector = fleet_pb2.ServiceStatus(role="collector", policy_version=3,
-                                      counters={"env_steps": 1200}, recent_returns=[2.0, 4.0])
+  from dqnfleet.core.transport.status import decode
+  collector = decode(fleet_pb2.ServiceStatus(role="collector", policy_version=3,
+                                             counters={"env_steps": 1200},
+                                             recent_returns=[2.0, 4.0]))
   line = Progress().line({"replay": None, "trainer": None, "collector-0": collector}, 12.0)
   assert "env steps 1,200" in line and "replay - |" in line and "acting v3" in line
   assert "return 3.0 (last 2 episodes)" in line

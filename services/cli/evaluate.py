@@ -17,13 +17,14 @@ from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 from dqnfleet.core.settings.config import CommonConfig, EvaluateConfig, ProtocolConfig
 from dqnfleet.core.settings.flags import ConfigError
+from dqnfleet.core.transport.security import PLAINTEXT, Security
 from dqnfleet.evaluator import protocol
 
 
 LOAD_ATTEMPTS = 3
 
 
-def resolve(policy: str, scratch: str) -> pathlib.Path:
+def resolve(policy: str, scratch: str, security: Security = PLAINTEXT) -> pathlib.Path:
   """The version directory that `policy` names, fetching it if it is an address."""
   path = pathlib.Path(policy)
   if path.exists():
@@ -37,7 +38,7 @@ def resolve(policy: str, scratch: str) -> pathlib.Path:
                       "folders with a manifest.json, or a run directory with policies/)")
   if ":" not in policy:
     raise ConfigError(f"--policy {policy!r} is neither an existing directory nor a host:port")
-  with rpc.channel(policy) as channel:
+  with rpc.channel(policy, security) as channel:
     stub = fleet_pb2_grpc.PolicyServiceStub(channel)
     import grpc
     try:
@@ -48,10 +49,10 @@ def resolve(policy: str, scratch: str) -> pathlib.Path:
                         f"({e.code().name}: {e.details()})") from None
 
 
-def load(policy: str, scratch: str):
+def load(policy: str, scratch: str, security: Security = PLAINTEXT):
   """The policy that `policy` names, loaded: (path, env_config, env_specs, network, version)."""
   for attempt in range(LOAD_ATTEMPTS):
-    path = resolve(policy, scratch)
+    path = resolve(policy, scratch, security)
     try:
       return (path, *store.load(path))
     except (tf.errors.NotFoundError, FileNotFoundError):
@@ -61,18 +62,20 @@ def load(policy: str, scratch: str):
 
 
 def evaluate(policy: str, scratch: str, protocol_config: ProtocolConfig,
-             record: bool) -> tuple[dict, protocol.Result]:
-  path, env_config, env_specs, network, version = load(policy, scratch)
+             record: bool, security: Security = PLAINTEXT) -> tuple[dict, protocol.Result]:
+  path, env_config, env_specs, network, version = load(policy, scratch, security)
   result = protocol.run(env_config, env_specs, network, protocol_config, record=record)
   summary = {"env_id": env_config.env_id, "policy_version": version, "policy_path": str(path),
              "protocol": protocol.describe(protocol_config, env_config), **result.summary()}
   return summary, result
 
 
-def run(common: CommonConfig, protocol_config: ProtocolConfig, config: EvaluateConfig) -> int:
+def run(common: CommonConfig, protocol_config: ProtocolConfig, config: EvaluateConfig, *,
+        security: Security) -> int:
   logging.basicConfig(level=getattr(logging, common.log_level))
   with tempfile.TemporaryDirectory(prefix="dqnfleet-eval-") as scratch:
-    summary, result = evaluate(config.policy, scratch, protocol_config, record=bool(config.video))
+    summary, result = evaluate(config.policy, scratch, protocol_config, record=bool(config.video),
+                               security=security)
   if config.video:
     if result.best_frames is None:
       raise ConfigError(f"--video needs an Atari policy; {summary['env_id']} has no frames")

@@ -24,6 +24,7 @@ import tensorflow as tf
 from dqnfleet.cli.evaluate import load
 from dqnfleet.core.settings.config import CommonConfig, ExportConfig
 from dqnfleet.core.settings.flags import ConfigError
+from dqnfleet.core.transport.security import Security
 
 INFO_FILE = "dqnfleet_export.json"
 
@@ -96,7 +97,7 @@ def save(env_config, env_specs, network, version: int, source: str, out: pathlib
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(common: CommonConfig, config: ExportConfig) -> int:
+def run(common: CommonConfig, config: ExportConfig, *, security: Security) -> int:
   logging.basicConfig(level=getattr(logging, common.log_level))
   # PolicySaver's notes on renaming signature arguments are not actionable here.
   logging.getLogger("absl").setLevel(logging.ERROR)
@@ -104,7 +105,7 @@ def run(common: CommonConfig, config: ExportConfig) -> int:
   out = pathlib.Path(config.out).absolute()
   check_out(out)  # before fetching or loading anything
   with tempfile.TemporaryDirectory(prefix="dqnfleet-export-") as scratch:
-    path, env_config, env_specs, network, version = load(config.policy, scratch)
+    path, env_config, env_specs, network, version = load(config.policy, scratch, security)
   source = str(path.absolute()) if pathlib.Path(config.policy).exists() else config.policy
   save(env_config, env_specs, network, version, source, out)
   print(f"wrote {out}: greedy policy v{version} of {env_config.env_id} as a SavedModel "

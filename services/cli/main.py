@@ -141,14 +141,15 @@ def main(argv=None) -> int:
   try:
     if args.command in ("status", "health"):
       from dqnfleet.core.transport import security
-      security.configure(flags.build(CommonConfig, args))
+      identity = security.from_config(flags.build(CommonConfig, args))
     if args.command == "status":
       from dqnfleet.cli.status import run as run_status
-      return run_status(args.addresses, as_json=args.json, timeout=args.timeout)
+      return run_status(args.addresses, as_json=args.json, timeout=args.timeout,
+                        security=identity)
     if args.command == "health":
       from dqnfleet.core.transport import rpc
       service = rpc.READINESS if args.ready else ""
-      return 0 if rpc.check_health(args.address, args.timeout, service) else 1
+      return 0 if rpc.check_health(args.address, args.timeout, service, identity) else 1
     configs = build_configs(SERVICE_GROUPS[args.command], args, args.command)
     return run_command(args.command, configs)
   except ConfigError as e:
@@ -171,7 +172,7 @@ def run_command(command: str, configs: list) -> int:
   from dqnfleet.core.rl import envs
   from dqnfleet.core.transport import run_record, runtime, security
   common = configs[0]
-  security.configure(common)  # before any server or channel exists
+  identity = security.from_config(common)  # every server and channel of this process uses it
   env = next((c for c in configs if isinstance(c, EnvConfig)), None)
   if env is not None:
     envs.validate_env(env)
@@ -180,13 +181,13 @@ def run_command(command: str, configs: list) -> int:
     from dqnfleet.cli.up import run as run_up
     path = run_record.publish(run_record.create("up", "up", configs), by_type[UpConfig].run_dir)
     print(f"settings, package versions and git revision of this run: {path}", flush=True)
-    return run_up(*configs)
+    return run_up(*configs, security=identity)
   if command == "evaluate":
     from dqnfleet.cli.evaluate import run as run_evaluate
-    return run_evaluate(*configs)
+    return run_evaluate(*configs, security=identity)
   if command == "export":
     from dqnfleet.cli.export import run as run_export
-    return run_export(*configs)
+    return run_export(*configs, security=identity)
 
   service_id = runtime.default_id(command)
   if command == "collector" and by_type[CollectorConfig].collector_id:
@@ -199,20 +200,21 @@ def run_command(command: str, configs: list) -> int:
   from dqnfleet.core.transport.rpc import PortUnavailable
   try:
     metrics.serve(service_config.metrics_port, command, record["packages"]["dqnfleet"],
-                  record["git_revision"])
+                  record["git_revision"], identity.listen_host)
     stop = runtime.stop_on_signals()
     if command == "replay":
       from dqnfleet.replay.server import serve
-      serve(env, by_type[ReplayConfig], stop)
+      serve(env, by_type[ReplayConfig], stop, identity)
     elif command == "collector":
       from dqnfleet.collector.collector import serve
-      serve(env, by_type[NetworkConfig], by_type[CollectorConfig], stop, service_id)
+      serve(env, by_type[NetworkConfig], by_type[CollectorConfig], stop, service_id, identity)
     elif command == "trainer":
       from dqnfleet.trainer.trainer import serve
-      serve(env, by_type[NetworkConfig], by_type[AgentConfig], by_type[TrainerConfig], stop)
+      serve(env, by_type[NetworkConfig], by_type[AgentConfig], by_type[TrainerConfig], stop,
+            identity)
     elif command == "evaluator":
       from dqnfleet.evaluator.evaluator import serve
-      serve(by_type[ProtocolConfig], by_type[EvaluatorConfig], stop, service_id)
+      serve(by_type[ProtocolConfig], by_type[EvaluatorConfig], stop, identity, service_id)
   except PortUnavailable as e:
     log.error("%s", e)
     print(f"dqnfleet {command}: error: {e}", file=sys.stderr)

@@ -1,17 +1,19 @@
 """`dqnfleet status`: what each service reports, for people and scripts."""
+import dataclasses
 import json
 
 import grpc
 
 from dqnfleet.core.transport import rpc
+from dqnfleet.core.transport.security import Security
+from dqnfleet.core.transport.status import Status
 
 
-def run(addresses: list[str], as_json: bool, timeout: float) -> int:
+def run(addresses: list[str], as_json: bool, timeout: float, security: Security) -> int:
   results, failed = [], False
   for address in addresses:
     try:
-      reply = rpc.get_status(address, timeout)
-      entry = as_dict(reply)
+      entry = as_dict(rpc.get_status(address, timeout, security))
       entry["address"] = address
     except grpc.RpcError as e:
       failed = True
@@ -25,12 +27,9 @@ def run(addresses: list[str], as_json: bool, timeout: float) -> int:
   return 1 if failed else 0
 
 
-def as_dict(reply) -> dict:
-  """A ServiceStatus as plain JSON types (protobuf's own JSON quotes int64s)."""
-  return {"role": reply.role, "id": reply.id, "env_id": reply.env_id,
-          "policy_version": reply.policy_version, "replay_size": reply.replay_size,
-          "counters": dict(reply.counters), "recent_returns": list(reply.recent_returns),
-          "uptime_s": reply.uptime_s}
+def as_dict(status: Status) -> dict:
+  """A status as plain JSON types (protobuf's own JSON quotes int64s)."""
+  return dataclasses.asdict(status)
 
 
 def format_entry(entry: dict) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 
 from dqnfleet.core.settings import flags
 from dqnfleet.core.transport import rpc
+from dqnfleet.core.transport.security import Security
 from dqnfleet.core.settings.config import (AgentConfig, CollectorConfig, CommonConfig, EnvConfig,
                                   EvaluatorConfig, NetworkConfig, ReplayConfig, TrainerConfig,
                                   UpConfig)
@@ -97,8 +98,8 @@ class Progress:
     trainer = statuses.get("trainer")
     replay = statuses.get("replay")
     collectors = [s for n, s in statuses.items() if n.startswith("collector") and s]
-    env_steps = sum(c.counters["env_steps"] for c in collectors)
-    train_steps = trainer.counters["train_steps"] if trainer else 0
+    env_steps = sum(c.counters.env_steps for c in collectors)
+    train_steps = trainer.counters.train_steps if trainer else 0
     now = time.monotonic()
     env_rate = train_rate = 0.0
     if self._last:
@@ -111,7 +112,7 @@ class Progress:
     evaluation = ""
     if evaluator and evaluator.policy_version >= 0:
       evaluation = (f" | eval v{evaluator.policy_version}: "
-                    f"{evaluator.counters['last_mean_return']:.1f}")
+                    f"{evaluator.counters.last_mean_return:.1f}")
     return (f"[{elapsed:6.0f}s] env steps {env_steps:,.0f} ({env_rate:,.0f}/s) | "
             f"train steps {train_steps:,.0f} ({train_rate:,.1f}/s) | "
             f"replay {f'{replay.replay_size:,}' if replay else '-'} | "
@@ -139,7 +140,7 @@ def restart_dead(fleet: Fleet, dead: list[str]) -> bool:
 
 def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
         agent: AgentConfig, replay: ReplayConfig, collector: CollectorConfig,
-        trainer: TrainerConfig, evaluator: EvaluatorConfig) -> int:
+        trainer: TrainerConfig, evaluator: EvaluatorConfig, *, security: Security) -> int:
   run_dir = pathlib.Path(up.run_dir).resolve()
   # Every address of the fleet is on this machine: nothing needs to listen wider.
   common = dataclasses.replace(common, listen_host="127.0.0.1")
@@ -199,7 +200,7 @@ def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
       statuses = {}
       for name, address in fleet.status_addresses.items():
         try:
-          statuses[name] = rpc.get_status(address, timeout=2)
+          statuses[name] = rpc.get_status(address, timeout=2, security=security)
         except Exception:  # still starting (TensorFlow import takes seconds)
           statuses[name] = None
       if any(statuses.values()):

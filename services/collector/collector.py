@@ -21,6 +21,8 @@ from dqnfleet.core.rl import envs, networks, specs
 from dqnfleet.core.transport import metrics, rpc
 from dqnfleet.core.settings.config import CollectorConfig, EnvConfig, NetworkConfig
 from dqnfleet.core.policy.follower import PolicyFollower
+from dqnfleet.core.transport.security import Security
+from dqnfleet.core.transport.status import CollectorCounters, Report, StatusServicer
 from dqnfleet.core.transport.summaries import SummaryReporter
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ class Collector:
   """Runs the collection loop and keeps the counters the status RPC reports."""
 
   def __init__(self, env: EnvConfig, net: NetworkConfig, config: CollectorConfig,
-               collector_id: str, stop: threading.Event):
+               collector_id: str, stop: threading.Event, security: Security):
     self.env_config, self.config, self.id, self._stop = env, config, collector_id, stop
     self.seed = seed_for(collector_id, config.seed)
     tf.random.set_seed(self.seed)
@@ -76,26 +78,27 @@ class Collector:
     # epsilon_start; status and metrics say so rather than claim v0.
     self.version = -1
     self.fleet_steps = 0
-    self.follower = PolicyFollower(config.trainer_address, networks.q_net(self.specs, net), stop)
+    self.follower = PolicyFollower(config.trainer_address, networks.q_net(self.specs, net), stop,
+                                   security=security)
     self.env_steps = 0
     self.episodes = 0
     self.policy_updates = 0
     self.recent_returns = collections.deque(maxlen=RECENT_EPISODES)
     self.connected = False  # to replay: what readiness reports
     # Episode statistics go to the trainer, which writes them for TensorBoard.
-    self.summaries = SummaryReporter(config.trainer_address, "collector", collector_id)
+    self.summaries = SummaryReporter(config.trainer_address, "collector", collector_id,
+                                     security=security)
     # Read when Prometheus scrapes (one collector per process).
     POLICY_VERSION.set_function(lambda: self.version)
     EPSILON.set_function(lambda: float(self.epsilon.numpy()))
 
-  def snapshot(self) -> dict:
-    return {"policy_version": self.version,
-            "recent_returns": list(self.recent_returns),
-            "counters": {"env_steps": self.env_steps, "episodes": self.episodes,
-                         "policy_updates": self.policy_updates,
-                         "epsilon": float(self.epsilon.numpy()), "seed": self.seed,
-                         "fleet_env_steps": self.fleet_steps,
-                         "source_id": specs.source_id(self.id)}}
+  def snapshot(self) -> Report:
+    return Report(
+        CollectorCounters(env_steps=self.env_steps, episodes=self.episodes,
+                          policy_updates=self.policy_updates,
+                          epsilon=float(self.epsilon.numpy()), seed=self.seed,
+                          fleet_env_steps=self.fleet_steps, source_id=specs.source_id(self.id)),
+        policy_version=self.version, recent_returns=list(self.recent_returns))
 
   def _apply_new_policy(self) -> None:
     update = self.follower.take()
@@ -202,10 +205,10 @@ class Collector:
 
 
 def serve(env: EnvConfig, net: NetworkConfig, config: CollectorConfig,
-          stop: threading.Event, collector_id: str) -> None:
-  collector = Collector(env, net, config, collector_id, stop)
-  status = rpc.StatusServicer("collector", collector_id, env.env_id, collector.snapshot)
-  server, port = rpc.start_server(config.status_port, status, stop=stop,
+          stop: threading.Event, collector_id: str, security: Security) -> None:
+  collector = Collector(env, net, config, collector_id, stop, security)
+  status = StatusServicer("collector", collector_id, env.env_id, collector.snapshot)
+  server, port = rpc.start_server(config.status_port, status, security=security, stop=stop,
                                   ready=lambda: collector.connected)
   log.info("health and status on port %d", port)
   try:

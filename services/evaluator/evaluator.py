@@ -22,6 +22,8 @@ from dqnfleet.core.rl import envs, networks, specs
 from dqnfleet.core.transport import metrics, rpc
 from dqnfleet.core.settings.config import EvaluatorConfig, ProtocolConfig, is_atari
 from dqnfleet.core.policy.follower import PolicyFollower
+from dqnfleet.core.transport.security import Security
+from dqnfleet.core.transport.status import EvaluatorCounters, Report, StatusServicer
 from dqnfleet.core.transport.summaries import SummaryReporter
 from dqnfleet.evaluator import protocol
 
@@ -30,6 +32,9 @@ CSV_FIELDS = ("version", "minutes", "frames", "fleet_env_steps", "mean_return", 
               "min_return", "max_return", "std_return", "mean_length", "episodes", "eval_seconds",
               "unix_time")
 SUMMARIZED = ("mean_return", "median_return", "max_return", "mean_length")
+# What the status reports of the newest evaluation, as last_<name> (transport/status.py).
+LAST = ("version", "mean_return", "median_return", "max_return", "mean_length", "frames",
+        "minutes")
 
 EVALUATIONS = metrics.counter("evaluator_evaluations", "Evaluations finished.")
 POLICY_VERSION = metrics.gauge("evaluator_policy_version", "Policy version of the newest "
@@ -48,11 +53,13 @@ RESULT = {
 
 class Evaluator:
   def __init__(self, protocol_config: ProtocolConfig, config: EvaluatorConfig,
-               stop: threading.Event, service_id: str = "evaluator"):
+               stop: threading.Event, security: Security, service_id: str = "evaluator"):
     self.protocol, self.config, self._stop = protocol_config, config, stop
+    self._security = security
     # Results go to the trainer, which writes them next to its own summaries.
-    self.summaries = SummaryReporter(config.trainer_address, "evaluator", service_id)
-    self.follower = PolicyFollower(config.trainer_address, None, stop)
+    self.summaries = SummaryReporter(config.trainer_address, "evaluator", service_id,
+                                     security=security)
+    self.follower = PolicyFollower(config.trainer_address, None, stop, security=security)
     self.out = pathlib.Path(config.out_dir)
     self.out.mkdir(parents=True, exist_ok=True)
     self.network = None
@@ -60,16 +67,13 @@ class Evaluator:
     self.evaluations = 0
     self.versions_seen = 0
 
-  def snapshot(self) -> dict:
+  def snapshot(self) -> Report:
     latest = self.latest or {}
-    counters = {"evaluations": self.evaluations, "versions_seen": self.versions_seen}
-    for name in ("version", "mean_return", "median_return", "max_return", "mean_length",
-                 "frames", "minutes"):
-      if name in latest:
-        counters[f"last_{name}"] = latest[name]
+    counters = EvaluatorCounters(evaluations=self.evaluations, versions_seen=self.versions_seen,
+                                 **{f"last_{name}": latest[name] for name in LAST if name in latest})
     env = self.follower.env_config  # known from the first version's manifest
-    return {"env_id": env.env_id if env else "", "policy_version": latest.get("version", -1),
-            "recent_returns": latest.get("returns", []), "counters": counters}
+    return Report(counters, policy_version=latest.get("version", -1),
+                  recent_returns=latest.get("returns", []), env_id=env.env_id if env else "")
 
   def run(self) -> None:
     self.follower.start()
@@ -135,8 +139,8 @@ class Evaluator:
   def _fleet_progress(self) -> dict:
     """Where training stands: the trainer's uptime and the fleet's agent steps."""
     try:
-      status = rpc.get_status(self.config.trainer_address, timeout=5)
-      steps = int(status.counters.get("fleet_env_steps", 0))
+      status = rpc.get_status(self.config.trainer_address, timeout=5, security=self._security)
+      steps = status.counters.fleet_env_steps
       minutes = status.uptime_s / 60
     except Exception as e:  # the curve loses its x position, not the evaluation
       log.warning("trainer status unavailable (%s)", str(e).splitlines()[0][:120])
@@ -166,13 +170,13 @@ class Evaluator:
 
 
 def serve(protocol_config: ProtocolConfig, config: EvaluatorConfig, stop: threading.Event,
-          service_id: str = "evaluator") -> None:
+          security: Security, service_id: str = "evaluator") -> None:
   # The evaluator shares the machine with the trainer: keep it to its threads.
   tf.config.threading.set_intra_op_parallelism_threads(config.threads)
   tf.config.threading.set_inter_op_parallelism_threads(config.threads)
-  evaluator = Evaluator(protocol_config, config, stop, service_id)
-  status = rpc.StatusServicer("evaluator", service_id, "", evaluator.snapshot)
-  server, port = rpc.start_server(config.status_port, status, stop=stop,
+  evaluator = Evaluator(protocol_config, config, stop, security, service_id)
+  status = StatusServicer("evaluator", service_id, "", evaluator.snapshot)
+  server, port = rpc.start_server(config.status_port, status, security=security, stop=stop,
                                   ready=lambda: evaluator.follower.latest_seen >= 0)
   log.info("health and status on port %d; results in %s", port, evaluator.out)
   try:

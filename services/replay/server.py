@@ -14,6 +14,8 @@ from dqnfleet.core.rl import specs
 from dqnfleet.core.transport import metrics, rpc
 from dqnfleet.core.settings.config import EnvConfig, ReplayConfig
 from dqnfleet.core.settings.flags import ConfigError
+from dqnfleet.core.transport.security import Security
+from dqnfleet.core.transport.status import ReplayCounters, Report, StatusServicer
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = metrics.counter("replay_checkpoints", "Checkpoints of the replay table written.")
@@ -37,21 +39,16 @@ def make_table(env: EnvConfig, config: ReplayConfig) -> reverb.Table:
       signature=specs.table_signature(specs.env_specs(env)))
 
 
-def table_snapshot(client: reverb.Client) -> dict:
+def table_snapshot(client: reverb.Client) -> Report:
   """Counters of the replay table, for the status RPC."""
   info = client.server_info(timeout=5)[specs.TABLE]
   limiter = info.rate_limiter_info
-  return {
-      "replay_size": info.current_size,
-      "counters": {
-          "replay_size": info.current_size,
-          "max_size": info.max_size,
-          "min_size_to_sample": limiter.min_size_to_sample,
-          "items_inserted": limiter.insert_stats.completed,
-          "items_sampled": limiter.sample_stats.completed,
-          "episodes": info.num_episodes,
-      },
-  }
+  return Report(ReplayCounters(replay_size=info.current_size, max_size=info.max_size,
+                               min_size_to_sample=limiter.min_size_to_sample,
+                               items_inserted=limiter.insert_stats.completed,
+                               items_sampled=limiter.sample_stats.completed,
+                               episodes=info.num_episodes),
+                replay_size=info.current_size)
 
 
 def table_metrics(client: reverb.Client) -> dict:
@@ -79,7 +76,7 @@ def table_metrics(client: reverb.Client) -> dict:
   }
 
 
-def serve(env: EnvConfig, config: ReplayConfig, stop: threading.Event,
+def serve(env: EnvConfig, config: ReplayConfig, stop: threading.Event, security: Security,
           service_id: str = "replay") -> None:
   """Runs the Reverb server until `stop`; checkpoints periodically and at the end."""
   checkpointer = (reverb.checkpointers.DefaultCheckpointer(path=config.checkpoint_dir)
@@ -102,21 +99,22 @@ def serve(env: EnvConfig, config: ReplayConfig, stop: threading.Event,
   log.info("Reverb listening on port %d, table %r (%s), %d items%s", server.port, specs.TABLE,
            env.env_id, size, " restored from " + config.checkpoint_dir if size else "")
 
-  def snapshot():
+  def snapshot() -> Report:
     try:
       return table_snapshot(client)
-    except reverb.errors.DeadlineExceededError:
-      return {}
+    except reverb.errors.DeadlineExceededError:  # busy checkpointing: sizes unknown for now
+      return Report(ReplayCounters())
 
   metrics.register(metrics.ScrapeTimeCollector(lambda: table_metrics(client)))
-  status = rpc.StatusServicer("replay", service_id, env.env_id, snapshot)
-  side_server, side_port = rpc.start_server(config.status_port, status, stop=stop)
+  status = StatusServicer("replay", service_id, env.env_id, snapshot)
+  side_server, side_port = rpc.start_server(config.status_port, status, security=security,
+                                            stop=stop)
   log.info("health and status on port %d", side_port)
 
   def checkpoint():
     path = client.checkpoint()
     CHECKPOINTS.inc()
-    log.info("checkpointed %d items to %s", snapshot().get("replay_size", -1), path)
+    log.info("checkpointed %d items to %s", snapshot().replay_size, path)
 
   try:
     while not stop.wait(config.checkpoint_every_s or None):

@@ -18,6 +18,8 @@ import tensorflow as tf
 from dqnfleet.core.rl import networks, specs
 from dqnfleet.core.transport import metrics, rpc
 from dqnfleet.core.api import fleet_pb2_grpc
+from dqnfleet.core.transport.security import Security
+from dqnfleet.core.transport.status import Report, StatusServicer, TrainerCounters
 from dqnfleet.core.transport.summaries import SummaryWriter
 from dqnfleet.core.settings.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
 from dqnfleet.trainer.dataset import PROBLEMS, make_dataset
@@ -103,15 +105,16 @@ class Trainer:
   def step(self) -> int:
     return int(self.train_step.numpy())
 
-  def snapshot(self) -> dict:
-    return {"policy_version": self.publisher.latest_version, "replay_size": self.replay_size,
-            "counters": {"train_steps": self.step, "loss": self.last_loss,
-                         "train_steps_per_s": self.steps_per_s,
-                         "published_version": self.publisher.latest_version,
-                         "policy_lag_steps": self.policy_lag, "mean_q": self.mean_q,
-                         "fleet_env_steps": self.fleet_env_steps,
-                         "bad_items_dropped": self.bad_items_dropped,
-                         "unreadable_items_skipped": self.unreadable_items_skipped}}
+  def snapshot(self) -> Report:
+    return Report(
+        TrainerCounters(train_steps=self.step, loss=self.last_loss,
+                        train_steps_per_s=self.steps_per_s,
+                        published_version=self.publisher.latest_version,
+                        policy_lag_steps=self.policy_lag, mean_q=self.mean_q,
+                        fleet_env_steps=self.fleet_env_steps,
+                        bad_items_dropped=self.bad_items_dropped,
+                        unreadable_items_skipped=self.unreadable_items_skipped),
+        policy_version=self.publisher.latest_version, replay_size=self.replay_size)
 
   def _replay_info(self):
     info = self.replay.server_info(timeout=5)
@@ -326,9 +329,9 @@ def _arm_shutdown_timer(stop: threading.Event) -> None:
 
 
 def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config: TrainerConfig,
-          stop: threading.Event, service_id: str = "trainer") -> None:
+          stop: threading.Event, security: Security, service_id: str = "trainer") -> None:
   trainer = Trainer(env, net, agent_config, config, stop)
-  status = rpc.StatusServicer("trainer", service_id, env.env_id, trainer.snapshot)
+  status = StatusServicer("trainer", service_id, env.env_id, trainer.snapshot)
   summaries = SummaryWriter(os.path.join(config.run_dir, "tensorboard"))
 
   def services(server):
@@ -336,7 +339,7 @@ def serve(env: EnvConfig, net: NetworkConfig, agent_config: AgentConfig, config:
     fleet_pb2_grpc.add_SummaryServiceServicer_to_server(summaries, server)
 
   server, port = rpc.start_server(
-      config.port, status, extra=services, stop=stop,
+      config.port, status, security=security, extra=services, stop=stop,
       # Ready once it has reached replay and published a policy collectors can load.
       ready=lambda: trainer.replay_size >= 0 and trainer.publisher.latest_version >= 0)
   log.info("policy API, summaries, health and status on port %d", port)

@@ -17,6 +17,7 @@ import grpc
 from dqnfleet.core.policy import store
 from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+from dqnfleet.core.transport.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,10 @@ log = logging.getLogger(__name__)
 class PolicyFollower:
   """Background subscription to new policy versions."""
 
-  def __init__(self, trainer_address: str, staging_network, stop: threading.Event):
+  def __init__(self, trainer_address: str, staging_network, stop: threading.Event, *,
+               security: Security):
     """`staging_network` None: build it from the first version's manifest."""
-    self._address = trainer_address
+    self._address, self._security = trainer_address, security
     self._staging = staging_network
     self.env_config = self.network_config = None  # set from the manifest if not given
     self._stop = stop
@@ -58,7 +60,7 @@ class PolicyFollower:
     backoff = rpc.Backoff()
     while not self._stop.is_set():
       try:
-        with rpc.channel(self._address) as channel:
+        with rpc.channel(self._address, self._security) as channel:
           stub = fleet_pb2_grpc.PolicyServiceStub(channel)
           stream = stub.WatchPolicies(fleet_pb2.WatchPoliciesRequest(after_version=self.latest_seen))
           self._stream = stream

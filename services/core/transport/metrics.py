@@ -13,7 +13,6 @@ import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from dqnfleet.core.transport import security
 from dqnfleet.core.settings.config import METRICS_OFF
 from dqnfleet.core.transport.rpc import PortUnavailable
 
@@ -64,8 +63,9 @@ def register(collector: Collector) -> None:
   prometheus_client.REGISTRY.register(collector)
 
 
-def serve(port: int, role: str, version: str, git_revision: str) -> int | None:
-  """Starts the /metrics endpoint on `port` (0: any free one); returns the bound port.
+def serve(port: int, role: str, version: str, git_revision: str,
+          listen_host: str = "::") -> int | None:
+  """Starts the /metrics endpoint on `port` (0: any free one) at `listen_host`; returns the port.
 
   METRICS_OFF (-1) starts nothing and returns None. A port in use stops the
   service with an error that names it, like the other ports.
@@ -76,8 +76,8 @@ def serve(port: int, role: str, version: str, git_revision: str) -> int | None:
   try:
     # "::" is every interface to gRPC, which falls back to IPv4 where a
     # container has no IPv6; the HTTP server would fail there instead.
-    host = security.current().listen_host
-    server, _ = prometheus_client.start_http_server(port, addr="0.0.0.0" if host == "::" else host)
+    server, _ = prometheus_client.start_http_server(
+        port, addr="0.0.0.0" if listen_host == "::" else listen_host)
   except OSError as e:
     raise PortUnavailable(f"cannot serve metrics on port {port} ({e.strerror}): use "
                           "--metrics-port to pick another port, 0 for any free one or -1 for "

@@ -11,8 +11,9 @@ from typing import Callable, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dqnfleet.core.transport import security
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+from dqnfleet.core.transport.security import PLAINTEXT, Security
+from dqnfleet.core.transport.status import Status, decode
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -35,26 +36,6 @@ SERVER_OPTIONS = [
 
 class PortUnavailable(OSError):
   """A server cannot listen on the port it was given; the message names it."""
-
-
-class StatusServicer(fleet_pb2_grpc.StatusServiceServicer):
-  """Answers GetStatus from a snapshot function the service provides."""
-
-  def __init__(self, role: str, service_id: str, env_id: str,
-               snapshot: Callable[[], dict]):
-    self._role, self._id, self._env_id = role, service_id, env_id
-    self._snapshot = snapshot
-    self._started = time.monotonic()
-
-  def GetStatus(self, request, context):
-    snap = self._snapshot()
-    return fleet_pb2.ServiceStatus(
-        role=self._role, id=self._id, env_id=snap.get("env_id", self._env_id),
-        counters={k: float(v) for k, v in snap.get("counters", {}).items()},
-        policy_version=int(snap.get("policy_version", -1)),
-        replay_size=int(snap.get("replay_size", -1)),
-        recent_returns=list(snap.get("recent_returns", [])),
-        uptime_s=time.monotonic() - self._started)
 
 
 # Health service names: "" is liveness (the process answers), READINESS says
@@ -131,7 +112,8 @@ class Server:
   GetLatestPolicy) run in a thread pool of `max_workers`, so they may block.
   """
 
-  def __init__(self, max_workers: int):
+  def __init__(self, max_workers: int, security: Security):
+    self.security = security
     self.loop = asyncio.new_event_loop()
     self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-server", daemon=True)
     self._thread.start()
@@ -144,8 +126,7 @@ class Server:
     self.aio = self.call(self._create())
 
   async def _create(self) -> grpc.aio.Server:
-    token = security.current().token
-    interceptors = ([security.RequireToken(token)] if token else []) + [AbortEndsHandler()]
+    interceptors = self.security.server_interceptors() + [AbortEndsHandler()]
     return grpc.aio.server(migration_thread_pool=self._pool, options=SERVER_OPTIONS,
                            interceptors=interceptors)
 
@@ -198,33 +179,34 @@ class Server:
     self._pool.shutdown(wait=False)
 
 
-def start_server(port: int, status: StatusServicer,
+def start_server(port: int, status: fleet_pb2_grpc.StatusServiceServicer, *, security: Security,
                  extra: Callable[[grpc.aio.Server], None] | None = None,
                  max_workers: int = 16, ready: Callable[[], bool] = lambda: True,
                  stop: threading.Event | None = None) -> tuple[Server, int]:
   """Starts a server with health, status and `extra` services; returns it and its port.
 
-  `extra` adds services to the grpc.aio server: `async def` methods run on its
-  event loop, plain ones in its thread pool. Readiness follows `ready()`
-  (polled every second) until `stop` is set.
+  `security` (no default: a server must not fall back to plaintext because a
+  caller forgot it) gives the listen address, TLS and token. `extra` adds
+  services to the grpc.aio server: `async def` methods run on its event
+  loop, plain ones in its thread pool. Readiness follows `ready()` (polled
+  every second) until `stop` is set.
   """
-  server = Server(max_workers)
+  server = Server(max_workers, security)
   try:
     health_pb2_grpc.add_HealthServicer_to_server(server.health, server.aio)
     fleet_pb2_grpc.add_StatusServiceServicer_to_server(status, server.aio)
     if extra:
       extra(server.aio)
-    identity = security.current()
-    address = identity.bind_address(port)
+    address = security.bind_address(port)
     try:
-      bound = (server.aio.add_secure_port(address, identity.server_credentials)
-               if identity.server_credentials else server.aio.add_insecure_port(address))
+      bound = (server.aio.add_secure_port(address, security.server_credentials)
+               if security.server_credentials else server.aio.add_insecure_port(address))
     except RuntimeError:  # how grpcio reports a failed bind
       bound = 0
     if bound == 0:
       raise PortUnavailable(
           f"cannot listen on port {port}: it is in use or not allowed, or --listen-host "
-          f"{identity.listen_host} is not an address of this machine; give the service "
+          f"{security.listen_host} is not an address of this machine; give the service "
           "another port (0: any free one) or listen host")
     server.call(server._start(ready, stop or threading.Event()))
   except BaseException:
@@ -233,21 +215,23 @@ def start_server(port: int, status: StatusServicer,
   return server, bound
 
 
-def channel(address: str) -> grpc.Channel:
-  """A channel to one of the project's servers, with this process's TLS and token."""
+def channel(address: str, security: Security = PLAINTEXT) -> grpc.Channel:
+  """A channel to one of the project's servers, with `security`'s TLS and token."""
   return security.channel(address, CHANNEL_OPTIONS)
 
 
-def get_status(address: str, timeout: float = 5.0) -> fleet_pb2.ServiceStatus:
-  with channel(address) as ch:
-    return fleet_pb2_grpc.StatusServiceStub(ch).GetStatus(fleet_pb2.GetStatusRequest(),
-                                                          timeout=timeout)
+def get_status(address: str, timeout: float = 5.0, security: Security = PLAINTEXT) -> Status:
+  """The service's status as its role's typed record (transport/status.py)."""
+  with channel(address, security) as ch:
+    return decode(fleet_pb2_grpc.StatusServiceStub(ch).GetStatus(fleet_pb2.GetStatusRequest(),
+                                                                 timeout=timeout))
 
 
-def check_health(address: str, timeout: float = 3.0, service: str = "") -> bool:
+def check_health(address: str, timeout: float = 3.0, service: str = "",
+                 security: Security = PLAINTEXT) -> bool:
   """Whether `service` ("" = liveness, READINESS) answers SERVING."""
   try:
-    with channel(address) as ch:
+    with channel(address, security) as ch:
       reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                    timeout=timeout)
     return reply.status == health_pb2.HealthCheckResponse.SERVING

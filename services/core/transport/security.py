@@ -3,8 +3,9 @@
 Every service has one identity (CommonConfig): the address its servers
 listen on, optionally a certificate its servers present (and that it shows
 as a client when a server asks for one), the CA it trusts, and a bearer
-token. `configure` reads them once at start; rpc.py's servers and channels
-use them. Health stays open (Kubernetes' and compose's probes carry no
+token. `from_config` reads them once at start into a `Security`, which the
+service hands to every server it starts and every channel it opens
+(transport/rpc.py); nothing is kept in a module global. Health stays open (Kubernetes' and compose's probes carry no
 token); status, policy and summary calls need the token when one is set.
 
 Reverb's port is outside all of this: dm-reverb 0.14's server has no TLS,
@@ -32,6 +33,7 @@ OPEN_METHODS_PREFIX = "/grpc.health.v1.Health/"
 
 @dataclasses.dataclass(frozen=True)
 class Security:
+  """One process's listen address, credentials and token; PLAINTEXT has none."""
   listen_host: str = "::"
   server_credentials: grpc.ServerCredentials | None = None
   channel_credentials: grpc.ChannelCredentials | None = None
@@ -41,19 +43,21 @@ class Security:
     host = self.listen_host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
+  def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+    return [RequireToken(self.token)] if self.token else []
 
-_current = Security()
+  def channel(self, address: str, options) -> grpc.Channel:
+    """A channel to one of the project's servers, with these credentials and token."""
+    if self.channel_credentials:
+      ch = grpc.secure_channel(address, self.channel_credentials, options=options)
+    else:
+      ch = grpc.insecure_channel(address, options=options)
+    return grpc.intercept_channel(ch, _SendToken(self.token)) if self.token else ch
 
 
-def current() -> Security:
-  return _current
-
-
-def configure(common) -> Security:
-  """Reads the listen address, certificates and token of CommonConfig `common`, once."""
-  global _current
-  _current = from_config(common)
-  return _current
+# Every interface, no TLS, no token: the default of the settings, and of tools
+# and tests that talk to such servers.
+PLAINTEXT = Security()
 
 
 _FIELDS = {field.name: field for field in dataclasses.fields(CommonConfig)}
@@ -108,6 +112,7 @@ def _is_ip(text: str) -> bool:
 
 
 def from_config(common) -> Security:
+  """The Security of CommonConfig `common`; unreadable or inconsistent settings are a ConfigError."""
   host = check_listen_host(common.listen_host)
   cert = key = client_ca = ca = None
   if bool(common.tls_cert) != bool(common.tls_key):
@@ -193,13 +198,3 @@ class _SendToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
 
   def intercept_stream_stream(self, continuation, details, requests):
     return continuation(self._with_token(details), requests)
-
-
-def channel(address: str, options) -> grpc.Channel:
-  """A channel to one of the project's servers, with this process's TLS and token."""
-  security = _current
-  if security.channel_credentials:
-    ch = grpc.secure_channel(address, security.channel_credentials, options=options)
-  else:
-    ch = grpc.insecure_channel(address, options=options)
-  return grpc.intercept_channel(ch, _SendToken(security.token)) if security.token else ch

@@ -23,6 +23,7 @@ import grpc
 
 from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+from dqnfleet.core.transport.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,10 @@ class SummaryReporter:
   backoff; training and collection never wait for it.
   """
 
-  def __init__(self, trainer_address: str, role: str, source_id: str,
+  def __init__(self, trainer_address: str, role: str, source_id: str, *, security: Security,
                every_s: float = REPORT_EVERY_S):
     self._address, self._role, self._source = trainer_address, role, source_id
+    self._security = security
     self._every_s = every_s
     self._closing = threading.Event()
     self._pending = collections.deque(maxlen=MAX_PENDING)
@@ -123,7 +125,7 @@ class SummaryReporter:
 
   def _run(self) -> None:
     delay, failing = self._every_s, False
-    with rpc.channel(self._address) as channel:
+    with rpc.channel(self._address, self._security) as channel:
       stub = fleet_pb2_grpc.SummaryServiceStub(channel)
       while True:
         stopping = self._closing.wait(delay)
