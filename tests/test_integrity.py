@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from dqnfleet.core.policy import store
+from dqnfleet.core.policy import client, store
 from dqnfleet.core.rl import networks, specs
 from dqnfleet.core.settings.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
 from dqnfleet.core.policy.server import PolicyPublisher
@@ -84,7 +84,7 @@ def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp
     with rpc.channel(f"localhost:{port}") as channel:
       stub = fleet_pb2_grpc.PolicyServiceStub(channel)
       latest = stub.GetLatestPolicy(fleet_pb2.GetLatestPolicyRequest(), timeout=10)
-      fetched = store.fetch(stub, latest, tmp_path / "collector")
+      fetched = client.fetch(stub, latest, tmp_path / "collector")
       assert store.damage(fetched) is None and latest.version == 200
       # Older versions too, more than the publisher keeps in memory at once.
       for version in (75, 50, 200):
@@ -92,7 +92,7 @@ def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp
             version=version, files=[fleet_pb2.PolicyFile(name=n, size_bytes=size, sha256=h)
                                     for n, size, h in store.file_digests(
                                         store.version_dir(policies, version))])
-        assert store.damage(store.fetch(stub, info, tmp_path / "collector")) is None
+        assert store.damage(client.fetch(stub, info, tmp_path / "collector")) is None
 
       def fetch_error(**request) -> grpc.RpcError:
         with pytest.raises(grpc.RpcError) as raised:

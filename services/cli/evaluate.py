@@ -7,58 +7,13 @@ evaluator/protocol.py, shared with the evaluator service.
 """
 import json
 import logging
-import pathlib
 import tempfile
 
-import tensorflow as tf
-
-from dqnfleet.core.policy import store
-from dqnfleet.core.transport import rpc
-from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+from dqnfleet.core.policy.client import load
 from dqnfleet.core.settings.config import CommonConfig, EvaluateConfig, ProtocolConfig
 from dqnfleet.core.settings.flags import ConfigError
 from dqnfleet.core.transport.security import PLAINTEXT, Security
 from dqnfleet.evaluator import protocol
-
-
-LOAD_ATTEMPTS = 3
-
-
-def resolve(policy: str, scratch: str, security: Security = PLAINTEXT) -> pathlib.Path:
-  """The version directory that `policy` names, fetching it if it is an address."""
-  path = pathlib.Path(policy)
-  if path.exists():
-    for candidate in (path, path / "policies"):
-      if (candidate / store.MANIFEST).exists():
-        return candidate
-      versions = store.list_versions(candidate)
-      if versions:
-        return store.version_dir(candidate, versions[-1])
-    raise ConfigError(f"--policy {policy!r} holds no published policy (expected v<step>/ "
-                      "folders with a manifest.json, or a run directory with policies/)")
-  if ":" not in policy:
-    raise ConfigError(f"--policy {policy!r} is neither an existing directory nor a host:port")
-  with rpc.channel(policy, security) as channel:
-    stub = fleet_pb2_grpc.PolicyServiceStub(channel)
-    import grpc
-    try:
-      info = stub.GetLatestPolicy(fleet_pb2.GetLatestPolicyRequest(), timeout=30)
-      return store.fetch(stub, info, scratch)
-    except grpc.RpcError as e:
-      raise ConfigError(f"--policy {policy}: the trainer did not provide a policy "
-                        f"({e.code().name}: {e.details()})") from None
-
-
-def load(policy: str, scratch: str, security: Security = PLAINTEXT):
-  """The policy that `policy` names, loaded: (path, env_config, env_specs, network, version)."""
-  for attempt in range(LOAD_ATTEMPTS):
-    path = resolve(policy, scratch, security)
-    try:
-      return (path, *store.load(path))
-    except (tf.errors.NotFoundError, FileNotFoundError):
-      # A running trainer pruned the version while we loaded it: take the newest again.
-      if attempt == LOAD_ATTEMPTS - 1:
-        raise
 
 
 def evaluate(policy: str, scratch: str, protocol_config: ProtocolConfig,

@@ -21,7 +21,7 @@ import tempfile
 
 import tensorflow as tf
 
-from dqnfleet.cli.evaluate import load
+from dqnfleet.core.policy.client import load
 from dqnfleet.core.settings.config import CommonConfig, ExportConfig
 from dqnfleet.core.settings.flags import ConfigError
 from dqnfleet.core.transport.security import Security

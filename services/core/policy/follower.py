@@ -14,7 +14,7 @@ import threading
 
 import grpc
 
-from dqnfleet.core.policy import store
+from dqnfleet.core.policy import client, store
 from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 from dqnfleet.core.transport.security import Security
@@ -85,7 +85,7 @@ class PolicyFollower:
     shutil.rmtree(self._cache, ignore_errors=True)
 
   def _load(self, stub, info) -> None:
-    path = store.fetch(stub, info, self._cache)
+    path = client.fetch(stub, info, self._cache)
     if self._staging is None:  # a follower told nothing of the env learns it from the manifest
       self.env_config, self.network_config = store.configs_of(
           store.read_manifest(path))

@@ -1,11 +1,11 @@
 """The trainer's policy API: publishes versions and serves them to collectors.
 
-Versions are written to <run_dir>/policies (core/store.py) and served
+Versions are written to <run_dir>/policies (policy/store.py) and served
 over PolicyService: collectors watch for new versions and fetch their files in
 chunks, so they need no filesystem shared with the trainer.
 
 WatchPolicies streams are coroutines on the trainer's gRPC event loop
-(core/transport/rpc.py): a thousand watchers cost a thousand suspended coroutines, not
+(transport/rpc.py): a thousand watchers cost a thousand suspended coroutines, not
 a thousand threads, and one publication wakes them all.
 
 Every announcement is followed by a herd: each follower fetches the new
@@ -16,15 +16,13 @@ server's thread pool, never queue behind the herd, and memory stays bounded.
 """
 import asyncio
 import logging
-import os
-import shutil
-import threading
 
 import grpc
 
 from dqnfleet.core.policy import store
 from dqnfleet.core.transport import metrics
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+from dqnfleet.core.transport.broadcast import Broadcast
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
@@ -46,46 +44,6 @@ FETCHES = metrics.gauge("trainer_policy_fetches",
                         "FetchPolicy downloads in progress, sending or waiting their turn.")
 
 
-class Broadcast:
-  """Wakes every coroutine waiting on a `waiter()`, on any event loop, from any thread.
-
-  Each loop with waiters has one asyncio.Event; `notify_all` sets it from the
-  loop's own thread and drops it, so the next `waiter()` there is a fresh one.
-  Take the waiter before checking the state it announces: a notification
-  between the check and the wait then still wakes it.
-  """
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self._events: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
-    self.closed = False
-
-  def waiter(self) -> asyncio.Event:
-    loop = asyncio.get_running_loop()
-    with self._lock:
-      return self._events.setdefault(loop, asyncio.Event())
-
-  def close(self) -> None:
-    self.closed = True
-    self.notify_all()
-
-  def notify_all(self) -> None:
-    with self._lock:
-      loops = list(self._events)
-    for loop in loops:
-      try:
-        loop.call_soon_threadsafe(self._wake, loop)
-      except RuntimeError:  # a closed loop: its server stopped, nobody waits there
-        with self._lock:
-          self._events.pop(loop, None)
-
-  def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
-    with self._lock:
-      event = self._events.pop(loop, None)
-    if event is not None:
-      event.set()
-
-
 class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
   """Writes new versions and answers PolicyService calls about them."""
 
@@ -99,17 +57,9 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
     self._sending = asyncio.Semaphore(CONCURRENT_FETCHES)
     # A restarted trainer goes on serving what it published before, once it
     # has checked it: a version damaged on disk is moved aside, never served.
-    for version in reversed(store.list_versions(policies_dir)):
-      path = store.version_dir(policies_dir, version)
-      problem = store.damage(path)
-      if problem is None:
-        self._announce(version)
-        break
-      aside = path.with_name(f".damaged-{path.name}")
-      shutil.rmtree(aside, ignore_errors=True)
-      os.rename(path, aside)
-      log.warning("published policy v%d is damaged (%s): moved aside to %s, not served",
-                  version, problem, aside)
+    newest = store.newest_intact(policies_dir, log)
+    if newest is not None:
+      self._announce(newest)
 
   @property
   def latest_version(self) -> int:

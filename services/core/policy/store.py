@@ -8,7 +8,8 @@
 
 A version is written into a hidden temporary directory and renamed into place,
 so a reader (the trainer's PolicyService, `evaluate`) never sees a half-written
-one. Collectors receive the same files over gRPC and keep their own copy.
+one. Collectors receive the same files over gRPC (policy/client.py) and keep
+their own copy.
 """
 import dataclasses
 import hashlib
@@ -124,6 +125,25 @@ def damage(path: str | os.PathLike) -> str | None:
   return None
 
 
+def newest_intact(policies_dir: str | os.PathLike, log) -> int | None:
+  """The newest version whose files match its manifest; damaged newer ones are moved aside.
+
+  A moved-aside version (`.damaged-v...`) is never listed or served again,
+  and stays on disk for whoever wants to look at it.
+  """
+  for version in reversed(list_versions(policies_dir)):
+    path = version_dir(policies_dir, version)
+    problem = damage(path)
+    if problem is None:
+      return version
+    aside = path.with_name(f".damaged-{path.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(path, aside)
+    log.warning("published policy v%d is damaged (%s): moved aside to %s, not served",
+                version, problem, aside)
+  return None
+
+
 def file_digests(path: str | os.PathLike) -> list[tuple[str, int, str]]:
   """(name, size, sha256) of every file of a version, sorted by name."""
   out = []
@@ -151,37 +171,3 @@ def load(path: str | os.PathLike):
   network = networks.q_net(env_specs, net)
   restore_weights(network, path)
   return env, env_specs, network, manifest["version"]
-
-
-def fetch(stub, info, dest_root: str | os.PathLike) -> pathlib.Path:
-  """Downloads version `info` (a PolicyVersion) over gRPC into dest_root/v..., verified.
-
-  `stub` is a PolicyServiceStub. Raises ValueError if a file arrives
-  corrupted; grpc.RpcError if the trainer is unreachable or dropped the version.
-  """
-  from dqnfleet.core.api import fleet_pb2  # keeps this module usable without gRPC
-  dest_root = pathlib.Path(dest_root)
-  dest_root.mkdir(parents=True, exist_ok=True)
-  tmp = dest_root / f".fetch-v{info.version:012d}-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
-  handles = {}
-  try:
-    for chunk in stub.FetchPolicy(fleet_pb2.FetchPolicyRequest(version=info.version), timeout=300):
-      if chunk.file_name not in handles:
-        if "/" in chunk.file_name or chunk.file_name.startswith("."):
-          raise ValueError(f"refusing policy file name {chunk.file_name!r}")
-        handles[chunk.file_name] = open(tmp / chunk.file_name, "wb")
-      handles[chunk.file_name].write(chunk.data)
-  finally:
-    for handle in handles.values():
-      handle.close()
-  expected = {(f.name, f.size_bytes, f.sha256) for f in info.files}
-  got = set(file_digests(tmp))
-  if got != expected:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise ValueError(f"policy v{info.version} arrived incomplete or corrupted")
-  final = version_dir(dest_root, info.version)
-  shutil.rmtree(final, ignore_errors=True)
-  os.rename(tmp, final)
-  return final
