@@ -1,0 +1,4 @@
+"""The trainer service: replay -> dataset -> learner -> published policy.
+
+Imports core only.
+"""
