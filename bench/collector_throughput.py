@@ -17,6 +17,7 @@ one run are what to compare: the machine is shared and noisy.
 
 Prints one JSON object.
 """
+
 import argparse
 import dataclasses
 import json
@@ -37,8 +38,9 @@ from dqnfleet.cli.up import free_port
 from dqnfleet.collector.collector import Collector
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import envs, specs
-from dqnfleet.core.transport import rpc
 from dqnfleet.core.settings.config import CollectorConfig, EnvConfig, NetworkConfig
+from dqnfleet.core.transport import rpc
+from dqnfleet.core.transport.security import PLAINTEXT
 
 
 def bare_loop(env, policy, steps: int) -> float:
@@ -71,19 +73,33 @@ def main():
   port, status_port = free_port(), free_port()
   total = args.num_envs * args.steps * (args.rounds + 1)
   # Below its min size the rate limiter lets every insert through.
-  server = subprocess.Popen([sys.executable, "-m", "dqnfleet", "replay",
-                             f"--env-id={args.env_id}", f"--port={port}",
-                             f"--status-port={status_port}", f"--min-size={total + 1000}",
-                             f"--max-size={total + 1000}"], stderr=subprocess.DEVNULL)
+  server = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "dqnfleet",
+      "replay",
+      f"--env-id={args.env_id}",
+      f"--port={port}",
+      f"--status-port={status_port}",
+      f"--min-size={total + 1000}",
+      f"--max-size={total + 1000}",
+    ],
+    stderr=subprocess.DEVNULL,
+  )
   try:
     client = reverb.Client(f"localhost:{port}")
     rpc.retry(lambda: client.server_info(timeout=5), "connecting to the benchmark's replay")
     config = CollectorConfig(replay_address=f"localhost:{port}", num_envs=args.num_envs, seed=1)
     stop = threading.Event()
-    collector = Collector(env_config, NetworkConfig(), dataclasses.replace(config), "bench", stop)
+    # Its policy follower and summaries never start here: no trainer to reach.
+    collector = Collector(
+      env_config, NetworkConfig(), dataclasses.replace(config), "bench", stop, PLAINTEXT
+    )
     env = envs.BatchedEnvironment(env_config, args.num_envs, seed=1)
-    observer = ReplayObserver(client, collector.specs, args.num_envs, lambda: 0, stop,
-                              specs.source_id("bench"))
+    observer = ReplayObserver(
+      client, collector.specs, args.num_envs, lambda: 0, stop, specs.source_id("bench")
+    )
     bare_loop(env, collector.policy, 50)  # trace the policy, warm up both paths
     collector_loop(collector, env, observer, client, 50)
     pairs = []
@@ -98,14 +114,23 @@ def main():
     server.terminate()
     server.wait()
   ratios = [b / a for a, b in pairs]
-  print(json.dumps({
-      "benchmark": "collector_throughput", "env_id": args.env_id, "num_envs": args.num_envs,
-      "batched_steps_per_measurement": args.steps, "rounds": args.rounds,
-      "bare_steps_per_s": [round(a) for a, _ in pairs],
-      "collector_steps_per_s": [round(b) for _, b in pairs],
-      "ratio_per_pair": [round(r, 3) for r in ratios],
-      "median_ratio": round(statistics.median(ratios), 3), "goal": 0.90,
-      "items_in_replay": items}))
+  print(
+    json.dumps(
+      {
+        "benchmark": "collector_throughput",
+        "env_id": args.env_id,
+        "num_envs": args.num_envs,
+        "batched_steps_per_measurement": args.steps,
+        "rounds": args.rounds,
+        "bare_steps_per_s": [round(a) for a, _ in pairs],
+        "collector_steps_per_s": [round(b) for _, b in pairs],
+        "ratio_per_pair": [round(r, 3) for r in ratios],
+        "median_ratio": round(statistics.median(ratios), 3),
+        "goal": 0.90,
+        "items_in_replay": items,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Prints one JSON object: the mean train rate during and outside evaluations,
 the fraction of wall-clock time spent evaluating, and the resulting share of
 train steps lost over the run.
 """
+
 import argparse
 import datetime
 import json
@@ -31,11 +32,16 @@ def main():
   parser.add_argument("--interval", type=float, default=10.0, help="trainer's --log-every-s")
   args = parser.parse_args()
   logs = pathlib.Path(args.run_dir) / "logs"
-  rates = [(seconds(m[1]), float(m[2])) for line in (logs / "trainer.log").read_text().splitlines()
-           if (m := TRAIN.match(line))]
-  windows = [(seconds(m[1]) - int(m[2]), seconds(m[1]))
-             for line in (logs / "evaluator.log").read_text().splitlines()
-             if (m := EVALUATION.match(line))]
+  rates = [
+    (seconds(m[1]), float(m[2]))
+    for line in (logs / "trainer.log").read_text().splitlines()
+    if (m := TRAIN.match(line))
+  ]
+  windows = [
+    (seconds(m[1]) - int(m[2]), seconds(m[1]))
+    for line in (logs / "evaluator.log").read_text().splitlines()
+    if (m := EVALUATION.match(line))
+  ]
   # The first evaluation (v0) runs while replay fills, before any training: skip it.
   windows = [w for w in windows if w[1] > rates[0][0]] if rates else []
   during, outside = [], []
@@ -49,14 +55,22 @@ def main():
   number = lambda x, digits: None if x != x else round(x, digits)  # NaN is no JSON
   slowdown = 1 - mean(during) / mean(outside) if during and outside else float("nan")
   fraction = evaluating / span if span else float("nan")
-  print(json.dumps({
-      "benchmark": "evaluator_cost", "run_dir": args.run_dir, "evaluations": len(windows),
-      "train_steps_per_s_during_evaluations": number(mean(during), 1),
-      "train_steps_per_s_outside": number(mean(outside), 1),
-      "intervals_during": len(during), "intervals_outside": len(outside),
-      "slowdown_while_evaluating": number(slowdown, 3),
-      "fraction_of_time_evaluating": number(fraction, 3),
-      "train_steps_lost_share": number(slowdown * fraction, 4)}))
+  print(
+    json.dumps(
+      {
+        "benchmark": "evaluator_cost",
+        "run_dir": args.run_dir,
+        "evaluations": len(windows),
+        "train_steps_per_s_during_evaluations": number(mean(during), 1),
+        "train_steps_per_s_outside": number(mean(outside), 1),
+        "intervals_during": len(during),
+        "intervals_outside": len(outside),
+        "slowdown_while_evaluating": number(slowdown, 3),
+        "fraction_of_time_evaluating": number(fraction, 3),
+        "train_steps_lost_share": number(slowdown * fraction, 4),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

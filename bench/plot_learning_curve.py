@@ -8,6 +8,7 @@ Each history line is one evaluation written by `dqnfleet evaluator` (in
 `dqnfleet up`: <run-dir>/eval/history.jsonl). Prints one JSON object: the
 points plotted per run.
 """
+
 import argparse
 import json
 import pathlib
@@ -79,10 +80,26 @@ def main():
   draw = ImageDraw.Draw(image)
   font = ImageFont.load_default()
   draw.text((WIDTH, 10), args.title, fill=(0, 0, 0), font=font, anchor="ma")
-  panel(draw, (MARGIN, 40, WIDTH - 16, HEIGHT - MARGIN + 20), runs, "minutes",
-        "wall-clock minutes", 1.0, y_max, font)
-  panel(draw, (WIDTH + MARGIN, 40, 2 * WIDTH - 16, HEIGHT - MARGIN + 20), runs, "frames",
-        "emulator frames (millions)", 1e-6, y_max, font)
+  panel(
+    draw,
+    (MARGIN, 40, WIDTH - 16, HEIGHT - MARGIN + 20),
+    runs,
+    "minutes",
+    "wall-clock minutes",
+    1.0,
+    y_max,
+    font,
+  )
+  panel(
+    draw,
+    (WIDTH + MARGIN, 40, 2 * WIDTH - 16, HEIGHT - MARGIN + 20),
+    runs,
+    "frames",
+    "emulator frames (millions)",
+    1e-6,
+    y_max,
+    font,
+  )
   for i, ((_, label), colour) in enumerate(zip(runs, COLOURS)):
     x = MARGIN + 10 + 150 * i
     draw.rectangle([x, HEIGHT + 14, x + 14, HEIGHT + 24], fill=colour)
@@ -90,9 +107,22 @@ def main():
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   image.save(out)
-  print(json.dumps({"out": str(out), "runs": [
-      {"label": label, "points": [[e["minutes"], e["frames"], e["version"], e["mean_return"]]
-                                  for e in entries]} for entries, label in runs]}))
+  print(
+    json.dumps(
+      {
+        "out": str(out),
+        "runs": [
+          {
+            "label": label,
+            "points": [
+              [e["minutes"], e["frames"], e["version"], e["mean_return"]] for e in entries
+            ],
+          }
+          for entries, label in runs
+        ],
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

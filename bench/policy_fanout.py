@@ -23,6 +23,7 @@ seconds the server process spent from the publication until the last one.
 
 Prints one JSON object.
 """
+
 import argparse
 import asyncio
 import json
@@ -38,8 +39,8 @@ import time
 import grpc
 import psutil
 
-from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+from dqnfleet.core.transport import rpc
 
 
 def emit(**fields) -> None:
@@ -51,20 +52,26 @@ def serve(env_id: str) -> None:
   import tempfile
 
   from dqnfleet.core.transport import runtime
+
   runtime.quiet_imports()  # before TensorFlow is imported
+  from dqnfleet.core.policy.server import PolicyPublisher
   from dqnfleet.core.rl import networks, specs
   from dqnfleet.core.settings.config import EnvConfig, NetworkConfig
-  from dqnfleet.core.policy.server import PolicyPublisher
   from dqnfleet.core.transport.security import PLAINTEXT
   from dqnfleet.core.transport.status import Report, StatusServicer, TrainerCounters
 
   env, net = EnvConfig(env_id=env_id), NetworkConfig()
   network = networks.q_net(specs.env_specs(env), net)
   publisher = PolicyPublisher(tempfile.mkdtemp(prefix="fanout-"), env, net, keep=5)
-  status = StatusServicer("trainer", "bench", env_id,
-                          lambda: Report(TrainerCounters(), publisher.latest_version))
+  status = StatusServicer(
+    "trainer", "bench", env_id, lambda: Report(TrainerCounters(), publisher.latest_version)
+  )
   server, port = rpc.start_server(
-      0, status, security=PLAINTEXT, extra=lambda s: fleet_pb2_grpc.add_PolicyServiceServicer_to_server(publisher, s))
+    0,
+    status,
+    security=PLAINTEXT,
+    extra=lambda s: fleet_pb2_grpc.add_PolicyServiceServicer_to_server(publisher, s),
+  )
   emit(port=port)
   for line in sys.stdin:
     if line.strip() == "publish":
@@ -76,14 +83,13 @@ def serve(env_id: str) -> None:
   server.stop(grace=1)
 
 
-async def watch(address: str, count: int, per_channel: int, timeout: float,
-                fetch: bool) -> None:
+async def watch(address: str, count: int, per_channel: int, timeout: float, fetch: bool) -> None:
   """`count` streams; says when all are open, then when each receives the next version
   (and, with `fetch`, when each has downloaded it)."""
-  first = {}     # stream -> first version received (the current one: the stream is open)
-  arrived = {}   # stream -> monotonic time a newer version arrived
-  fetched = {}   # stream -> monotonic time its download of that version completed
-  failed = []    # streams whose download failed or arrived short
+  first = {}  # stream -> first version received (the current one: the stream is open)
+  arrived = {}  # stream -> monotonic time a newer version arrived
+  fetched = {}  # stream -> monotonic time its download of that version completed
+  failed = []  # streams whose download failed or arrived short
   all_open, all_done = asyncio.Event(), asyncio.Event()
 
   def finished(i: int) -> None:
@@ -116,16 +122,18 @@ async def watch(address: str, count: int, per_channel: int, timeout: float,
         else:
           finished(i)
 
-  channels = [grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS)
-              for _ in range(math.ceil(count / per_channel))]
+  channels = [
+    grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS)
+    for _ in range(math.ceil(count / per_channel))
+  ]
   stubs = [fleet_pb2_grpc.PolicyServiceStub(channel) for channel in channels]
   # Held here: the loop keeps only weak references to its tasks.
-  tasks = [asyncio.create_task(stream(i, stubs[i // per_channel])) for i in range(count)]
+  _tasks = [asyncio.create_task(stream(i, stubs[i // per_channel])) for i in range(count)]
   await asyncio.wait_for(all_open.wait(), timeout)
   emit(open=count)
   try:
     await asyncio.wait_for(all_done.wait(), timeout)
-  except asyncio.TimeoutError:
+  except TimeoutError:
     pass  # the report says how many did not receive it
   emit(arrived=list(arrived.values()), fetched=list(fetched.values()), fetch_failed=len(failed))
   # Exits without closing anything: the streams end with the connections.
@@ -149,11 +157,15 @@ class Probes:
     # `dqnfleet status` ask; a collector fetches on its open channel.
     self._channel = rpc.channel(address)
     stub = fleet_pb2_grpc.PolicyServiceStub(self._channel)
-    probes = {"health": lambda: rpc.check_health(address, timeout=5),
-              "status": lambda: rpc.get_status(address, timeout=5).role == "trainer",
-              "fetch": lambda: self._fetch(stub)}
-    self._threads = [threading.Thread(target=self._run, args=(kind, probe), daemon=True)
-                     for kind, probe in probes.items()]
+    probes = {
+      "health": lambda: rpc.check_health(address, timeout=5),
+      "status": lambda: rpc.get_status(address, timeout=5).role == "trainer",
+      "fetch": lambda: self._fetch(stub),
+    }
+    self._threads = [
+      threading.Thread(target=self._run, args=(kind, probe), daemon=True)
+      for kind, probe in probes.items()
+    ]
     for thread in self._threads:
       thread.start()
 
@@ -177,8 +189,14 @@ class Probes:
     for thread in self._threads:
       thread.join()
     self._channel.close()
-    return {kind: {**percentiles(self.seconds[kind]), "calls": len(self.seconds[kind]),
-                   "failed": self.failed[kind]} for kind in self.KINDS}
+    return {
+      kind: {
+        **percentiles(self.seconds[kind]),
+        "calls": len(self.seconds[kind]),
+        "failed": self.failed[kind],
+      }
+      for kind in self.KINDS
+    }
 
 
 def percentiles(values: list[float]) -> dict:
@@ -186,8 +204,11 @@ def percentiles(values: list[float]) -> dict:
     return {}
   values = sorted(values)
   at = lambda q: values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
-  return {"p50": round(statistics.median(values), 4), "p99": round(at(0.99), 4),
-          "max": round(values[-1], 4)}
+  return {
+    "p50": round(statistics.median(values), 4),
+    "p99": round(at(0.99), 4),
+    "max": round(values[-1], 4),
+  }
 
 
 def read_json(proc: subprocess.Popen, key: str) -> dict:
@@ -198,12 +219,31 @@ def read_json(proc: subprocess.Popen, key: str) -> dict:
 
 
 def fan_out(server: subprocess.Popen, address: str, watchers: int, args) -> dict:
-  counts = [min(args.per_process, watchers - start)
-            for start in range(0, watchers, args.per_process)]
-  procs = [subprocess.Popen([sys.executable, __file__, "--role", "watchers", "--address", address,
-                             "--count", str(count), "--per-channel", str(args.per_channel),
-                             "--timeout", str(args.timeout)] + ["--fetch"] * args.fetch,
-                            stdout=subprocess.PIPE, text=True) for count in counts]
+  counts = [
+    min(args.per_process, watchers - start) for start in range(0, watchers, args.per_process)
+  ]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        __file__,
+        "--role",
+        "watchers",
+        "--address",
+        address,
+        "--count",
+        str(count),
+        "--per-channel",
+        str(args.per_channel),
+        "--timeout",
+        str(args.timeout),
+      ]
+      + ["--fetch"] * args.fetch,
+      stdout=subprocess.PIPE,
+      text=True,
+    )
+    for count in counts
+  ]
   try:
     opened = time.monotonic()
     for proc in procs:
@@ -224,62 +264,95 @@ def fan_out(server: subprocess.Popen, address: str, watchers: int, args) -> dict
     for proc in procs:
       proc.wait(30)
   since = lambda key: [t - published["published_at"] for r in reports for t in r[key]]
-  row = {"watchers": watchers, "processes": len(procs),
-         "channels": sum(math.ceil(c / args.per_channel) for c in counts),
-         "open_s": round(open_s, 2), "version": published["version"],
-         "publish_call_s": round(published["publish_call_s"], 4),
-         "received": len(since("arrived")), "delivery_s": percentiles(since("arrived"))}
+  row = {
+    "watchers": watchers,
+    "processes": len(procs),
+    "channels": sum(math.ceil(c / args.per_channel) for c in counts),
+    "open_s": round(open_s, 2),
+    "version": published["version"],
+    "publish_call_s": round(published["publish_call_s"], 4),
+    "received": len(since("arrived")),
+    "delivery_s": percentiles(since("arrived")),
+  }
   if args.fetch:
-    row.update(fetched=len(since("fetched")),
-               fetch_failed=sum(r["fetch_failed"] for r in reports),
-               fetched_s=percentiles(since("fetched")), server_cpu_s=round(server_cpu_s, 2))
+    row.update(
+      fetched=len(since("fetched")),
+      fetch_failed=sum(r["fetch_failed"] for r in reports),
+      fetched_s=percentiles(since("fetched")),
+      server_cpu_s=round(server_cpu_s, 2),
+    )
   return {**row, **probed}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--watchers", default="100,1000,5000",
-                      help="comma-separated numbers of streams, one round each")
+  parser.add_argument(
+    "--watchers", default="100,1000,5000", help="comma-separated numbers of streams, one round each"
+  )
   parser.add_argument("--env-id", default="CartPole-v1", help="whose Q-network is published")
   parser.add_argument("--per-channel", type=int, default=100, help="streams per connection")
   parser.add_argument("--per-process", type=int, default=1000, help="streams per process")
-  parser.add_argument("--probe-s", type=float, default=5.0,
-                      help="seconds of probing with every stream open, before the publication")
-  parser.add_argument("--fetch", action="store_true",
-                      help="each watcher also downloads the version it is told of (FetchPolicy)")
+  parser.add_argument(
+    "--probe-s",
+    type=float,
+    default=5.0,
+    help="seconds of probing with every stream open, before the publication",
+  )
+  parser.add_argument(
+    "--fetch",
+    action="store_true",
+    help="each watcher also downloads the version it is told of (FetchPolicy)",
+  )
   parser.add_argument("--timeout", type=float, default=120.0)
-  parser.add_argument("--role", choices=("main", "server", "watchers"), default="main",
-                      help=argparse.SUPPRESS)
+  parser.add_argument(
+    "--role", choices=("main", "server", "watchers"), default="main", help=argparse.SUPPRESS
+  )
   parser.add_argument("--address", help=argparse.SUPPRESS)
   parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.role == "server":
     return serve(args.env_id)
   if args.role == "watchers":
-    return asyncio.run(watch(args.address, args.count, args.per_channel, args.timeout,
-                             args.fetch))
+    return asyncio.run(watch(args.address, args.count, args.per_channel, args.timeout, args.fetch))
 
-  server = subprocess.Popen([sys.executable, __file__, "--role", "server", "--env-id",
-                             args.env_id], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+  server = subprocess.Popen(
+    [sys.executable, __file__, "--role", "server", "--env-id", args.env_id],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     address = f"localhost:{read_json(server, 'port')['port']}"
     server.stdin.write("publish\n")  # the version watchers receive as they connect
     server.stdin.flush()
     read_json(server, "published_at")
     with rpc.channel(address) as channel:
-      policy_bytes = sum(f.size_bytes for f in fleet_pb2_grpc.PolicyServiceStub(
-          channel).GetLatestPolicy(fleet_pb2.GetLatestPolicyRequest(), timeout=10).files)
+      policy_bytes = sum(
+        f.size_bytes
+        for f in fleet_pb2_grpc.PolicyServiceStub(channel)
+        .GetLatestPolicy(fleet_pb2.GetLatestPolicyRequest(), timeout=10)
+        .files
+      )
     rounds = [fan_out(server, address, int(n), args) for n in args.watchers.split(",")]
   finally:
     server.stdin.close()
     server.wait(60)
-  print(json.dumps({
-      "benchmark": "policy_fanout", "env_id": args.env_id, "policy_bytes": policy_bytes,
-      "cpus": os.cpu_count(),
-      "python": platform.python_version(), "grpcio": grpc.__version__,
-      "per_channel": args.per_channel, "per_process": args.per_process, "watchers_fetch": args.fetch,
-      "rounds": rounds}))
+  print(
+    json.dumps(
+      {
+        "benchmark": "policy_fanout",
+        "env_id": args.env_id,
+        "policy_bytes": policy_bytes,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "per_channel": args.per_channel,
+        "per_process": args.per_process,
+        "watchers_fetch": args.fetch,
+        "rounds": rounds,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

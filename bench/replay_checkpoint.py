@@ -28,6 +28,7 @@ The checkpoint files are deleted at the end. The rate limiter never blocks
 
 --items 20000 is a quick try. Prints one JSON object.
 """
+
 import argparse
 import json
 import os
@@ -38,11 +39,10 @@ import tempfile
 import threading
 import time
 
-import replay_scale  # bench/, next to this file
-from replay_scale import ENV, LIMITER_FLAGS
-
 import numpy as np
+import replay_scale  # bench/, next to this file
 import reverb
+from replay_scale import ENV, LIMITER_FLAGS
 
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import specs
@@ -74,8 +74,14 @@ def run_inserter(address: str, recorded: str, rate: float, out: str) -> None:
   """One collector's observer at `rate` transitions/s; the time each observer call returned."""
   client = reverb.Client(address)
   source = replay_scale.RecordedTransitions(recorded)
-  observer = ReplayObserver(client, specs.env_specs(ENV), replay_scale.NUM_ENVS, lambda: 0,
-                            threading.Event(), specs.source_id("bench-inserter"))
+  observer = ReplayObserver(
+    client,
+    specs.env_specs(ENV),
+    replay_scale.NUM_ENVS,
+    lambda: 0,
+    threading.Event(),
+    specs.source_id("bench-inserter"),
+  )
   print("ready", flush=True)
   done = []
   for _ in paced(rate / replay_scale.NUM_ENVS, stop_on_stdin()):
@@ -88,6 +94,7 @@ def run_inserter(address: str, recorded: str, rate: float, out: str) -> None:
 def run_sampler(address: str, rate: float, out: str) -> None:
   """The trainer's dataset at `rate` items/s; the time each batch arrived."""
   from dqnfleet.trainer.dataset import make_dataset
+
   dataset = iter(make_dataset(address, specs.env_specs(ENV), replay_scale.SAMPLER_BATCH, 4))
   next(dataset)
   print("ready", flush=True)
@@ -118,8 +125,14 @@ class Poller:
   def _run(self):
     while not self._stop.wait(POLL_S):
       limiter = self._client.server_info(timeout=60)[specs.TABLE].rate_limiter_info
-      self.rows.append((time.monotonic(), limiter.insert_stats.completed,
-                        limiter.sample_stats.completed, rss_bytes(self._pid)))
+      self.rows.append(
+        (
+          time.monotonic(),
+          limiter.insert_stats.completed,
+          limiter.sample_stats.completed,
+          rss_bytes(self._pid),
+        )
+      )
 
   def stop(self):
     self._stop.set()
@@ -136,13 +149,14 @@ def stalls(times: np.ndarray, start: float, end: float, before_s: float, per_eve
   during = ((times >= start) & (times <= end)).sum()
   longest = float(gaps[overlapping].max()) if overlapping.any() else end - start
   return {
-      "max_gap_during_s": round(longest, 3),
-      # Gaps of a quarter second or more: time the writer or sampler stood still.
-      "gaps_over_0.25s_during_s": round(float(gaps[overlapping & (gaps >= 0.25)].sum()), 3),
-      "max_gap_before_s": round(float(gaps[(times[1:] < start) & (times[1:] >= start - before_s)]
-                                      .max()), 3),
-      "per_s_before": round(before * per_event / before_s, 1),
-      "per_s_during": round(during * per_event / max(end - start, 1e-9), 1),
+    "max_gap_during_s": round(longest, 3),
+    # Gaps of a quarter second or more: time the writer or sampler stood still.
+    "gaps_over_0.25s_during_s": round(float(gaps[overlapping & (gaps >= 0.25)].sum()), 3),
+    "max_gap_before_s": round(
+      float(gaps[(times[1:] < start) & (times[1:] >= start - before_s)].max()), 3
+    ),
+    "per_s_before": round(before * per_event / before_s, 1),
+    "per_s_during": round(during * per_event / max(end - start, 1e-9), 1),
   }
 
 
@@ -166,14 +180,19 @@ def start_server(checkpoint_dir: str, items: int) -> tuple[subprocess.Popen, str
   # --checkpoint-every-s 0: the server checkpoints only when asked (and at
   # SIGTERM, which this benchmark does not send).
   server, address = replay_scale.start_server(
-      limiter + [f"--max-size={items}", f"--checkpoint-dir={checkpoint_dir}",
-                 "--checkpoint-every-s=0"])
+    limiter
+    + [f"--max-size={items}", f"--checkpoint-dir={checkpoint_dir}", "--checkpoint-every-s=0"]
+  )
   return server, address, time.monotonic() - started
 
 
 def spawn(role: str, *args) -> subprocess.Popen:
-  child = subprocess.Popen([sys.executable, __file__, f"--role={role}", *map(str, args)],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  child = subprocess.Popen(
+    [sys.executable, __file__, f"--role={role}", *map(str, args)],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   if child.stdout.readline().strip() != "ready":
     raise RuntimeError(f"the benchmark's {role} failed to start")
   return child
@@ -220,8 +239,10 @@ def main():
 
   free = shutil.disk_usage(args.dir).free
   if free < 2 * args.items * DISK_BYTES_PER_ITEM:
-    sys.exit(f"{args.dir} has {free / 1e9:.1f} GB free; a checkpoint of {args.items} items may "
-             f"need {args.items * DISK_BYTES_PER_ITEM / 1e9:.1f} GB (pass --dir)")
+    sys.exit(
+      f"{args.dir} has {free / 1e9:.1f} GB free; a checkpoint of {args.items} items may "
+      f"need {args.items * DISK_BYTES_PER_ITEM / 1e9:.1f} GB (pass --dir)"
+    )
   work = tempfile.mkdtemp(prefix="replay_checkpoint_", dir=args.dir)
   checkpoints, recorded = os.path.join(work, "checkpoints"), os.path.join(work, "recorded")
   os.makedirs(recorded)
@@ -234,8 +255,10 @@ def main():
     filled = fill(address, recorded, args.items, args.fill_writers)
     rss_full = rss_bytes(server.pid)
 
-    children = [spawn("inserter", address, recorded, args.insert_rate, f"{work}/inserts.npy"),
-                spawn("sampler", address, args.sample_rate, f"{work}/samples.npy")]
+    children = [
+      spawn("inserter", address, recorded, args.insert_rate, f"{work}/inserts.npy"),
+      spawn("sampler", address, args.sample_rate, f"{work}/samples.npy"),
+    ]
     poller = Poller(client, server.pid)
     time.sleep(args.before)
     cpu0 = replay_scale.process_cpu_s(server.pid)
@@ -268,31 +291,48 @@ def main():
       server.wait()
     shutil.rmtree(work, ignore_errors=True)
 
-  print(json.dumps({
-      "benchmark": "replay_checkpoint", "env_id": ENV.env_id, "items": args.items,
-      "fill": filled, "server_rss_full_bytes": rss_full,
-      "checkpoint": {
-          "seconds": round(end - start, 2), "bytes_on_disk": on_disk,
-          "bytes_per_item": round(on_disk / args.items), "path_was": path,
+  print(
+    json.dumps(
+      {
+        "benchmark": "replay_checkpoint",
+        "env_id": ENV.env_id,
+        "items": args.items,
+        "fill": filled,
+        "server_rss_full_bytes": rss_full,
+        "checkpoint": {
+          "seconds": round(end - start, 2),
+          "bytes_on_disk": on_disk,
+          "bytes_per_item": round(on_disk / args.items),
+          "path_was": path,
           "server_cpu_s": round(checkpoint_cpu, 2),
           "server_rss_max_during_bytes": int(during[:, 3].max()) if len(during) else None,
-      },
-      "inserts": {"rate_asked": args.insert_rate,
-                  **stalls(inserts, start, end, args.before, replay_scale.NUM_ENVS),
-                  "server_counter_max_stall_during_s": counter_stalls(rows, 1, start, end),
-                  "server_counter_max_stall_before_s": counter_stalls(rows, 1, start - args.before,
-                                                                      start)},
-      "samples": {"rate_asked": args.sample_rate,
-                  **stalls(samples, start, end, args.before, replay_scale.SAMPLER_BATCH),
-                  "server_counter_max_stall_during_s": counter_stalls(rows, 2, start, end),
-                  "server_counter_max_stall_before_s": counter_stalls(rows, 2, start - args.before,
-                                                                      start)},
-      "server_info_max_latency_during_s": round(float(np.diff(during[:, 0]).max()), 3)
-                                           if len(during) > 1 else None,
-      "restore": {"items_restored": restored, "start_empty_s": round(empty_start_s, 1),
-                  "answers_after_s": round(answered, 1), "serves_sample_after_s": round(served, 1)},
-      "load_average_1m": round(os.getloadavg()[0], 2), "cores": os.cpu_count(),
-  }))
+        },
+        "inserts": {
+          "rate_asked": args.insert_rate,
+          **stalls(inserts, start, end, args.before, replay_scale.NUM_ENVS),
+          "server_counter_max_stall_during_s": counter_stalls(rows, 1, start, end),
+          "server_counter_max_stall_before_s": counter_stalls(rows, 1, start - args.before, start),
+        },
+        "samples": {
+          "rate_asked": args.sample_rate,
+          **stalls(samples, start, end, args.before, replay_scale.SAMPLER_BATCH),
+          "server_counter_max_stall_during_s": counter_stalls(rows, 2, start, end),
+          "server_counter_max_stall_before_s": counter_stalls(rows, 2, start - args.before, start),
+        },
+        "server_info_max_latency_during_s": round(float(np.diff(during[:, 0]).max()), 3)
+        if len(during) > 1
+        else None,
+        "restore": {
+          "items_restored": restored,
+          "start_empty_s": round(empty_start_s, 1),
+          "answers_after_s": round(answered, 1),
+          "serves_sample_after_s": round(served, 1),
+        },
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "cores": os.cpu_count(),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

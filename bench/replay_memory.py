@@ -10,6 +10,7 @@ the two numbers can be compared as a ratio within one run.
 
 Prints one JSON object.
 """
+
 import argparse
 import json
 import subprocess
@@ -31,8 +32,8 @@ from tf_agents.trajectories import time_step as ts
 from dqnfleet.cli.up import free_port
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import envs, specs
-from dqnfleet.core.transport import rpc
 from dqnfleet.core.settings.config import EnvConfig
+from dqnfleet.core.transport import rpc
 
 ENV = EnvConfig(env_id="ALE/Breakout-v5")
 
@@ -49,8 +50,14 @@ class NaiveObserver:
     for i in range(len(time_step.step_type)):
       if time_step.step_type[i] == ts.StepType.LAST:
         continue
-      self._writer.append((time_step.observation[i], next_time_step.observation[i],
-                           np.int64(action_step.action[i]), np.float32(next_time_step.reward[i])))
+      self._writer.append(
+        (
+          time_step.observation[i],
+          next_time_step.observation[i],
+          np.int64(action_step.action[i]),
+          np.float32(next_time_step.reward[i]),
+        )
+      )
       self._writer.create_item("naive", 1, 1.0)
       self.items_written += 1
 
@@ -60,20 +67,32 @@ class NaiveObserver:
 
 def run_naive_server(port):
   """A Reverb server process with a signature-less table for the naive layout."""
-  code = (f"import reverb, time; s = reverb.Server([reverb.Table('naive', reverb.selectors.Uniform(),"
-          f" reverb.selectors.Fifo(), 10**7, reverb.rate_limiters.MinSize(1))], port={port});"
-          " time.sleep(10**6)")
+  code = (
+    f"import reverb, time; s = reverb.Server([reverb.Table('naive', reverb.selectors.Uniform(),"
+    f" reverb.selectors.Fifo(), 10**7, reverb.rate_limiters.MinSize(1))], port={port});"
+    " time.sleep(10**6)"
+  )
   return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
 
 
 def measure(layout: str, transitions: int, num_envs: int) -> dict:
   port, status_port = free_port(), free_port()
   if layout == "dqnfleet":
-    server = subprocess.Popen([sys.executable, "-m", "dqnfleet", "replay", f"--env-id={ENV.env_id}",
-                               f"--port={port}", f"--status-port={status_port}",
-                               # Below min size the rate limiter lets every insert through.
-                               f"--min-size={transitions * 2}", f"--max-size={transitions * 2}"],
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "dqnfleet",
+        "replay",
+        f"--env-id={ENV.env_id}",
+        f"--port={port}",
+        f"--status-port={status_port}",
+        # Below min size the rate limiter lets every insert through.
+        f"--min-size={transitions * 2}",
+        f"--max-size={transitions * 2}",
+      ],
+      stderr=subprocess.DEVNULL,
+    )
   else:
     server = run_naive_server(port)
   client = reverb.Client(f"localhost:{port}")
@@ -82,13 +101,18 @@ def measure(layout: str, transitions: int, num_envs: int) -> dict:
   before = psutil.Process(server.pid).memory_info().rss
   env = envs.BatchedEnvironment(ENV, num_envs, seed=1)
   env_specs = specs.env_specs(ENV)
-  observer = (ReplayObserver(client, env_specs, num_envs, lambda: 0, threading.Event(), 1)
-              if layout == "dqnfleet" else NaiveObserver(client, num_envs))
-  policy = random_py_policy.RandomPyPolicy(env.time_step_spec(), env.action_spec(),
-                                           outer_dims=(num_envs,))
+  observer = (
+    ReplayObserver(client, env_specs, num_envs, lambda: 0, threading.Event(), 1)
+    if layout == "dqnfleet"
+    else NaiveObserver(client, num_envs)
+  )
+  policy = random_py_policy.RandomPyPolicy(
+    env.time_step_spec(), env.action_spec(), outer_dims=(num_envs,)
+  )
   started = time.monotonic()
-  py_driver.PyDriver(env, policy, [], transition_observers=[observer],
-                     max_steps=transitions).run(env.reset())
+  py_driver.PyDriver(env, policy, [], transition_observers=[observer], max_steps=transitions).run(
+    env.reset()
+  )
   observer.close()
   elapsed = time.monotonic() - started
   env.close()
@@ -97,8 +121,12 @@ def measure(layout: str, transitions: int, num_envs: int) -> dict:
   after = psutil.Process(server.pid).memory_info().rss
   server.terminate()
   server.wait()
-  return {"items": size, "rss_growth_bytes": after - before,
-          "bytes_per_transition": (after - before) / size, "write_seconds": elapsed}
+  return {
+    "items": size,
+    "rss_growth_bytes": after - before,
+    "bytes_per_transition": (after - before) / size,
+    "write_seconds": elapsed,
+  }
 
 
 def main():
@@ -108,12 +136,19 @@ def main():
   args = parser.parse_args()
   ours = measure("dqnfleet", args.transitions, args.num_envs)
   naive = measure("naive", args.transitions, args.num_envs)
-  print(json.dumps({
-      "benchmark": "replay_memory", "env_id": ENV.env_id, "transitions": args.transitions,
-      "dqnfleet": ours, "naive_pairs": naive,
-      "naive_over_dqnfleet": naive["bytes_per_transition"] / ours["bytes_per_transition"],
-      "goal_bytes_per_transition": 1536,
-  }))
+  print(
+    json.dumps(
+      {
+        "benchmark": "replay_memory",
+        "env_id": ENV.env_id,
+        "transitions": args.transitions,
+        "dqnfleet": ours,
+        "naive_pairs": naive,
+        "naive_over_dqnfleet": naive["bytes_per_transition"] / ours["bytes_per_transition"],
+        "goal_bytes_per_transition": 1536,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

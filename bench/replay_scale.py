@@ -27,6 +27,7 @@ phase and every insert also evicts the oldest item, as in a long run.
 
 Prints one JSON object.
 """
+
 import argparse
 import json
 import os
@@ -48,8 +49,8 @@ from tf_agents.trajectories import time_step as ts
 from dqnfleet.cli.up import free_port
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import envs, specs
-from dqnfleet.core.transport import rpc
 from dqnfleet.core.settings.config import EnvConfig
+from dqnfleet.core.transport import rpc
 
 ENV = EnvConfig(env_id="ALE/Breakout-v5")
 NUM_ENVS = 8  # a collector's default
@@ -57,8 +58,11 @@ SAMPLER_BATCH = 32  # the trainer's default
 TICKS = os.sysconf("SC_CLK_TCK")
 # Inserts are never held back and samples never wait (see the docstring).
 MIN_SIZE = 50_000
-LIMITER_FLAGS = ["--samples-per-insert=1000", "--rate-limit-tolerance=100",
-                 f"--min-size={MIN_SIZE}"]
+LIMITER_FLAGS = [
+  "--samples-per-insert=1000",
+  "--rate-limit-tolerance=100",
+  f"--min-size={MIN_SIZE}",
+]
 
 
 def record_transitions(path: str, batched_steps: int, seed: int = 1) -> None:
@@ -66,8 +70,9 @@ def record_transitions(path: str, batched_steps: int, seed: int = 1) -> None:
   env = envs.BatchedEnvironment(ENV, NUM_ENVS, seed=seed)
   rng = np.random.default_rng(seed)
   frame = specs.env_specs(ENV).frame
-  frames = np.lib.format.open_memmap(os.path.join(path, "frames.npy"), "w+", frame.dtype,
-                                     (batched_steps + 1, NUM_ENVS) + frame.shape)
+  frames = np.lib.format.open_memmap(
+    os.path.join(path, "frames.npy"), "w+", frame.dtype, (batched_steps + 1, NUM_ENVS) + frame.shape
+  )
   step_types = np.zeros((batched_steps + 1, NUM_ENVS), np.int32)
   rewards = np.zeros((batched_steps + 1, NUM_ENVS), np.float32)
   discounts = np.zeros((batched_steps + 1, NUM_ENVS), np.float32)
@@ -75,14 +80,22 @@ def record_transitions(path: str, batched_steps: int, seed: int = 1) -> None:
   time_step = env.reset()
   for t in range(batched_steps + 1):
     frames[t] = time_step.observation[..., -1]
-    step_types[t], rewards[t], discounts[t] = (time_step.step_type, time_step.reward,
-                                               time_step.discount)
+    step_types[t], rewards[t], discounts[t] = (
+      time_step.step_type,
+      time_step.reward,
+      time_step.discount,
+    )
     if t < batched_steps:
       time_step = env.step(actions[t])
   env.close()
   frames.flush()
-  np.savez(os.path.join(path, "steps.npz"), step_types=step_types, rewards=rewards,
-           discounts=discounts, actions=actions)
+  np.savez(
+    os.path.join(path, "steps.npz"),
+    step_types=step_types,
+    rewards=rewards,
+    discounts=discounts,
+    actions=actions,
+  )
 
 
 class RecordedTransitions:
@@ -113,8 +126,11 @@ class RecordedTransitions:
     if t + 1 == len(self._types):  # start over at the recorded reset (all FIRST)
       t, self._obs = 0, self._stack(None, 0)
     next_obs = self._stack(self._obs, t + 1)
-    transition = (self._time_step(t, self._obs), policy_step.PolicyStep(self._actions[t]),
-                  self._time_step(t + 1, next_obs))
+    transition = (
+      self._time_step(t, self._obs),
+      policy_step.PolicyStep(self._actions[t]),
+      self._time_step(t + 1, next_obs),
+    )
     self._t, self._obs = t + 1, next_obs
     return transition
 
@@ -123,8 +139,14 @@ def run_writer(address: str, recorded: str, index: int, warmup_s: float, seconds
   """One collector's write path at full speed: a ReplayObserver over recorded transitions."""
   client = reverb.Client(address)
   source = RecordedTransitions(recorded)
-  observer = ReplayObserver(client, specs.env_specs(ENV), NUM_ENVS, lambda: 0,
-                            threading.Event(), specs.source_id(f"bench-{index}"))
+  observer = ReplayObserver(
+    client,
+    specs.env_specs(ENV),
+    NUM_ENVS,
+    lambda: 0,
+    threading.Event(),
+    specs.source_id(f"bench-{index}"),
+  )
   print("ready", flush=True)
   sys.stdin.readline()  # go
   measure_at = time.monotonic() + warmup_s
@@ -142,6 +164,7 @@ def run_writer(address: str, recorded: str, index: int, warmup_s: float, seconds
 def run_sampler(address: str, warmup_s: float, seconds: float) -> dict:
   """The trainer's dataset at full speed, nothing trained."""
   from dqnfleet.trainer.dataset import make_dataset
+
   dataset = iter(make_dataset(address, specs.env_specs(ENV), SAMPLER_BATCH, 4))
   next(dataset)
   print("ready", flush=True)
@@ -175,21 +198,41 @@ def machine_busy_s() -> float:
 def start_server(extra_flags: list[str]) -> tuple[subprocess.Popen, str]:
   port = free_port()
   server = subprocess.Popen(
-      [sys.executable, "-m", "dqnfleet", "replay", f"--env-id={ENV.env_id}", f"--port={port}",
-       f"--status-port={free_port()}", "--metrics-port=-1", *extra_flags],
-      stderr=subprocess.DEVNULL)
+    [
+      sys.executable,
+      "-m",
+      "dqnfleet",
+      "replay",
+      f"--env-id={ENV.env_id}",
+      f"--port={port}",
+      f"--status-port={free_port()}",
+      "--metrics-port=-1",
+      *extra_flags,
+    ],
+    stderr=subprocess.DEVNULL,
+  )
   client = reverb.Client(f"localhost:{port}")
   rpc.retry(lambda: client.server_info(timeout=5), "connecting to the benchmark's replay")
   return server, f"localhost:{port}"
 
 
 def spawn(role: str, *args) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, __file__, f"--role={role}", *map(str, args)],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, __file__, f"--role={role}", *map(str, args)],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
 
 
-def phase(server: subprocess.Popen, client: reverb.Client, children: list[subprocess.Popen],
-          warmup_s: float, seconds: float, counter: str) -> dict:
+def phase(
+  server: subprocess.Popen,
+  client: reverb.Client,
+  children: list[subprocess.Popen],
+  warmup_s: float,
+  seconds: float,
+  counter: str,
+) -> dict:
   """Starts the ready children together; the server's counter and CPU over the measured window."""
   for child in children:
     if child.stdout.readline().strip() != "ready":
@@ -210,13 +253,13 @@ def phase(server: subprocess.Popen, client: reverb.Client, children: list[subpro
     reports.append(json.loads(out.strip().splitlines()[-1]))
   client_cpu = sum(r["cpu_s"] for r in reports)
   return {
-      "transitions_per_s": round(count / wall, 1),
-      "server_cpu_s_per_1000": round(1000 * cpu / max(count, 1), 4),
-      "server_cores_busy": round(cpu / wall, 3),
-      "client_cpu_s_per_1000": round(1000 * client_cpu / max(count, 1), 4),
-      "machine_cores_busy": round(busy / wall, 2),
-      "load_average_1m": round(os.getloadavg()[0], 2),
-      "transitions": count,
+    "transitions_per_s": round(count / wall, 1),
+    "server_cpu_s_per_1000": round(1000 * cpu / max(count, 1), 4),
+    "server_cores_busy": round(cpu / wall, 3),
+    "client_cpu_s_per_1000": round(1000 * client_cpu / max(count, 1), 4),
+    "machine_cores_busy": round(busy / wall, 2),
+    "load_average_1m": round(os.getloadavg()[0], 2),
+    "transitions": count,
   }
 
 
@@ -226,8 +269,12 @@ def main():
   parser.add_argument("--seconds", type=float, default=20.0, help="measured time per phase")
   parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured time before each")
   parser.add_argument("--max-size", type=int, default=100_000)
-  parser.add_argument("--record-steps", type=int, default=2000,
-                      help="batched steps of 8 environments recorded and replayed by writers")
+  parser.add_argument(
+    "--record-steps",
+    type=int,
+    default=2000,
+    help="batched steps of 8 environments recorded and replayed by writers",
+  )
   parser.add_argument("--role", default="main", help=argparse.SUPPRESS)
   parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -248,28 +295,40 @@ def main():
     results = {}
     try:
       for n in counts:
-        writers = [spawn("writer", address, recorded, i, args.warmup, args.seconds)
-                   for i in range(n)]
-        results[f"writers_{n}"] = phase(server, client, writers, args.warmup, args.seconds,
-                                        "insert_stats")
+        writers = [
+          spawn("writer", address, recorded, i, args.warmup, args.seconds) for i in range(n)
+        ]
+        results[f"writers_{n}"] = phase(
+          server, client, writers, args.warmup, args.seconds, "insert_stats"
+        )
       if client.server_info()[specs.TABLE].current_size >= MIN_SIZE:
         sampler = [spawn("sampler", address, args.warmup, args.seconds)]
-        results["sampler_1"] = phase(server, client, sampler, args.warmup, args.seconds,
-                                     "sample_stats")
+        results["sampler_1"] = phase(
+          server, client, sampler, args.warmup, args.seconds, "sample_stats"
+        )
       else:  # too short a run to fill the table: the sampler would wait forever
         results["sampler_1"] = f"skipped: fewer than {MIN_SIZE} items in the table"
       table = client.server_info()[specs.TABLE]
     finally:
       server.terminate()
       server.wait()
-  print(json.dumps({
-      "benchmark": "replay_scale", "env_id": ENV.env_id, "envs_per_writer": NUM_ENVS,
-      "frames": f"real Breakout frames (random policy), {args.record_steps} batched steps "
-                "recorded once and replayed",
-      "seconds_per_phase": args.seconds, "max_size": args.max_size,
-      "rate_limiter": " ".join(LIMITER_FLAGS), "cores": os.cpu_count(),
-      "phases": results, "table_size_at_end": table.current_size,
-  }))
+  print(
+    json.dumps(
+      {
+        "benchmark": "replay_scale",
+        "env_id": ENV.env_id,
+        "envs_per_writer": NUM_ENVS,
+        "frames": f"real Breakout frames (random policy), {args.record_steps} batched steps "
+        "recorded once and replayed",
+        "seconds_per_phase": args.seconds,
+        "max_size": args.max_size,
+        "rate_limiter": " ".join(LIMITER_FLAGS),
+        "cores": os.cpu_count(),
+        "phases": results,
+        "table_size_at_end": table.current_size,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

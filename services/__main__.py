@@ -1,4 +1,5 @@
 """`python -m dqnfleet` is the `dqnfleet` command."""
+
 import sys
 
 from dqnfleet.cli.main import main

@@ -1,4 +1,5 @@
 """`dqnfleet evaluate` on Atari: the published protocol, episodes that end, and a GIF."""
+
 import json
 
 import pytest
@@ -8,8 +9,7 @@ from dqnfleet.core.policy import store
 from dqnfleet.core.rl import envs, networks, specs
 from dqnfleet.core.settings.config import EnvConfig, NetworkConfig, ProtocolConfig
 from dqnfleet.evaluator import protocol
-
-from conftest import dqnfleet
+from support import dqnfleet
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,9 @@ def untrained_breakout(tmp_path_factory):
 def test_an_untrained_breakout_policy_finishes_ten_whole_games(untrained_breakout, tmp_path):
   """Greedy play never presses FIRE; epsilon 0.05 does, so every game ends by itself."""
   video = tmp_path / "play.gif"
-  result = dqnfleet("evaluate", "--policy", str(untrained_breakout), "--json", "--video",
-                    str(video))
+  result = dqnfleet(
+    "evaluate", "--policy", str(untrained_breakout), "--json", "--video", str(video)
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout)
   assert report["episodes"] == 10 and report["policy_version"] == 0
@@ -46,14 +47,15 @@ def test_the_text_report_names_the_protocol(untrained_breakout):
 
 
 def test_dopamines_protocol_is_named_too():
-  dopamine = ProtocolConfig(epsilon=0.001, sticky_actions=True)
+  dopamine = ProtocolConfig(epsilon=0.001, eval_sticky_actions=True)
   line = protocol.describe(dopamine, EnvConfig(env_id="ALE/Breakout-v5"))
   assert "epsilon 0.001, sticky actions 0.25" in line and "Dopamine protocol" in line
 
 
 def test_a_video_path_that_is_no_gif_is_refused(untrained_breakout, tmp_path):
-  result = dqnfleet("evaluate", "--policy", str(untrained_breakout), "--video",
-                    str(tmp_path / "play.mp4"))
+  result = dqnfleet(
+    "evaluate", "--policy", str(untrained_breakout), "--video", str(tmp_path / "play.mp4")
+  )
   assert result.returncode == 2
   assert "--video" in result.stderr and "use a path ending in .gif" in result.stderr
   assert not (tmp_path / "play.mp4").exists()

@@ -1,4 +1,5 @@
 """`dqnfleet export`: a greedy SavedModel that plain TensorFlow loads and acts with."""
+
 import json
 import os
 import subprocess
@@ -12,8 +13,7 @@ import tensorflow as tf
 from dqnfleet.core.policy import store
 from dqnfleet.core.rl import envs, networks, specs
 from dqnfleet.core.settings.config import EnvConfig, NetworkConfig
-
-from conftest import dqnfleet, free_port, wait_until
+from support import dqnfleet, start_trainer_without_data, wait_until
 
 # Runs in a fresh interpreter: only TensorFlow and numpy, no dqnfleet, TF-Agents
 # or TF Probability, as for someone who received just the exported folder.
@@ -38,10 +38,19 @@ json.dump({"actions": actions.tolist(), "dtype": actions.dtype.name, "foreign": 
 def act_with_plain_tensorflow(model, observations: np.ndarray, tmp_path) -> dict:
   np.save(tmp_path / "observations.npy", observations)
   result = subprocess.run(
-      [sys.executable, "-c", PLAIN_TENSORFLOW, str(model), str(tmp_path / "observations.npy"),
-       str(tmp_path / "acted.json")],
-      capture_output=True, text=True, timeout=120,
-      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    [
+      sys.executable,
+      "-c",
+      PLAIN_TENSORFLOW,
+      str(model),
+      str(tmp_path / "observations.npy"),
+      str(tmp_path / "acted.json"),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   acted = json.loads((tmp_path / "acted.json").read_text())
   assert acted["foreign"] == [], f"loading the SavedModel imported {acted['foreign']}"
@@ -64,8 +73,9 @@ def publish_untrained(root, env_id: str, version: int, net: NetworkConfig):
 
 @pytest.fixture(scope="module")
 def cartpole(tmp_path_factory):
-  return publish_untrained(tmp_path_factory.mktemp("cartpole"), "CartPole-v1", 42,
-                           NetworkConfig(fc_layers=(256, 256)))
+  return publish_untrained(
+    tmp_path_factory.mktemp("cartpole"), "CartPole-v1", 42, NetworkConfig(fc_layers=(256, 256))
+  )
 
 
 def cartpole_observations(count: int) -> np.ndarray:
@@ -117,8 +127,9 @@ def test_a_breakout_export_acts_on_the_projects_own_observations(tmp_path):
   assert info["observation_shape"] == [84, 84, 4] and info["observation_dtype"] == "uint8"
   assert info["num_actions"] == 4 and info["frame_stack"] == 4
 
-  env = envs.BatchedEnvironment(EnvConfig(env_id="ALE/Breakout-v5"), num_envs=2, seed=1,
-                                training=False)
+  env = envs.BatchedEnvironment(
+    EnvConfig(env_id="ALE/Breakout-v5"), num_envs=2, seed=1, training=False
+  )
   try:
     time_step = env.reset()
     for _ in range(30):  # past the reset, so all four frames show the game
@@ -157,13 +168,8 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path):
 
 
 def test_export_fetches_the_latest_policy_from_a_trainer(services, tmp_path):
-  replay_port, status_port, trainer_port = free_port(), free_port(), free_port()
-  services("replay", "replay", "--env-id", "CartPole-v1", "--port", str(replay_port),
-           "--status-port", str(status_port), "--min-size", "5000")
   run_dir = tmp_path / "run"
-  trainer = services("trainer", "trainer", "--env-id", "CartPole-v1", "--replay-address",
-                     f"localhost:{replay_port}", "--port", str(trainer_port),
-                     "--run-dir", str(run_dir))
+  trainer, trainer_port = start_trainer_without_data(services, run_dir)
   # A trainer publishes its untrained network (v0) before it waits for data.
   wait_until(lambda: "waiting for data" in trainer.log(), 120, "the trainer to publish v0")
   out = tmp_path / "from-trainer"

@@ -2,21 +2,20 @@
 open announces a newly published version to every one of them within seconds, and serves the
 herd of downloads that follows, while health and status keep answering in well under a
 second."""
+
 import asyncio
 import collections
 import hashlib
 import math
 import threading
 import time
-import urllib.request
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
+import pytest
 
-from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
-
-from conftest import free_port, wait_until
+from dqnfleet.core.transport import rpc
+from support import free_port, scrape, service_args, wait_until
 
 WATCHERS = 1000
 STREAMS_PER_CHANNEL = 100  # one HTTP/2 connection per 100 watchers, as from many collectors
@@ -43,11 +42,14 @@ class Watchers:
     return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
 
   async def _open(self, address: str, count: int) -> list[asyncio.Task]:
-    self._channels = [grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS)
-                      for _ in range(math.ceil(count / STREAMS_PER_CHANNEL))]
+    self._channels = [
+      grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS)
+      for _ in range(math.ceil(count / STREAMS_PER_CHANNEL))
+    ]
     stubs = [fleet_pb2_grpc.PolicyServiceStub(channel) for channel in self._channels]
-    return [asyncio.create_task(self._watch(i, stubs[i // STREAMS_PER_CHANNEL]))
-            for i in range(count)]
+    return [
+      asyncio.create_task(self._watch(i, stubs[i // STREAMS_PER_CHANNEL])) for i in range(count)
+    ]
 
   async def _watch(self, i: int, stub) -> None:
     try:
@@ -66,8 +68,9 @@ class Watchers:
         files[chunk.file_name] += chunk.data
     except grpc.aio.AioRpcError:
       return False
-    return ({(name, len(data), hashlib.sha256(data).hexdigest()) for name, data in files.items()}
-            == {(f.name, f.size_bytes, f.sha256) for f in info.files})
+    return {
+      (name, len(data), hashlib.sha256(data).hexdigest()) for name, data in files.items()
+    } == {(f.name, f.size_bytes, f.sha256) for f in info.files}
 
   def cancel(self, watchers: range) -> None:
     """Ends these watchers' streams from the client side, as a stopped collector does."""
@@ -80,6 +83,7 @@ class Watchers:
       await asyncio.gather(*self._tasks, return_exceptions=True)
       for channel in self._channels:
         await channel.close()
+
     self._call(close())
     self.loop.call_soon_threadsafe(self.loop.stop)
     self._thread.join(10)
@@ -97,9 +101,10 @@ class Probes:
 
   def _run(self, address: str) -> None:
     while not self._stop.wait(0.1):
-      for what, probe in (("health", lambda: rpc.check_health(address, timeout=PROBE_BOUND_S)),
-                          ("status", lambda: rpc.get_status(address, PROBE_BOUND_S).role
-                           == "trainer")):
+      for what, probe in (
+        ("health", lambda: rpc.check_health(address, timeout=PROBE_BOUND_S)),
+        ("status", lambda: rpc.get_status(address, PROBE_BOUND_S).role == "trainer"),
+      ):
         started = time.monotonic()
         try:
           ok = probe()
@@ -114,51 +119,70 @@ class Probes:
 
 
 def watcher_gauge(metrics_port: int) -> float:
-  text = urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=10).read()
-  for family in text_string_to_metric_families(text.decode()):
-    for sample in family.samples:
-      if sample.name == "dqnfleet_trainer_policy_watchers":
-        return sample.value
-  raise AssertionError("the trainer exports no dqnfleet_trainer_policy_watchers")
+  gauge = scrape(metrics_port).get("dqnfleet_trainer_policy_watchers")
+  assert gauge is not None, "the trainer exports no dqnfleet_trainer_policy_watchers"
+  return gauge
 
 
-def test_a_thousand_watchers_all_hear_of_a_new_version_and_health_keeps_answering(services,
-                                                                                   tmp_path):
+@pytest.mark.slow
+def test_a_thousand_watchers_all_hear_of_a_new_version_and_health_keeps_answering(
+  services, tmp_path
+):
   """...and all download it intact, the herd a publication sets off in a fleet."""
   replay_port, trainer_port, metrics_port = free_port(), free_port(), free_port()
   address = f"localhost:{trainer_port}"
   # The trainer publishes its first version as soon as it reaches replay: replay starts
   # only once every watcher is waiting, so that version is new to all of them.
-  trainer = services("trainer", "trainer", "--env-id", "CartPole-v1", "--replay-address",
-                     f"localhost:{replay_port}", "--port", str(trainer_port), "--metrics-port",
-                     str(metrics_port), "--run-dir", str(tmp_path / "run"))
+  trainer = services(
+    "trainer",
+    *service_args(
+      "trainer",
+      env_id="CartPole-v1",
+      replay_address=f"localhost:{replay_port}",
+      port=trainer_port,
+      metrics_port=metrics_port,
+      run_dir=tmp_path / "run",
+    ),
+  )
   wait_until(lambda: rpc.check_health(address), 120, "the trainer's gRPC port")
   watchers = Watchers(address, WATCHERS)
   try:
-    wait_until(lambda: watcher_gauge(metrics_port) == WATCHERS, 60,
-               f"{WATCHERS} open WatchPolicies streams")
+    wait_until(
+      lambda: watcher_gauge(metrics_port) == WATCHERS, 60, f"{WATCHERS} open WatchPolicies streams"
+    )
     assert not watchers.received and rpc.get_status(address).policy_version == -1
     probes = Probes(address)
-    replay = services("replay", "replay", "--env-id", "CartPole-v1", "--port", str(replay_port),
-                      "--status-port", str(free_port()))
-    wait_until(lambda: len(watchers.received) == WATCHERS, 120,
-               f"every watcher to receive the first version ({len(watchers.received)} did)")
-    wait_until(lambda: len(watchers.downloaded) == WATCHERS, 120,
-               f"every watcher to download it ({len(watchers.downloaded)} did)")
+    replay = services(
+      "replay",
+      *service_args("replay", env_id="CartPole-v1", port=replay_port, status_port=free_port()),
+    )
+    wait_until(
+      lambda: len(watchers.received) == WATCHERS,
+      120,
+      f"every watcher to receive the first version ({len(watchers.received)} did)",
+    )
+    wait_until(
+      lambda: len(watchers.downloaded) == WATCHERS,
+      120,
+      f"every watcher to download it ({len(watchers.downloaded)} did)",
+    )
     results = probes.stop()
     assert all(watchers.downloaded.values()), (
-        f"{list(watchers.downloaded.values()).count(False)} downloads failed or arrived corrupted")
+      f"{list(watchers.downloaded.values()).count(False)} downloads failed or arrived corrupted"
+    )
 
     published = rpc.get_status(address).policy_version
     with rpc.channel(address) as channel:
       info = fleet_pb2_grpc.PolicyServiceStub(channel).GetLatestPolicy(
-          fleet_pb2.GetLatestPolicyRequest(), timeout=5)
+        fleet_pb2.GetLatestPolicyRequest(), timeout=5
+      )
     assert published == info.version == 0
     delays = sorted(at - info.published_unix_ms / 1000 for _, at in watchers.received.values())
     assert {version for version, _ in watchers.received.values()} == {published}
     assert delays[-1] < DELIVERY_BOUND_S, (
-        f"slowest watcher heard of v{published} {delays[-1]:.2f}s after publication "
-        f"(median {delays[len(delays) // 2]:.2f}s)")
+      f"slowest watcher heard of v{published} {delays[-1]:.2f}s after publication "
+      f"(median {delays[len(delays) // 2]:.2f}s)"
+    )
 
     # Probes ran from before the trainer reached replay until every watcher had downloaded
     # the version.
@@ -170,13 +194,19 @@ def test_a_thousand_watchers_all_hear_of_a_new_version_and_health_keeps_answerin
 
     # Watchers that go away are counted out: the gauge follows cancelled streams.
     watchers.cancel(range(WATCHERS // 2))
-    wait_until(lambda: watcher_gauge(metrics_port) == WATCHERS - WATCHERS // 2, 30,
-               "the watcher gauge to count the cancelled streams out")
+    wait_until(
+      lambda: watcher_gauge(metrics_port) == WATCHERS - WATCHERS // 2,
+      30,
+      "the watcher gauge to count the cancelled streams out",
+    )
     # The other half is still open when the trainer is asked to stop: it exits in time
     # (Service.stop asserts it), ending their streams first rather than cancelling them.
     assert trainer.stop() == 0
-    wait_until(lambda: all(i in watchers.ended for i in range(WATCHERS // 2, WATCHERS)), 30,
-               "the remaining streams to end with the trainer")
+    wait_until(
+      lambda: all(i in watchers.ended for i in range(WATCHERS // 2, WATCHERS)),
+      30,
+      "the remaining streams to end with the trainer",
+    )
     assert {watchers.ended[i] for i in range(WATCHERS // 2, WATCHERS)} == {grpc.StatusCode.OK}
     assert replay.stop() == 0
   finally:

@@ -1,63 +1,127 @@
 """The fleet end to end: replay, trainer and two collectors as separate processes on
 loopback, with real Reverb, TensorFlow, gymnasium and gRPC between them."""
+
 import json
 import math
 import re
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 import reverb
 import tensorflow as tf
-from prometheus_client.parser import text_string_to_metric_families
 
-from dqnfleet.core.rl import specs
-from dqnfleet.core.transport import rpc
+import support
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+from dqnfleet.core.rl import replay_io, specs
+from dqnfleet.core.transport import rpc
+from support import (
+  Service,
+  dqnfleet,
+  free_port,
+  service_args,
+  start_trainer_without_data,
+  wait_until,
+)
 
-from conftest import Service, dqnfleet, free_port, wait_until
+pytestmark = pytest.mark.slow  # a fleet of processes for the whole module
 
 ENV = {"DQNFLEET_ENV_ID": "CartPole-v1", "DQNFLEET_LOG_LEVEL": "INFO"}
+PUBLISH_EVERY = 50  # the fleet trainer's --publish-every
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
   """Collectors first, then replay, then the trainer: any start order must work."""
   root = tmp_path_factory.mktemp("fleet")
-  ports = {name: free_port() for name in ("replay", "replay_status", "trainer", "c0", "c1",
-                                          "evaluator", "replay_metrics", "trainer_metrics",
-                                          "c0_metrics", "c1_metrics", "evaluator_metrics")}
+  ports = {
+    name: free_port()
+    for name in (
+      "replay",
+      "replay_status",
+      "trainer",
+      "c0",
+      "c1",
+      "evaluator",
+      "replay_metrics",
+      "trainer_metrics",
+      "c0_metrics",
+      "c1_metrics",
+      "evaluator_metrics",
+    )
+  }
   replay_address = f"localhost:{ports['replay']}"
   trainer_address = f"localhost:{ports['trainer']}"
-  common = ["--env-id", "CartPole-v1"]
-  replay_args = common + ["--port", str(ports["replay"]), "--status-port", str(ports["replay_status"]),
-                          "--metrics-port", str(ports["replay_metrics"]), "--min-size", "300", "--checkpoint-dir", str(root / "replay_ckpt"),
-                          "--checkpoint-every-s", "0"]
-  trainer_args = common + ["--replay-address", replay_address, "--port", str(ports["trainer"]),
-                           "--metrics-port", str(ports["trainer_metrics"]),
-                           "--run-dir", str(root / "run"), "--publish-every", "50",
-                           "--checkpoint-every", "200", "--log-every-s", "2"]
+  replay_args = service_args(
+    "replay",
+    env_id="CartPole-v1",
+    port=ports["replay"],
+    status_port=ports["replay_status"],
+    metrics_port=ports["replay_metrics"],
+    min_size=300,
+    checkpoint_dir=root / "replay_ckpt",
+    checkpoint_every_s=0,
+  )
+  trainer_args = service_args(
+    "trainer",
+    env_id="CartPole-v1",
+    replay_address=replay_address,
+    port=ports["trainer"],
+    metrics_port=ports["trainer_metrics"],
+    run_dir=root / "run",
+    publish_every=PUBLISH_EVERY,
+    checkpoint_every=200,
+    log_every_s=2,
+  )
   procs = {}
   for i in (0, 1):
-    procs[f"c{i}"] = Service(f"collector-{i}", ["collector", *common, "--replay-address", replay_address,
-                                                "--trainer-address", trainer_address,
-                                                "--collector-id", f"c{i}", "--num-envs", "4",
-                                                "--status-port", str(ports[f"c{i}"]),
-                                                "--metrics-port", str(ports[f"c{i}_metrics"])],
-                                 root, {**ENV, **({"DQNFLEET_LOG_FORMAT": "json"} if i else {})})
-  wait_until(lambda: "connecting to replay" in procs["c0"].log(), 90,
-             "collector to report that replay is down")
-  procs["replay"] = Service("replay", ["replay", *replay_args], root, ENV)
-  procs["trainer"] = Service("trainer", ["trainer", *trainer_args], root, ENV)
-  procs["evaluator"] = Service("evaluator", [
-      "evaluator", "--trainer-address", trainer_address, "--every-versions", "1",
-      "--every-minutes", "0", "--episodes", "3", "--num-envs", "3", "--out-dir",
-      str(root / "eval"), "--status-port", str(ports["evaluator"]),
-      "--metrics-port", str(ports["evaluator_metrics"])], root, ENV)
-  state = {"procs": procs, "ports": ports, "root": root, "replay_args": replay_args,
-           "trainer_args": trainer_args, "replay_address": replay_address,
-           "trainer_address": trainer_address}
+    procs[f"c{i}"] = Service(
+      f"collector-{i}",
+      service_args(
+        "collector",
+        env_id="CartPole-v1",
+        replay_address=replay_address,
+        trainer_address=trainer_address,
+        collector_id=f"c{i}",
+        num_envs=4,
+        status_port=ports[f"c{i}"],
+        metrics_port=ports[f"c{i}_metrics"],
+      ),
+      root,
+      {**ENV, **({"DQNFLEET_LOG_FORMAT": "json"} if i else {})},
+    )
+  wait_until(
+    lambda: "connecting to replay" in procs["c0"].log(),
+    90,
+    "collector to report that replay is down",
+  )
+  procs["replay"] = Service("replay", replay_args, root, ENV)
+  procs["trainer"] = Service("trainer", trainer_args, root, ENV)
+  procs["evaluator"] = Service(
+    "evaluator",
+    service_args(
+      "evaluator",
+      trainer_address=trainer_address,
+      every_versions=1,
+      every_minutes=0,
+      episodes=3,
+      eval_num_envs=3,
+      out_dir=root / "eval",
+      status_port=ports["evaluator"],
+      metrics_port=ports["evaluator_metrics"],
+    ),
+    root,
+    ENV,
+  )
+  state = {
+    "procs": procs,
+    "ports": ports,
+    "root": root,
+    "replay_args": replay_args,
+    "trainer_args": trainer_args,
+    "replay_address": replay_address,
+    "trainer_address": trainer_address,
+  }
   yield state
   for name in ("evaluator", "c0", "c1", "trainer", "replay"):
     procs[name].stop()
@@ -82,32 +146,67 @@ def test_items_from_both_collectors_reach_the_replay_table(fleet):
   client = reverb.Client(fleet["replay_address"])
 
   def sampled_sources():
-    samples = client.sample(specs.TABLE, num_samples=300, emit_timesteps=False,
-                            unpack_as_table_signature=True)
+    samples = client.sample(
+      specs.TABLE, num_samples=300, emit_timesteps=False, unpack_as_table_signature=True
+    )
     return {int(specs.unpack_step(s.data["step"])["collector"]) for s in samples}
 
   wait_until(lambda: set(sources) <= sampled_sources(), 120, "items of both collectors")
 
 
 def test_the_trainer_trains_and_publishes_increasing_versions(fleet):
-  first = wait_until(lambda: (s := status(fleet, "trainer")).policy_version >= 50 and s, 240,
-                     "a first published version")
-  later = wait_until(lambda: (s := status(fleet, "trainer")).policy_version > first.policy_version
-                     and s, 120, "a newer version")
+  first = wait_until(
+    lambda: (s := status(fleet, "trainer")).policy_version >= PUBLISH_EVERY and s,
+    240,
+    "a first published version",
+  )
+  later = wait_until(
+    lambda: (s := status(fleet, "trainer")).policy_version > first.policy_version and s,
+    120,
+    "a newer version",
+  )
   assert later.counters.train_steps > first.counters.train_steps
-  assert later.policy_version % 50 == 0 or later.policy_version == later.counters.train_steps
+  assert (
+    later.policy_version % PUBLISH_EVERY == 0 or later.policy_version == later.counters.train_steps
+  )
+  # On disk, besides the publisher's hidden temporaries: a directory
+  # v<train step, 12 digits> per version, each a multiple of the publish
+  # period and none skipped, the newest keep_policies (5) of them (6 for the
+  # moment between writing a new one and removing the oldest).
   policies = fleet["root"] / "run" / "policies"
-  assert sorted(p.name for p in policies.iterdir())[-1].startswith("v")
+  names = sorted(p.name for p in policies.iterdir() if not p.name.startswith("."))
+  assert all(re.fullmatch(r"v\d{12}", name) for name in names), names
+  versions = [int(name[1:]) for name in names]
+  assert 2 <= len(versions) <= 6, names
+  assert versions == list(range(versions[0], versions[-1] + 1, PUBLISH_EVERY)), names
+  assert versions[0] % PUBLISH_EVERY == 0, names
+  assert versions[-1] >= later.policy_version
+  manifest = json.loads((policies / names[-1] / "manifest.json").read_text())
+  assert manifest["version"] == versions[-1]
+  # What the trainer serves is the newest version on disk, or a newer one.
+  now = wait_until(
+    lambda: (s := status(fleet, "trainer")).policy_version >= versions[-1] and s,
+    30,
+    f"the trainer to serve v{versions[-1]}, the newest on disk, or newer",
+  )
+  assert now.policy_version % PUBLISH_EVERY == 0 and now.policy_version <= now.counters.train_steps
 
 
 def test_both_collectors_switch_to_each_new_version(fleet):
   for _ in range(3):
     published = status(fleet, "trainer").policy_version
-    acting = [wait_until(lambda: (v := status(fleet, name).policy_version) >= published and (v,),
-                         60, f"{name} to act with v{published}")[0] for name in ("c0", "c1")]
+    acting = [
+      wait_until(
+        lambda: (v := status(fleet, name).policy_version) >= published and (v,),
+        60,
+        f"{name} to act with v{published}",
+      )[0]
+      for name in ("c0", "c1")
+    ]
     # Newer than any version a collector acts with: each round is a switch for both.
-    wait_until(lambda: status(fleet, "trainer").policy_version > max(acting), 120,
-               "a newer version")
+    wait_until(
+      lambda: status(fleet, "trainer").policy_version > max(acting), 120, "a newer version"
+    )
   for name in ("c0", "c1"):
     collector = status(fleet, name)
     assert collector.counters.policy_updates >= 3
@@ -119,21 +218,20 @@ def test_epsilon_follows_the_agent_steps_of_the_whole_fleet(fleet):
   not with its own steps or the policy version."""
   from dqnfleet.collector.collector import epsilon_at
   from dqnfleet.core.settings.config import CollectorConfig
+
   config = CollectorConfig(epsilon_decay_steps=8_000, epsilon_end=0.02)  # classic defaults
 
   def counting_both():
     c0, c1 = status(fleet, "c0").counters, status(fleet, "c1").counters
     # More steps than its own: only possible if each counts the other's too.
-    return (c0["fleet_env_steps"] > c0["env_steps"] and c1["fleet_env_steps"] > c1["env_steps"]
-            and (c0, c1))
+    return c0.fleet_env_steps > c0.env_steps and c1.fleet_env_steps > c1.env_steps and (c0, c1)
 
   c0, c1 = wait_until(counting_both, 180, "collectors to count each other's steps")
   for counters in (c0, c1):
     # Snapshots are taken while the collector runs: epsilon may trail by one update.
-    assert counters.epsilon == pytest.approx(epsilon_at(counters.fleet_env_steps, config),
-                                                abs=0.1)
+    assert counters.epsilon == pytest.approx(epsilon_at(counters.fleet_env_steps, config), abs=0.1)
   replay = status(fleet, "replay").counters.items_inserted
-  assert max(c0["fleet_env_steps"], c1["fleet_env_steps"]) <= replay
+  assert max(c0.fleet_env_steps, c1.fleet_env_steps) <= replay
 
 
 def test_the_evaluator_follows_versions_and_reports(fleet):
@@ -162,28 +260,29 @@ def test_the_evaluator_follows_versions_and_reports(fleet):
 
 def scrape(fleet, name) -> dict[str, float]:
   """One scrape of a service's /metrics: {sample name with labels: value}."""
-  port = fleet["ports"][f"{name}_metrics"]
-  text = urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=10).read().decode()
-  samples = {}
-  for family in text_string_to_metric_families(text):
-    for sample in family.samples:
-      labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-      samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
-  return samples
+  return support.scrape(fleet["ports"][f"{name}_metrics"])
 
 
 def test_every_service_serves_prometheus_metrics_that_rise_while_it_trains(fleet):
-  rising = {"replay": ["dqnfleet_replay_inserts_total", "dqnfleet_replay_samples_total"],
-            "trainer": ["dqnfleet_trainer_train_steps_total"],
-            "c0": ["dqnfleet_collector_env_steps_total", "dqnfleet_collector_items_total"],
-            "c1": ["dqnfleet_collector_env_steps_total"]}
-  wait_until(lambda: scrape(fleet, "trainer").get("dqnfleet_trainer_train_steps_total", 0) > 0,
-             240, "train steps in the trainer's metrics")
+  rising = {
+    "replay": ["dqnfleet_replay_inserts_total", "dqnfleet_replay_samples_total"],
+    "trainer": ["dqnfleet_trainer_train_steps_total"],
+    "c0": ["dqnfleet_collector_env_steps_total", "dqnfleet_collector_items_total"],
+    "c1": ["dqnfleet_collector_env_steps_total"],
+  }
+  wait_until(
+    lambda: scrape(fleet, "trainer").get("dqnfleet_trainer_train_steps_total", 0) > 0,
+    240,
+    "train steps in the trainer's metrics",
+  )
   first = {name: scrape(fleet, name) for name in rising}
   for name, metrics in rising.items():
     for metric in metrics:
-      wait_until(lambda: scrape(fleet, name)[metric] > first[name][metric], 120,
-                 f"{name}'s {metric} to rise above {first[name][metric]}")
+      wait_until(
+        lambda: scrape(fleet, name)[metric] > first[name][metric],
+        120,
+        f"{name}'s {metric} to rise above {first[name][metric]}",
+      )
   replay = scrape(fleet, "replay")
   assert 0 < replay["dqnfleet_replay_table_size"] <= replay["dqnfleet_replay_table_max_size"]
   assert "dqnfleet_replay_insert_blocked_seconds_total" in replay
@@ -195,15 +294,22 @@ def test_every_service_serves_prometheus_metrics_that_rise_while_it_trains(fleet
   assert trainer["dqnfleet_trainer_policy_watchers"] >= 3
   assert math.isfinite(trainer["dqnfleet_trainer_loss"])
   assert math.isfinite(trainer["dqnfleet_trainer_mean_q"])
-  collector = wait_until(lambda: (m := scrape(fleet, "c0"))["dqnfleet_collector_episodes_total"]
-                         > 0 and m, 120, "a finished episode in c0's metrics")
-  assert collector["dqnfleet_collector_episode_return_count"] == \
-      collector["dqnfleet_collector_episodes_total"]
+  collector = wait_until(
+    lambda: (m := scrape(fleet, "c0"))["dqnfleet_collector_episodes_total"] > 0 and m,
+    120,
+    "a finished episode in c0's metrics",
+  )
+  assert (
+    collector["dqnfleet_collector_episode_return_count"]
+    == collector["dqnfleet_collector_episodes_total"]
+  )
   assert 0 <= collector["dqnfleet_collector_epsilon"] <= 1
   assert any(k.startswith("dqnfleet_build_info{") and "role=collector" in k for k in collector)
   evaluator = wait_until(
-      lambda: (m := scrape(fleet, "evaluator"))["dqnfleet_evaluator_evaluations_total"] > 0 and m,
-      300, "an evaluation in the evaluator's metrics")
+    lambda: (m := scrape(fleet, "evaluator"))["dqnfleet_evaluator_evaluations_total"] > 0 and m,
+    300,
+    "an evaluation in the evaluator's metrics",
+  )
   assert evaluator["dqnfleet_evaluator_policy_version"] > 0
   assert evaluator["dqnfleet_evaluator_return_max"] >= evaluator["dqnfleet_evaluator_return_mean"]
 
@@ -221,12 +327,18 @@ def scalars(logdir) -> dict[str, list[float]]:
 def test_collectors_and_the_evaluator_summaries_reach_the_trainers_tensorboard(fleet):
   logdir = fleet["root"] / "run" / "tensorboard"
   # The trainer flushes reported summaries every 10 s.
-  collectors = wait_until(lambda: (t := scalars(logdir / "collectors")).get(
-      "collector/episode_return") and t, 120, "collector episode returns in TensorBoard")
+  collectors = wait_until(
+    lambda: (t := scalars(logdir / "collectors")).get("collector/episode_return") and t,
+    120,
+    "collector episode returns in TensorBoard",
+  )
   assert "collector/episode_length" in collectors
   assert all(value >= 0 for value in collectors["collector/episode_return"])
-  evaluator = wait_until(lambda: (t := scalars(logdir / "evaluator")).get(
-      "evaluator/mean_return") and t, 300, "evaluation returns in TensorBoard")
+  evaluator = wait_until(
+    lambda: (t := scalars(logdir / "evaluator")).get("evaluator/mean_return") and t,
+    300,
+    "evaluation returns in TensorBoard",
+  )
   assert "evaluator/max_return" in evaluator
   assert "trainer/loss" in scalars(logdir / "trainer")
 
@@ -235,13 +347,26 @@ def test_a_bad_summary_report_is_refused_with_a_reason_and_writes_nothing(fleet)
   with rpc.channel(fleet["trainer_address"]) as channel:
     stub = fleet_pb2_grpc.SummaryServiceStub(channel)
     for report, reason in [
-        (fleet_pb2.SummaryReport(role="trainer", source_id="x"), "may not report"),
-        (fleet_pb2.SummaryReport(role="collector", source_id="x", scalars=[
+      (fleet_pb2.SummaryReport(role="trainer", source_id="x"), "may not report"),
+      (
+        fleet_pb2.SummaryReport(
+          role="collector",
+          source_id="x",
+          scalars=[
             fleet_pb2.Scalar(tag="ok", step=1, value=1.0),
-            fleet_pb2.Scalar(tag="../../etc", step=1, value=float("nan"))]),
-         "not a finite number"),
-        (fleet_pb2.SummaryReport(role="collector", source_id="x", scalars=[
-            fleet_pb2.Scalar(tag="bad tag!", step=1, value=1.0)]), "is not allowed"),
+            fleet_pb2.Scalar(tag="../../etc", step=1, value=float("nan")),
+          ],
+        ),
+        "not a finite number",
+      ),
+      (
+        fleet_pb2.SummaryReport(
+          role="collector",
+          source_id="x",
+          scalars=[fleet_pb2.Scalar(tag="bad tag!", step=1, value=1.0)],
+        ),
+        "is not allowed",
+      ),
     ]:
       with pytest.raises(grpc.RpcError) as refused:
         stub.Report(report, timeout=10)
@@ -281,34 +406,47 @@ def test_items_with_impossible_values_or_shapes_are_left_out_and_the_trainer_tra
   client = reverb.Client(fleet["replay_address"])
   obs = np.zeros(4, np.float32)
   # Values no collector writes: left out of training and deleted from the table.
-  writer = client.trajectory_writer(num_keep_alive_refs=2)
+  layout = replay_io.ItemLayout(stack=1, n_step=1)  # the fleet's CartPole items
+  writer = replay_io.RowWriter(client, layout)
   for action, reward in ((0, float("nan")), (99, 1.0)):
-    writer.append(specs.row(obs, 0, 0, 1, -1, 0))
-    writer.append(specs.row(obs, action, reward, 1.0, 1, 0))
-    writer.create_item(specs.TABLE, 1.0, specs.item(writer.history, 1, 1))
+    writer.append(**specs.row(obs, 0, 0, 1, -1, 0))
+    writer.append(**specs.row(obs, action, reward, 1.0, 1, 0))
+    writer.create_item()
     writer.end_episode(timeout_ms=10_000)
   writer.close()
   # A rogue client that skips the writer's checks: Reverb 0.14's server
   # stores what it is sent, whatever the table signature says.
   for frame in (np.zeros(5, np.float32), np.zeros(4, np.float64)):  # wrong shape, wrong dtype
-    rogue = client.trajectory_writer(num_keep_alive_refs=2, validate_items=False)
+    rogue = replay_io.RowWriter(client, layout, validate=False)
     for _ in range(2):
-      rogue.append(specs.row(frame, 0, 1.0, 1.0, 1, 0))
-    rogue.create_item(specs.TABLE, 1.0, specs.item(rogue.history, 1, 1))
+      rogue.append(**specs.row(frame, 0, 1.0, 1.0, 1, 0))
+    rogue.create_item()
     rogue.end_episode(timeout_ms=10_000)
     rogue.close()
-  wait_until(lambda: status(fleet, "trainer").counters.bad_items_dropped >= 3, 240,
-             "the trainer to drop the invalid items")
-  wait_until(lambda: status(fleet, "trainer").counters.unreadable_items_skipped >= 1, 240,
-             "the trainer to skip the item of another dtype")
+  wait_until(
+    lambda: status(fleet, "trainer").counters.bad_items_dropped >= 3,
+    240,
+    "the trainer to drop the invalid items",
+  )
+  wait_until(
+    lambda: status(fleet, "trainer").counters.unreadable_items_skipped >= 1,
+    240,
+    "the trainer to skip the item of another dtype",
+  )
   steps = status(fleet, "trainer").counters.train_steps
-  wait_until(lambda: status(fleet, "trainer").counters.train_steps > steps, 120,
-             "the trainer to go on training")
+  wait_until(
+    lambda: status(fleet, "trainer").counters.train_steps > steps,
+    120,
+    "the trainer to go on training",
+  )
   assert fleet["procs"]["trainer"].proc.poll() is None
   log = fleet["procs"]["trainer"].log()
-  for problem in ("a step value is not finite", "an action is not one of the environment's",
-                  "its shapes are not the table signature's",
-                  "skipped a replay item that does not match the table signature"):
+  for problem in (
+    "a step value is not finite",
+    "an action is not one of the environment's",
+    "its shapes are not the table signature's",
+    "skipped a replay item that does not match the table signature",
+  ):
     assert problem in log, problem
   metrics = scrape(fleet, "trainer")
   assert metrics["dqnfleet_trainer_bad_items_dropped_total"] >= 3
@@ -338,16 +476,29 @@ def test_health_endpoints_answer_serving(fleet):
   assert dqnfleet("health", f"localhost:{free_port()}", timeout=60).returncode == 1
 
 
-def test_a_trainer_past_its_step_limit_can_stay_up_serving_its_final_policy(fleet, services,
-                                                                             tmp_path):
+def test_a_trainer_past_its_step_limit_can_stay_up_serving_its_final_policy(
+  fleet, services, tmp_path
+):
   wait_until(lambda: status(fleet, "replay").replay_size >= 300, 180, "data in replay")
   port = free_port()
-  trainer = services("trainer-limited", "trainer", "--env-id", "CartPole-v1", "--replay-address",
-                     fleet["replay_address"], "--port", str(port), "--run-dir",
-                     str(tmp_path / "limited"), "--max-train-steps", "30",
-                     "--publish-every", "10", env={"DQNFLEET_SERVE_AFTER_MAX_STEPS": "true"})
-  wait_until(lambda: "reached --max-train-steps 30; serving policy v30" in trainer.log(), 180,
-             "the trainer to reach its limit")
+  trainer = services(
+    "trainer-limited",
+    *service_args(
+      "trainer",
+      env_id="CartPole-v1",
+      replay_address=fleet["replay_address"],
+      port=port,
+      run_dir=tmp_path / "limited",
+      max_train_steps=30,
+      publish_every=10,
+    ),
+    env={"DQNFLEET_SERVE_AFTER_MAX_STEPS": "true"},
+  )
+  wait_until(
+    lambda: "reached --max-train-steps 30; serving policy v30" in trainer.log(),
+    180,
+    "the trainer to reach its limit",
+  )
   assert trainer.proc.poll() is None  # still up: no exit for a supervisor to restart
   reply = rpc.get_status(f"localhost:{port}")
   assert reply.policy_version == 30 and reply.counters.train_steps == 30
@@ -357,12 +508,20 @@ def test_a_trainer_past_its_step_limit_can_stay_up_serving_its_final_policy(flee
 
 def test_a_collector_without_replay_is_alive_but_not_ready(services, tmp_path):
   port = free_port()
-  collector = services("collector", "collector", "--env-id", "CartPole-v1", "--replay-address",
-                       f"localhost:{free_port()}", "--trainer-address", f"localhost:{free_port()}",
-                       "--status-port", str(port), "--num-envs", "2")
+  collector = services(
+    "collector",
+    *service_args(
+      "collector",
+      env_id="CartPole-v1",
+      replay_address=f"localhost:{free_port()}",
+      trainer_address=f"localhost:{free_port()}",
+      status_port=port,
+      num_envs=2,
+    ),
+  )
   wait_until(lambda: "connecting to replay" in collector.log(), 120, "the collector to start")
   address = f"localhost:{port}"
-  assert dqnfleet("health", address, timeout=60).returncode == 0            # alive: no restart
+  assert dqnfleet("health", address, timeout=60).returncode == 0  # alive: no restart
   assert dqnfleet("health", "--ready", address, timeout=60).returncode == 1  # but no work for it
   assert collector.stop() == 0
 
@@ -380,7 +539,7 @@ def test_a_restarted_trainer_resumes_from_its_checkpoint(fleet):
   wait_until(lambda: status(fleet, "trainer").counters.train_steps >= 200, 240, "200 steps")
   before = status(fleet, "trainer").counters.train_steps
   assert procs["trainer"].stop() == 0
-  procs["trainer"] = Service("trainer-2", ["trainer", *fleet["trainer_args"]], fleet["root"], ENV)
+  procs["trainer"] = Service("trainer-2", fleet["trainer_args"], fleet["root"], ENV)
   wait_until(lambda: status(fleet, "trainer").counters.train_steps > before, 180, "resumed steps")
   log = procs["trainer"].log()
   assert re.search(r"resumed from .*ckpt-\d+ at train step (\d+)", log), log[-2000:]
@@ -393,7 +552,7 @@ def test_replay_restores_its_checkpoint_and_collectors_reconnect(fleet):
   size = wait_until(lambda: status(fleet, "replay").replay_size, 180, "items in replay")
   assert procs["replay"].stop() == 0
   assert "checkpointed" in procs["replay"].log()
-  procs["replay"] = Service("replay-2", ["replay", *fleet["replay_args"]], fleet["root"], ENV)
+  procs["replay"] = Service("replay-2", fleet["replay_args"], fleet["root"], ENV)
   restored = wait_until(lambda: status(fleet, "replay").replay_size, 120, "replay to come back")
   assert restored >= size
   log = procs["replay"].log()
@@ -402,23 +561,27 @@ def test_replay_restores_its_checkpoint_and_collectors_reconnect(fleet):
   # samples again: nobody needed a restart.
   for name in ("c0", "c1"):
     steps = status(fleet, name).counters.env_steps
-    wait_until(lambda: status(fleet, name).counters.env_steps > steps + 100, 180,
-               f"{name} to insert into the restarted replay")
+    wait_until(
+      lambda: status(fleet, name).counters.env_steps > steps + 100,
+      180,
+      f"{name} to insert into the restarted replay",
+    )
     assert procs[name].proc.poll() is None
   trained = status(fleet, "trainer").counters.train_steps
-  wait_until(lambda: status(fleet, "trainer").counters.train_steps > trained, 180,
-             "the trainer to sample from the restarted replay")
+  wait_until(
+    lambda: status(fleet, "trainer").counters.train_steps > trained,
+    180,
+    "the trainer to sample from the restarted replay",
+  )
 
 
 def test_a_trainer_without_data_says_it_is_waiting(services, tmp_path):
-  replay_port, status_port, trainer_port = free_port(), free_port(), free_port()
-  services("replay", "replay", "--env-id", "CartPole-v1", "--port", str(replay_port),
-           "--status-port", str(status_port), "--min-size", "5000")
-  trainer = services("trainer", "trainer", "--env-id", "CartPole-v1", "--replay-address",
-                     f"localhost:{replay_port}", "--port", str(trainer_port),
-                     "--run-dir", str(tmp_path / "run"))
-  wait_until(lambda: "waiting for data: replay holds 0 of the 5000 transitions" in trainer.log(),
-             120, "the trainer to say it waits for data")
+  trainer, trainer_port = start_trainer_without_data(services, tmp_path / "run")
+  wait_until(
+    lambda: "waiting for data: replay holds 0 of the 5000 transitions" in trainer.log(),
+    120,
+    "the trainer to say it waits for data",
+  )
   reply = rpc.get_status(f"localhost:{trainer_port}")
   assert reply.role == "trainer" and reply.counters.train_steps == 0
   assert trainer.stop() == 0  # and it stops cleanly while waiting

@@ -1,13 +1,14 @@
 """Files are checked before they are trusted: published policies and training checkpoints."""
+
 import logging
 import threading
 
 import pytest
 
 from dqnfleet.core.policy import client, store
+from dqnfleet.core.policy.server import PolicyPublisher
 from dqnfleet.core.rl import networks, specs
 from dqnfleet.core.settings.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
-from dqnfleet.core.policy.server import PolicyPublisher
 from dqnfleet.core.transport.security import PLAINTEXT
 from dqnfleet.core.transport.status import Report, StatusServicer, TrainerCounters
 from dqnfleet.trainer.trainer import Trainer
@@ -53,8 +54,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_an_older_intact_one(tmp_path,
   agent = AgentConfig(batch_size=8)
   trainer = Trainer(ENV, NET, agent, config, threading.Event())
   for step in (10, 20):
-    trainer.train_step.assign(step)
-    trainer.checkpoints.save(checkpoint_number=step)
+    trainer.learner.train_step.assign(step)
+    trainer.checkpoints.save()
   newest = trainer.checkpoints.latest_checkpoint
   data = next((tmp_path / "run" / "checkpoints").glob("ckpt-20.data-*"))
   data.write_bytes(b"garbage" * 100)
@@ -71,15 +72,19 @@ def test_a_damaged_newest_checkpoint_falls_back_to_an_older_intact_one(tmp_path,
 def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp_path):
   import grpc
 
-  from dqnfleet.core.transport import rpc
   from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+  from dqnfleet.core.transport import rpc
 
   policies = tmp_path / "policies"
   publish(policies, 50, 75, 100, 200)
   publisher = PolicyPublisher(str(policies), ENV, NET, keep=5)
   status = StatusServicer("trainer", "test", ENV.env_id, lambda: Report(TrainerCounters()))
   server, port = rpc.start_server(
-      0, status, security=PLAINTEXT, extra=lambda s: fleet_pb2_grpc.add_PolicyServiceServicer_to_server(publisher, s))
+    0,
+    status,
+    security=PLAINTEXT,
+    extra=lambda s: fleet_pb2_grpc.add_PolicyServiceServicer_to_server(publisher, s),
+  )
   try:
     with rpc.channel(f"localhost:{port}") as channel:
       stub = fleet_pb2_grpc.PolicyServiceStub(channel)
@@ -89,9 +94,12 @@ def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp
       # Older versions too, more than the publisher keeps in memory at once.
       for version in (75, 50, 200):
         info = fleet_pb2.PolicyVersion(
-            version=version, files=[fleet_pb2.PolicyFile(name=n, size_bytes=size, sha256=h)
-                                    for n, size, h in store.file_digests(
-                                        store.version_dir(policies, version))])
+          version=version,
+          files=[
+            fleet_pb2.PolicyFile(name=n, size_bytes=size, sha256=h)
+            for n, size, h in store.file_digests(store.version_dir(policies, version))
+          ],
+        )
         assert store.damage(client.fetch(stub, info, tmp_path / "collector")) is None
 
       def fetch_error(**request) -> grpc.RpcError:
@@ -114,8 +122,9 @@ def test_fetch_serves_only_what_matches_the_manifest_and_names_what_is_wrong(tmp
       assert "max_chunk_bytes" in error.details() and "-1" in error.details()
 
       # Small chunks reassemble to the same files.
-      chunks = list(stub.FetchPolicy(fleet_pb2.FetchPolicyRequest(version=200,
-                                                                  max_chunk_bytes=100)))
+      chunks = list(
+        stub.FetchPolicy(fleet_pb2.FetchPolicyRequest(version=200, max_chunk_bytes=100))
+      )
       assert max(len(c.data) for c in chunks) == 100
       assert sum(len(c.data) for c in chunks) == sum(f.size_bytes for f in latest.files)
   finally:

@@ -6,8 +6,10 @@ Offline and fast: the files are parsed and cross-checked with
 docker-compose.yml and the settings' default ports, and `docker compose config`
 (Compose v2 and docker-compose v1.29, where installed) renders the profile.
 Nothing is pulled or started. The Kubernetes side (annotations, the
-service-monitor and tensorboard components) is checked in tests/test_k8s.py.
+service-monitor and tensorboard components) is checked in tests/test_k8s_manifests.py
+and tests/test_deploy_agreement.py.
 """
+
 import json
 import os
 import pathlib
@@ -18,62 +20,64 @@ import subprocess
 import pytest
 import yaml
 
-from dqnfleet.core.settings import config
+from support import DEFAULT_METRICS_PORTS, METRICS, ROLES, ROOT, compose_file, flag_values
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "deploy" / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "dqnfleet.json"
-ROLES = ("replay", "trainer", "collector", "evaluator")
-METRICS_PORTS = {"replay": config.DEFAULT_REPLAY_METRICS_PORT,
-                 "trainer": config.DEFAULT_TRAINER_METRICS_PORT,
-                 "collector": config.DEFAULT_COLLECTOR_METRICS_PORT,
-                 "evaluator": config.DEFAULT_EVALUATOR_METRICS_PORT}
-
-# What the services export (issue #10), the one list the dashboard may use.
-# Histograms are listed by their name; Prometheus stores _bucket, _sum, _count.
-METRICS = {
-    "every service": {"dqnfleet_build_info"},
-    "collector": {"dqnfleet_collector_env_steps_total", "dqnfleet_collector_episodes_total",
-                  "dqnfleet_collector_items_total", "dqnfleet_collector_episode_return",
-                  "dqnfleet_collector_policy_version", "dqnfleet_collector_epsilon",
-                  "dqnfleet_collector_replay_wait_seconds_total"},
-    "replay": {"dqnfleet_replay_table_size", "dqnfleet_replay_table_max_size",
-               "dqnfleet_replay_inserts_total", "dqnfleet_replay_samples_total",
-               "dqnfleet_replay_insert_blocked_seconds_total",
-               "dqnfleet_replay_sample_blocked_seconds_total", "dqnfleet_replay_checkpoints_total"},
-    "trainer": {"dqnfleet_trainer_train_steps_total", "dqnfleet_trainer_loss",
-                "dqnfleet_trainer_mean_q", "dqnfleet_trainer_policy_lag_steps",
-                "dqnfleet_trainer_policy_version", "dqnfleet_trainer_publishes_total",
-                "dqnfleet_trainer_policy_bytes", "dqnfleet_trainer_policy_watchers",
-                "dqnfleet_trainer_policy_fetches", "dqnfleet_trainer_bad_items_dropped_total",
-                "dqnfleet_trainer_unreadable_items_skipped_total"},
-    "evaluator": {"dqnfleet_evaluator_evaluations_total", "dqnfleet_evaluator_return_mean",
-                  "dqnfleet_evaluator_return_median", "dqnfleet_evaluator_return_max",
-                  "dqnfleet_evaluator_episode_length_mean", "dqnfleet_evaluator_policy_version"},
-    # prometheus_client's process collector, in every service (Linux).
-    "process": {"process_cpu_seconds_total", "process_resident_memory_bytes",
-                "process_virtual_memory_bytes", "process_start_time_seconds",
-                "process_open_fds", "process_max_fds"},
-}
+# What the dashboard may show: the services' metrics (support.METRICS) and the
+# series Prometheus stores for their histograms.
 HISTOGRAMS = {"dqnfleet_collector_episode_return"}
 EXPORTED = set().union(*METRICS.values()) | {
-    f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+  f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
+}
 # PromQL's words that are not metric names: functions, aggregations, modifiers.
 PROMQL_WORDS = {
-    "sum", "avg", "min", "max", "count", "topk", "bottomk", "quantile", "stddev", "stdvar",
-    "group", "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
-    "unless", "bool", "offset", "rate", "irate", "increase", "delta", "idelta", "deriv",
-    "histogram_quantile", "avg_over_time", "max_over_time", "min_over_time", "sum_over_time",
-    "last_over_time", "clamp_min", "clamp_max", "abs", "time", "timestamp", "vector", "scalar",
-    "label_replace", "absent", "resets", "changes"}
-
-
-def compose_file() -> dict:
-  return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-
-
-def flags(argv: list[str]) -> dict[str, str]:
-  return dict(a.partition("=")[::2] for a in argv if a.startswith("--"))
+  "sum",
+  "avg",
+  "min",
+  "max",
+  "count",
+  "topk",
+  "bottomk",
+  "quantile",
+  "stddev",
+  "stdvar",
+  "group",
+  "by",
+  "without",
+  "on",
+  "ignoring",
+  "group_left",
+  "group_right",
+  "and",
+  "or",
+  "unless",
+  "bool",
+  "offset",
+  "rate",
+  "irate",
+  "increase",
+  "delta",
+  "idelta",
+  "deriv",
+  "histogram_quantile",
+  "avg_over_time",
+  "max_over_time",
+  "min_over_time",
+  "sum_over_time",
+  "last_over_time",
+  "clamp_min",
+  "clamp_max",
+  "abs",
+  "time",
+  "timestamp",
+  "vector",
+  "scalar",
+  "label_replace",
+  "absent",
+  "resets",
+  "changes",
+}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -102,7 +106,9 @@ def dashboard_targets() -> list[tuple[str, dict]]:
 def test_compose_services_serve_metrics_on_the_default_ports_inside_the_network():
   services = compose_file()["services"]
   for role in ROLES:
-    assert flags(services[role]["command"])["--metrics-port"] == str(METRICS_PORTS[role]), role
+    assert flag_values(services[role]["command"])["--metrics-port"] == str(
+      DEFAULT_METRICS_PORTS[role]
+    ), role
     # Only Prometheus reads them, on the compose network: no host ports.
     assert "ports" not in services[role], role
 
@@ -125,7 +131,7 @@ def test_prometheus_scrapes_every_service_at_its_metrics_port():
     assert {host for host, _ in targets} == {job["job_name"]}, targets
     assert job["job_name"] not in scraped, job["job_name"]
     (scraped[job["job_name"]],) = {port for _, port in targets}
-  assert scraped == METRICS_PORTS
+  assert scraped == DEFAULT_METRICS_PORTS
   assert set(scraped) <= set(services)
   # Collectors scale: they must be found by DNS, not listed.
   (collector_job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "collector"]
@@ -152,17 +158,20 @@ def test_the_monitoring_profile_mounts_these_files():
         out[target] = (source, (mode or ["rw"])[0])
     return out
 
-  assert mounts(prometheus) == {"/etc/prometheus/prometheus.yml":
-                                ("./deploy/monitoring/prometheus.yml", "ro")}
+  assert mounts(prometheus) == {
+    "/etc/prometheus/prometheus.yml": ("./deploy/monitoring/prometheus.yml", "ro")
+  }
   grafana_mounts = mounts(grafana)
-  for target, (source, mode) in grafana_mounts.items():
+  for source, mode in grafana_mounts.values():
     assert mode == "ro" and (ROOT / source).is_dir(), source
   datasources = yaml.safe_load(
-      (MONITORING / "grafana" / "datasources" / "prometheus.yaml").read_text())
+    (MONITORING / "grafana" / "datasources" / "prometheus.yaml").read_text()
+  )
   providers = yaml.safe_load((MONITORING / "grafana" / "dashboards" / "dqnfleet.yaml").read_text())
   assert grafana_mounts == {
-      "/etc/grafana/provisioning/datasources": ("./deploy/monitoring/grafana/datasources", "ro"),
-      "/etc/grafana/provisioning/dashboards": ("./deploy/monitoring/grafana/dashboards", "ro")}
+    "/etc/grafana/provisioning/datasources": ("./deploy/monitoring/grafana/datasources", "ro"),
+    "/etc/grafana/provisioning/dashboards": ("./deploy/monitoring/grafana/dashboards", "ro"),
+  }
   # The datasource is compose's prometheus service at its container port.
   (source,) = datasources["datasources"]
   assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
@@ -185,8 +194,9 @@ def test_the_monitoring_profile_renders_in_compose(flavour, command):
     if os.environ.get("CI"):
       pytest.fail(f"{' '.join(command)} is required in CI (../shared/tools/docker-engine)")
     pytest.skip(f"no {command[0]}")
-  version = subprocess.run([*command, "version", "--short"], capture_output=True, text=True,
-                           timeout=60)
+  version = subprocess.run(
+    [*command, "version", "--short"], capture_output=True, text=True, timeout=60
+  )
   if version.returncode != 0:
     if os.environ.get("CI"):
       pytest.fail(f"{' '.join(command)} does not run: {version.stderr}")
@@ -196,15 +206,31 @@ def test_the_monitoring_profile_renders_in_compose(flavour, command):
     pytest.skip(f"{' '.join(command)} is Compose {version.stdout.strip()}, not {flavour}")
   env = {k: v for k, v in os.environ.items() if not k.startswith("DQNFLEET_")}
   result = subprocess.run(
-      [*command, "-p", "dqnfleetmonitoring", "--profile", "monitoring", "--profile", "evaluator",
-       "config"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    [
+      *command,
+      "-p",
+      "dqnfleetmonitoring",
+      "--profile",
+      "monitoring",
+      "--profile",
+      "evaluator",
+      "config",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=env,
+  )
   assert result.returncode == 0, result.stderr
   services = yaml.safe_load(result.stdout)["services"]
   assert {"prometheus", "grafana", *ROLES} <= set(services)
 
   def published(service: dict) -> set[str]:
-    return {str(p["published"]) if isinstance(p, dict) else p.split(":")[-2]
-            for p in service.get("ports", [])}
+    return {
+      str(p["published"]) if isinstance(p, dict) else p.split(":")[-2]
+      for p in service.get("ports", [])
+    }
 
   assert published(services["prometheus"]) == {"9090"}
   assert published(services["grafana"]) == {"3000"}
@@ -228,11 +254,12 @@ def test_the_monitoring_profile_renders_in_compose(flavour, command):
 
 def test_metric_names_are_read_from_promql():
   """The extractor the dashboard test relies on finds what it must flag."""
-  assert metric_names('sum by (le) (rate(dqnfleet_collector_episode_return_bucket{job="x"}[5m]))'
-                      ) == {"dqnfleet_collector_episode_return_bucket"}
-  assert metric_names("rate(process_cpu_seconds_total[1m]) * on (job, instance) group_left "
-                      "(role) dqnfleet_build_info") == {"process_cpu_seconds_total",
-                                                         "dqnfleet_build_info"}
+  assert metric_names(
+    'sum by (le) (rate(dqnfleet_collector_episode_return_bucket{job="x"}[5m]))'
+  ) == {"dqnfleet_collector_episode_return_bucket"}
+  assert metric_names(
+    "rate(process_cpu_seconds_total[1m]) * on (job, instance) group_left (role) dqnfleet_build_info"
+  ) == {"process_cpu_seconds_total", "dqnfleet_build_info"}
   assert metric_names("up == 0") == {"up"}
   assert metric_names("histogram_quantile(0.9, rate(x_bucket[1m])) * 1e3") == {"x_bucket"}
 
@@ -249,26 +276,37 @@ def test_the_dashboard_shows_only_exported_metrics():
   for role in ROLES:
     assert used & METRICS[role], role
   exprs = {t["expr"] for _, t in dashboard_targets()}
-  for expr in ("rate(dqnfleet_trainer_train_steps_total[1m])",
-               "sum(rate(dqnfleet_collector_env_steps_total[1m]))",
-               "sum(rate(dqnfleet_collector_episode_return_sum[5m])) / "
-               "sum(rate(dqnfleet_collector_episode_return_count[5m]))"):
+  for expr in (
+    "rate(dqnfleet_trainer_train_steps_total[1m])",
+    "sum(rate(dqnfleet_collector_env_steps_total[1m]))",
+    "sum(rate(dqnfleet_collector_episode_return_sum[5m])) / "
+    "sum(rate(dqnfleet_collector_episode_return_count[5m]))",
+  ):
     assert expr in exprs, expr
   assert any(e.startswith("histogram_quantile(") for e in exprs)
-  for name in ("dqnfleet_evaluator_return_mean", "dqnfleet_evaluator_return_max",
-               "dqnfleet_replay_table_size", "dqnfleet_trainer_loss", "dqnfleet_trainer_mean_q",
-               "dqnfleet_trainer_policy_lag_steps", "dqnfleet_trainer_policy_version",
-               "dqnfleet_collector_policy_version", "dqnfleet_trainer_policy_watchers",
-               "dqnfleet_replay_inserts_total", "dqnfleet_replay_samples_total",
-               "dqnfleet_replay_insert_blocked_seconds_total",
-               "dqnfleet_replay_sample_blocked_seconds_total"):
+  for name in (
+    "dqnfleet_evaluator_return_mean",
+    "dqnfleet_evaluator_return_max",
+    "dqnfleet_replay_table_size",
+    "dqnfleet_trainer_loss",
+    "dqnfleet_trainer_mean_q",
+    "dqnfleet_trainer_policy_lag_steps",
+    "dqnfleet_trainer_policy_version",
+    "dqnfleet_collector_policy_version",
+    "dqnfleet_trainer_policy_watchers",
+    "dqnfleet_replay_inserts_total",
+    "dqnfleet_replay_samples_total",
+    "dqnfleet_replay_insert_blocked_seconds_total",
+    "dqnfleet_replay_sample_blocked_seconds_total",
+  ):
     assert name in used, name
 
 
 def test_the_dashboard_is_laid_out_and_uses_the_provisioned_datasource():
   dashboard = json.loads(DASHBOARD.read_text())
   (source,) = yaml.safe_load(
-      (MONITORING / "grafana" / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    (MONITORING / "grafana" / "datasources" / "prometheus.yaml").read_text()
+  )["datasources"]
   # One datasource variable, defaulting to the provisioned one (another
   # Grafana offers its own Prometheus instead); every query goes through it.
   (variable,) = dashboard["templating"]["list"]
@@ -282,8 +320,11 @@ def test_the_dashboard_is_laid_out_and_uses_the_provisioned_datasource():
     grid = panel["gridPos"]
     assert set(grid) == {"h", "w", "x", "y"} and all(isinstance(v, int) for v in grid.values())
     assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, panel["title"]
-    area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
-            for y in range(grid["y"], grid["y"] + grid["h"])}
+    area = {
+      (x, y)
+      for x in range(grid["x"], grid["x"] + grid["w"])
+      for y in range(grid["y"], grid["y"] + grid["h"])
+    }
     assert not area & cells, f"{panel['title']} overlaps another panel"
     cells |= area
     if panel["type"] == "row":

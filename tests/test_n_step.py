@@ -2,22 +2,21 @@
 Reverb table, the trainer's dataset reads it back, and TF-Agents' own n-step
 conversion (what DqnAgent(n_step_update=n) trains on) gives the targets computed here
 by hand."""
+
 import threading
 
 import numpy as np
 import pytest
 import reverb
 import tensorflow as tf
-from tf_agents.trajectories import policy_step
+from tf_agents.trajectories import policy_step, trajectory
 from tf_agents.trajectories import time_step as ts
-from tf_agents.trajectories import trajectory
 
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import specs
 from dqnfleet.core.settings.config import EnvConfig
 from dqnfleet.trainer.dataset import to_experience
-
-from conftest import free_port
+from support import free_port
 
 GAMMA = 0.9
 
@@ -28,13 +27,20 @@ def observation(t):
 
 def write_episode(observer, rewards, discounts):
   """s_0 .. s_T with the given rewards and discounts; the last step is LAST."""
-  step = ts.TimeStep(np.array([ts.StepType.FIRST], np.int32), np.zeros(1, np.float32),
-                     np.ones(1, np.float32), observation(0))
+  step = ts.TimeStep(
+    np.array([ts.StepType.FIRST], np.int32),
+    np.zeros(1, np.float32),
+    np.ones(1, np.float32),
+    observation(0),
+  )
   for t, (reward, discount) in enumerate(zip(rewards, discounts)):
     last = t == len(rewards) - 1
-    nxt = ts.TimeStep(np.array([ts.StepType.LAST if last else ts.StepType.MID], np.int32),
-                      np.array([reward], np.float32), np.array([discount], np.float32),
-                      observation(t + 1))
+    nxt = ts.TimeStep(
+      np.array([ts.StepType.LAST if last else ts.StepType.MID], np.int32),
+      np.array([reward], np.float32),
+      np.array([discount], np.float32),
+      observation(t + 1),
+    )
     observer((step, policy_step.PolicyStep(action=np.array([t % 2])), nxt))
     step = nxt
 
@@ -42,18 +48,26 @@ def write_episode(observer, rewards, discounts):
 def n_step_items(rewards, discounts, n):
   config = EnvConfig(env_id="CartPole-v1", n_step=n)
   env_specs = specs.env_specs(config)
-  table = reverb.Table(specs.TABLE, reverb.selectors.Fifo(), reverb.selectors.Fifo(),
-                       max_size=1000, max_times_sampled=1,
-                       rate_limiter=reverb.rate_limiters.MinSize(1),
-                       signature=specs.table_signature(env_specs))
+  table = reverb.Table(
+    specs.TABLE,
+    reverb.selectors.Fifo(),
+    reverb.selectors.Fifo(),
+    max_size=1000,
+    max_times_sampled=1,
+    rate_limiter=reverb.rate_limiters.MinSize(1),
+    signature=specs.table_signature(env_specs),
+  )
   server = reverb.Server([table], port=free_port())
   client = reverb.Client(f"localhost:{server.port}")
   observer = ReplayObserver(client, env_specs, 1, lambda: 7, threading.Event(), source=1)
   write_episode(observer, rewards, discounts)
   observer.close()
   count = client.server_info()[specs.TABLE].current_size
-  samples = list(client.sample(specs.TABLE, num_samples=count, emit_timesteps=False,
-                               unpack_as_table_signature=True))
+  samples = list(
+    client.sample(
+      specs.TABLE, num_samples=count, emit_timesteps=False, unpack_as_table_signature=True
+    )
+  )
   server.stop()
   batch = tf.nest.map_structure(lambda *x: tf.stack(x), *[s.data for s in samples])
   experience, versions, _ = to_experience(reverb.ReplaySample(info=None, data=batch), 1)
@@ -69,11 +83,17 @@ def test_three_step_targets_bootstrap_from_the_third_next_state():
   # Item t: s_t, a_t, then r_t + g r_t+1 + g^2 r_t+2 and a bootstrap from s_t+3.
   np.testing.assert_array_equal(first.observation[:, 0], [0, 1, 2, 3, 4, 5])
   np.testing.assert_array_equal(experience.action[:, 0], [0, 1, 0, 1, 0, 1])
-  expected_returns = [1 + .9 * 2 + .81 * 3, 2 + .9 * 3 + .81 * 4, 3 + .9 * 4 + .81 * 5,
-                      4 + .9 * 5 + .81 * 6, 5 + .9 * 6, 6]
+  expected_returns = [
+    1 + 0.9 * 2 + 0.81 * 3,
+    2 + 0.9 * 3 + 0.81 * 4,
+    3 + 0.9 * 4 + 0.81 * 5,
+    4 + 0.9 * 5 + 0.81 * 6,
+    5 + 0.9 * 6,
+    6,
+  ]
   np.testing.assert_allclose(last.reward, expected_returns, rtol=1e-6)
   # TF-Agents stores gamma^(n-1) * prod(d); DqnAgent multiplies by gamma once more.
-  np.testing.assert_allclose(last.discount * GAMMA, [.729, .729, .729, 0, 0, 0], rtol=1e-6)
+  np.testing.assert_allclose(last.discount * GAMMA, [0.729, 0.729, 0.729, 0, 0, 0], rtol=1e-6)
   np.testing.assert_array_equal(last.observation[:3, 0], [3, 4, 5])
 
 
@@ -81,8 +101,9 @@ def test_a_lost_life_inside_the_window_stops_the_sum_and_the_bootstrap():
   # discount 0 at t=1 (a lost life): nothing after it counts for items 0 and 1.
   rewards, discounts = [1, 2, 3, 4, 5], [1, 0, 1, 1, 0]
   _, (_, _, last) = n_step_items(rewards, discounts, 3)
-  np.testing.assert_allclose(last.reward, [1 + .9 * 2, 2, 3 + .9 * 4 + .81 * 5, 4 + .9 * 5, 5],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    last.reward, [1 + 0.9 * 2, 2, 3 + 0.9 * 4 + 0.81 * 5, 4 + 0.9 * 5, 5], rtol=1e-6
+  )
   np.testing.assert_array_equal(last.discount, [0, 0, 0, 0, 0])
 
 
@@ -93,8 +114,8 @@ def test_episodes_shorter_than_n_and_one_step_items(n):
   assert experience.observation.shape[:2] == (3, n + 1)
   if n == 1:  # plain DQN: r_t and the bootstrap from s_t+1
     np.testing.assert_allclose(last.reward, [1, 2, 3])
-    np.testing.assert_allclose(last.discount * GAMMA, [.9, .9, 0], rtol=1e-6)
+    np.testing.assert_allclose(last.discount * GAMMA, [0.9, 0.9, 0], rtol=1e-6)
     np.testing.assert_array_equal(last.observation[:, 0], [1, 2, 3])
   else:
-    np.testing.assert_allclose(last.reward, [1 + .9 * 2, 2 + .9 * 3, 3], rtol=1e-6)
-    np.testing.assert_allclose(last.discount * GAMMA, [.81, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(last.reward, [1 + 0.9 * 2, 2 + 0.9 * 3, 3], rtol=1e-6)
+    np.testing.assert_allclose(last.discount * GAMMA, [0.81, 0, 0], rtol=1e-6)

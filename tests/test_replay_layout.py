@@ -1,6 +1,7 @@
 """Each frame is stored once, yet the trainer gets back exactly the transitions the
 environments produced: (s, a, r, d, s') through a real Reverb server, the real
 observer and the trainer's real dataset."""
+
 import threading
 
 import numpy as np
@@ -12,11 +13,10 @@ from tf_agents.trajectories import time_step as ts
 
 from dqnfleet.collector.driver import PipelinedDriver
 from dqnfleet.collector.observer import ReplayObserver
-from dqnfleet.core.rl import envs, specs
+from dqnfleet.core.rl import envs, replay_io, specs
 from dqnfleet.core.settings.config import EnvConfig
 from dqnfleet.trainer.dataset import make_dataset
-
-from conftest import free_port
+from support import free_port
 
 
 class Recorder:
@@ -33,10 +33,15 @@ class Recorder:
       if time_step.step_type[i] == ts.StepType.LAST:
         continue
       self.count += 1
-      self.current[i].append((np.asarray(time_step.observation[i]).tobytes(),
-                              int(action_step.action[i]), float(next_time_step.reward[i]),
-                              float(next_time_step.discount[i]),
-                              np.asarray(next_time_step.observation[i]).tobytes()))
+      self.current[i].append(
+        (
+          np.asarray(time_step.observation[i]).tobytes(),
+          int(action_step.action[i]),
+          float(next_time_step.reward[i]),
+          float(next_time_step.discount[i]),
+          np.asarray(next_time_step.observation[i]).tobytes(),
+        )
+      )
       if next_time_step.step_type[i] == ts.StepType.LAST:
         self.episodes.append(self.current[i])
         self.current[i] = []
@@ -51,7 +56,7 @@ class Recorder:
     episodes = [(e, True) for e in self.episodes] + [(e, False) for e in self.current]
     for episode, finished in episodes:
       for t in range(len(episode)):
-        window = episode[t:t + n]
+        window = episode[t : t + n]
         if len(window) < n and not finished:
           continue  # an unfinished episode's tail has no items yet
         rewards = tuple(w[2] for w in window) + (0.0,) * (n - len(window))
@@ -61,22 +66,27 @@ class Recorder:
     return keys
 
 
-@pytest.mark.parametrize("env_id, n_step, steps", [("CartPole-v1", 1, 600),
-                                                    ("CartPole-v1", 3, 600),
-                                                    ("ALE/Breakout-v5", 3, 400)])
+@pytest.mark.parametrize(
+  "env_id, n_step, steps",
+  [("CartPole-v1", 1, 600), ("CartPole-v1", 3, 600), ("ALE/Breakout-v5", 3, 400)],
+)
 def test_sampled_transitions_are_exactly_the_collected_ones(env_id, n_step, steps):
   config = EnvConfig(env_id=env_id, n_step=n_step)
   env_specs = specs.env_specs(config)
-  table = reverb.Table(specs.TABLE, reverb.selectors.Uniform(), reverb.selectors.Fifo(),
-                       max_size=100_000, rate_limiter=reverb.rate_limiters.MinSize(1),
-                       signature=specs.table_signature(env_specs))
+  table = reverb.Table(
+    specs.TABLE,
+    reverb.selectors.Uniform(),
+    reverb.selectors.Fifo(),
+    max_size=100_000,
+    rate_limiter=reverb.rate_limiters.MinSize(1),
+    signature=specs.table_signature(env_specs),
+  )
   server = reverb.Server([table], port=free_port())
   client = reverb.Client(f"localhost:{server.port}")
   env = envs.BatchedEnvironment(config, num_envs=3, seed=7)
   observer = ReplayObserver(client, env_specs, 3, lambda: 42, threading.Event(), source=1234)
   recorder = Recorder(3)
-  policy = random_py_policy.RandomPyPolicy(env.time_step_spec(), env.action_spec(),
-                                           outer_dims=(3,))
+  policy = random_py_policy.RandomPyPolicy(env.time_step_spec(), env.action_spec(), outer_dims=(3,))
   driver = PipelinedDriver(env, policy, lambda t: (recorder(t), observer(t)))
   driver.run(env.reset(), steps)
   driver.flush()
@@ -91,7 +101,7 @@ def test_sampled_transitions_are_exactly_the_collected_ones(env_id, n_step, step
   # Several episodes ended (CartPole) or lives were played (Breakout) on the way.
   batch = 64
   dataset = make_dataset(f"localhost:{server.port}", env_specs, batch, prefetch_batches=1)
-  for experience, versions, _, problems in dataset.take(10):
+  for experience, versions, _, problems in dataset.take(10):  # noqa: B007 (read after the loop)
     assert not problems.numpy()[:, 1].any()  # every collected item is valid
     obs = experience.observation.numpy()
     assert obs.shape[:2] == (batch, n_step + 1)
@@ -117,7 +127,7 @@ def test_a_frame_stack_is_not_stored_twice():
   assert env_specs.observation.shape == (84, 84, 4)
   obs = np.arange(84 * 84 * 4, dtype=np.int64).reshape(1, 84, 84, 4) % 251
   frames = np.stack(env_specs.frames_of(obs[0]) + [np.full((84, 84), 7)])[None].astype(np.uint8)
-  both = specs.observations(tf.constant(frames), 4).numpy()
+  both = replay_io.observations(tf.constant(frames), 4).numpy()
   first, second = both[:, 0], both[:, 1]
   np.testing.assert_array_equal(first, obs.astype(np.uint8))
   np.testing.assert_array_equal(second[0, ..., :3], obs[0, ..., 1:].astype(np.uint8))
@@ -131,8 +141,9 @@ def test_the_table_signature_declares_dtypes_and_still_names_its_layout():
   breakout = specs.env_specs(EnvConfig(env_id="ALE/Breakout-v5"))
   table = specs.table_signature(breakout)
   assert all(spec.shape.rank is None for spec in table.values())
-  assert {k: s.dtype for k, s in table.items()} == {k: s.dtype for k, s in
-                                                     specs.replay_signature(breakout).items()}
+  assert {k: s.dtype for k, s in table.items()} == {
+    k: s.dtype for k, s in specs.replay_signature(breakout).items()
+  }
   assert specs.signature_mismatch(table, breakout) is None
   assert specs.signature_mismatch(specs.replay_signature(breakout), breakout) is None
   one_step = specs.env_specs(EnvConfig(env_id="ALE/Breakout-v5", n_step=1))

@@ -3,6 +3,7 @@
 Certificates are made here, per test session, by a CA of the test's own; the
 services are real processes on loopback, the clients the real CLI.
 """
+
 import datetime
 import ipaddress
 import json
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import dqnfleet, free_port, wait_until
+from support import dqnfleet, free_port, service_args, setting_flags, wait_until
 
 ENV = {"DQNFLEET_ENV_ID": "CartPole-v1"}
 
@@ -26,13 +27,17 @@ def _name(common_name: str) -> x509.Name:
 
 def _issue(subject: str, issuer_key, issuer_name, *, ca: bool, sans=()):
   key = ec.generate_private_key(ec.SECP256R1())
-  now = datetime.datetime.now(datetime.timezone.utc)
-  builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(
-      issuer_name or _name(subject)).public_key(key.public_key())
-             .serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5))
-             .not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+  now = datetime.datetime.now(datetime.UTC)
+  builder = (
+    x509.CertificateBuilder()
+    .subject_name(_name(subject))
+    .issuer_name(issuer_name or _name(subject))
+    .public_key(key.public_key())
+    .serial_number(x509.random_serial_number())
+    .not_valid_before(now - datetime.timedelta(minutes=5))
+    .not_valid_after(now + datetime.timedelta(days=1))
+    .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+  )
   if sans:
     builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
   cert = builder.sign(issuer_key or key, hashes.SHA256())
@@ -40,9 +45,11 @@ def _issue(subject: str, issuer_key, issuer_name, *, ca: bool, sans=()):
 
 
 def _write(directory, name, key, cert):
-  (directory / f"{name}.key").write_bytes(key.private_bytes(
-      serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-      serialization.NoEncryption()))
+  (directory / f"{name}.key").write_bytes(
+    key.private_bytes(
+      serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+  )
   (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -53,39 +60,67 @@ def pki(tmp_path_factory):
   ca_key, ca = _issue("dqnfleet test CA", None, None, ca=True)
   _write(directory, "ca", ca_key, ca)
   local = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-  _write(directory, "service", *_issue("dqnfleet service", ca_key, ca.subject, ca=False,
-                                       sans=local))
+  _write(
+    directory, "service", *_issue("dqnfleet service", ca_key, ca.subject, ca=False, sans=local)
+  )
   stranger_key, stranger_ca = _issue("stranger CA", None, None, ca=True)
-  _write(directory, "stranger", *_issue("stranger", stranger_key, stranger_ca.subject, ca=False,
-                                        sans=local))
+  _write(
+    directory,
+    "stranger",
+    *_issue("stranger", stranger_key, stranger_ca.subject, ca=False, sans=local),
+  )
   (directory / "token").write_text("s3cret-token\n")
   (directory / "wrong-token").write_text("not-the-token\n")
   return directory
 
 
 def _tls_flags(pki, who="service", token="token", client_ca=True) -> list[str]:
-  flags = ["--tls-cert", str(pki / f"{who}.pem"), "--tls-key", str(pki / f"{who}.key"),
-           "--tls-ca", str(pki / "ca.pem")]
-  if client_ca:
-    flags += ["--tls-client-ca", str(pki / "ca.pem")]
-  if token:
-    flags += ["--auth-token-file", str(pki / token)]
-  return flags
+  return setting_flags(
+    tls_cert=pki / f"{who}.pem",
+    tls_key=pki / f"{who}.key",
+    tls_ca=pki / "ca.pem",
+    tls_client_ca=pki / "ca.pem" if client_ca else None,
+    auth_token_file=pki / token if token else None,
+  )
 
 
+@pytest.mark.slow
 def test_collectors_follow_a_trainer_over_mutual_tls_with_a_token_and_strangers_are_refused(
-    services, pki, tmp_path):
+  services, pki, tmp_path
+):
   replay_port, replay_status, trainer_port, collector_port = (free_port() for _ in range(4))
   secure = _tls_flags(pki)
-  services("replay", "replay", "--env-id", "CartPole-v1", "--port", str(replay_port),
-           "--status-port", str(replay_status), *secure, env=ENV)
-  services("trainer", "trainer", "--env-id", "CartPole-v1", "--port", str(trainer_port),
-           "--replay-address", f"localhost:{replay_port}", "--run-dir", str(tmp_path / "run"),
-           *secure, env=ENV)
-  services("collector", "collector", "--env-id", "CartPole-v1",
-           "--replay-address", f"localhost:{replay_port}",
-           "--trainer-address", f"localhost:{trainer_port}",
-           "--status-port", str(collector_port), "--num-envs", "2", *secure, env=ENV)
+  services(
+    "replay",
+    *service_args("replay", env_id="CartPole-v1", port=replay_port, status_port=replay_status),
+    *secure,
+    env=ENV,
+  )
+  services(
+    "trainer",
+    *service_args(
+      "trainer",
+      env_id="CartPole-v1",
+      port=trainer_port,
+      replay_address=f"localhost:{replay_port}",
+      run_dir=tmp_path / "run",
+    ),
+    *secure,
+    env=ENV,
+  )
+  services(
+    "collector",
+    *service_args(
+      "collector",
+      env_id="CartPole-v1",
+      replay_address=f"localhost:{replay_port}",
+      trainer_address=f"localhost:{trainer_port}",
+      status_port=collector_port,
+      num_envs=2,
+    ),
+    *secure,
+    env=ENV,
+  )
   trainer = f"localhost:{trainer_port}"
 
   def status(address, *flags):
@@ -93,12 +128,17 @@ def test_collectors_follow_a_trainer_over_mutual_tls_with_a_token_and_strangers_
 
   # The collector fetched a published policy over mutual TLS with the token.
   # (-1 until it has loaded one)
-  wait_until(lambda: json.loads(status(f"localhost:{collector_port}", *secure).stdout)[0]
-             ["policy_version"] >= 0, 180, "the collector to load a policy over TLS")
+  wait_until(
+    lambda: (
+      json.loads(status(f"localhost:{collector_port}", *secure).stdout)[0]["policy_version"] >= 0
+    ),
+    180,
+    "the collector to load a policy over TLS",
+  )
   # Plaintext clients, clients without a certificate, clients whose
   # certificate another CA signed, and clients without the token are refused.
   assert status(trainer).returncode == 1
-  without_cert = ["--tls-ca", str(pki / "ca.pem"), "--auth-token-file", str(pki / "token")]
+  without_cert = setting_flags(tls_ca=pki / "ca.pem", auth_token_file=pki / "token")
   assert status(trainer, *without_cert).returncode == 1
   assert status(trainer, *_tls_flags(pki, who="stranger", client_ca=False)).returncode == 1
   no_token = status(trainer, *_tls_flags(pki, token=None))
@@ -124,26 +164,46 @@ def test_a_service_listens_on_the_address_it_is_given(services):
     pytest.skip("this machine has no address besides loopback")
   port, wide_port = free_port(), free_port()
   for listen, p in (("127.0.0.1", port), ("0.0.0.0", wide_port)):
-    services(f"collector-{p}", "collector", "--env-id", "CartPole-v1", "--listen-host", listen,
-             "--status-port", str(p), "--metrics-port", "-1",
-             "--replay-address", "localhost:1", "--trainer-address", "localhost:2", env=ENV)
+    services(
+      f"collector-{p}",
+      *service_args(
+        "collector",
+        env_id="CartPole-v1",
+        listen_host=listen,
+        status_port=p,
+        metrics_port=-1,
+        replay_address="localhost:1",
+        trainer_address="localhost:2",
+      ),
+      env=ENV,
+    )
   for p in (port, wide_port):
-    wait_until(lambda: dqnfleet("health", f"127.0.0.1:{p}").returncode == 0, 120,
-               "the collector to answer on loopback")
+    wait_until(
+      lambda: dqnfleet("health", f"127.0.0.1:{p}").returncode == 0,
+      120,
+      "the collector to answer on loopback",
+    )
   assert dqnfleet("health", f"{other}:{wide_port}").returncode == 0
   assert dqnfleet("health", f"{other}:{port}", "--timeout", "2").returncode == 1
 
 
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize(
+  "flags, message",
+  [
     (["--tls-cert", "{pki}/service.pem"], "give both or neither"),
     (["--tls-cert", "{pki}/token", "--tls-key", "{pki}/service.key"], "not a PEM certificate"),
-    (["--tls-cert", "{pki}/service.pem", "--tls-key", "{pki}/service.pem"],
-     "not an unencrypted PEM private key"),
+    (
+      ["--tls-cert", "{pki}/service.pem", "--tls-key", "{pki}/service.pem"],
+      "not an unencrypted PEM private key",
+    ),
     (["--tls-client-ca", "{pki}/ca.pem"], "which needs TLS"),
-    (["--tls-ca", "{pki}/missing.pem"],
-     "--tls-ca (DQNFLEET_TLS_CA) {pki}/missing.pem: cannot read"),
+    (
+      ["--tls-ca", "{pki}/missing.pem"],
+      "--tls-ca (DQNFLEET_TLS_CA) {pki}/missing.pem: cannot read",
+    ),
     (["--listen-host", "every-interface"], "is not an IP address"),
-])
+  ],
+)
 def test_bad_security_settings_are_refused_naming_the_flag(pki, flags, message):
   flags = [f.format(pki=pki) for f in flags]
   result = dqnfleet("collector", "--env-id", "CartPole-v1", *flags, timeout=120)

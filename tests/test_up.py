@@ -1,6 +1,8 @@
 """`dqnfleet up`: the embedded default. CartPole learns within a bounded budget,
 a service killed with SIGKILL is restarted and the fleet recovers, and Ctrl-C
 stops the whole fleet cleanly."""
+
+import contextlib
 import json
 import re
 import signal
@@ -9,19 +11,38 @@ import sys
 import threading
 
 import psutil
+import pytest
 
-from conftest import dqnfleet, wait_until
+from support import dqnfleet, wait_until
 
 RANDOM_POLICY_RETURN = 22  # CartPole-v1's mean return when acting at random
 TRAIN_STEPS = 15_000
 
 
+@pytest.mark.slow
 def test_cartpole_learns_within_a_bounded_budget(tmp_path):
   run_dir = tmp_path / "run"
   result = subprocess.run(
-      [sys.executable, "-m", "dqnfleet", "up", "--env-id", "CartPole-v1", "--collectors", "2",
-       "--run-dir", str(run_dir), "--max-train-steps", str(TRAIN_STEPS), "--progress-every-s", "5"],
-      capture_output=True, text=True, timeout=900)
+    [
+      sys.executable,
+      "-m",
+      "dqnfleet",
+      "up",
+      "--env-id",
+      "CartPole-v1",
+      "--collectors",
+      "2",
+      "--run-dir",
+      str(run_dir),
+      "--max-train-steps",
+      str(TRAIN_STEPS),
+      "--progress-every-s",
+      "5",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "trainer reached its last train step" in result.stdout
   # Every service stops by itself, even collectors whose inserts the rate
@@ -33,8 +54,9 @@ def test_cartpole_learns_within_a_bounded_budget(tmp_path):
   assert (run_dir / "checkpoints").is_dir() and (run_dir / "tensorboard" / "trainer").is_dir()
   assert any((run_dir / "replay_checkpoints").iterdir())
 
-  evaluation = dqnfleet("evaluate", "--policy", str(run_dir / "policies"), "--episodes", "20",
-                        "--json", timeout=600)
+  evaluation = dqnfleet(
+    "evaluate", "--policy", str(run_dir / "policies"), "--episodes", "20", "--json", timeout=600
+  )
   assert evaluation.returncode == 0, evaluation.stderr
   report = json.loads(evaluation.stdout)
   assert report["policy_version"] == TRAIN_STEPS and report["episodes"] == 20
@@ -46,11 +68,27 @@ def test_cartpole_learns_within_a_bounded_budget(tmp_path):
   assert report["mean_return"] >= 3 * RANDOM_POLICY_RETURN, report
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_service(tmp_path):
-  up = subprocess.Popen([sys.executable, "-m", "dqnfleet", "up", "--env-id", "CartPole-v1",
-                         "--collectors", "1", "--run-dir", str(tmp_path / "run"),
-                         "--progress-every-s", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        text=True)
+  up = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "dqnfleet",
+      "up",
+      "--env-id",
+      "CartPole-v1",
+      "--collectors",
+      "1",
+      "--run-dir",
+      str(tmp_path / "run"),
+      "--progress-every-s",
+      "1",
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   lines = []
 
   def progressed():
@@ -68,12 +106,58 @@ def test_ctrl_c_stops_every_service(tmp_path):
   assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
+def log_since(path, offset: int) -> str:
+  """What a service wrote to its log file (appended to across restarts) after `offset` bytes."""
+  return path.read_bytes()[offset:].decode(errors="replace")
+
+
+def recorded_checkpoint_steps(checkpoints) -> list[int]:
+  """The train steps of the trainer's checkpoints a restart may resume from: those with
+  their ckpt-<step>.index file written and recorded in the manager's `checkpoint` file."""
+  written = {int(p.name[len("ckpt-") : -len(".index")]) for p in checkpoints.glob("ckpt-*.index")}
+  state = checkpoints / "checkpoint"
+  recorded = (
+    {
+      int(step)
+      for step in re.findall(r'all_model_checkpoint_paths: ".*?ckpt-(\d+)"', state.read_text())
+    }
+    if state.exists()
+    else set()
+  )
+  return sorted(written & recorded)
+
+
+@pytest.mark.slow
 def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(tmp_path):
-  up = subprocess.Popen([sys.executable, "-m", "dqnfleet", "up", "--env-id", "CartPole-v1",
-                         "--collectors", "1", "--run-dir", str(tmp_path / "run"),
-                         "--progress-every-s", "1", "--checkpoint-every", "200",
-                         "--publish-every", "100"],
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  """...and each resumes from its newest checkpoint: replay with every item that
+  checkpoint held, the trainer at least at that checkpoint's train step."""
+  run_dir = tmp_path / "run"
+  logs = run_dir / "logs"
+  up = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "dqnfleet",
+      "up",
+      "--env-id",
+      "CartPole-v1",
+      "--collectors",
+      "1",
+      "--run-dir",
+      str(run_dir),
+      "--progress-every-s",
+      "1",
+      "--checkpoint-every",
+      "200",
+      "--publish-every",
+      "100",
+      "--checkpoint-every-s",
+      "2",
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   lines: list[str] = []
   threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True).start()
 
@@ -90,29 +174,80 @@ def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(t
         pass
     return None
 
+  paused = []
   try:
     wait_until(lambda: train_steps() > 300, 240, "training")
-    for role, name in (("replay", "replay"), ("trainer", "trainer"),
-                       ("collector", "collector-0")):
+    for role, name in (("replay", "replay"), ("trainer", "trainer"), ("collector", "collector-0")):
+      log = logs / f"{name}.log"
+      if role == "replay":
+        # With the one collector, replay's only writer, paused, a checkpoint
+        # begun after the pause holds exactly the items its log line counts
+        # (FIFO removal only, on insert); the first line after the pause may
+        # be of a checkpoint begun before it.
+        collector = child("collector")
+        assert collector is not None, "no collector process under up"
+        collector.suspend()
+        paused.append(collector)
+        paused_at = log.stat().st_size
+        counts = wait_until(
+          lambda: (
+            len(c := re.findall(r"checkpointed (\d+) items to", log_since(log, paused_at))) >= 2
+            and c
+          ),
+          60,
+          "two replay checkpoints while nothing is inserted",
+        )
+        held = max(int(n) for n in counts[1:])
+        assert held > 0, counts
+      if role == "trainer":
+        newest = wait_until(
+          lambda: recorded_checkpoint_steps(run_dir / "checkpoints"), 60, "a trainer checkpoint"
+        )[-1]
+        assert newest >= 200
+      killed_at = log.stat().st_size
       killed = child(role)
       assert killed is not None, f"no {name} process under up"
       killed.send_signal(signal.SIGKILL)
       killed.wait(30)
-      wait_until(lambda: any(f"restarting {name}" in line for line in lines), 30,
-                 f"up to restart {name}")
+      wait_until(
+        lambda: any(f"restarting {name}" in line for line in lines), 30, f"up to restart {name}"
+      )
       # up says "restarting" before it spawns the new process.
-      wait_until(lambda: (c := child(role)) is not None and c.pid != killed.pid, 30,
-                 f"a new {name} process")
+      wait_until(
+        lambda: (c := child(role)) is not None and c.pid != killed.pid, 30, f"a new {name} process"
+      )
+      # What the new process logs when it has read its checkpoint.
+      logged = lambda pattern: wait_until(
+        lambda: re.search(pattern, log_since(log, killed_at)),
+        120,
+        f"the restarted {name} to log {pattern!r}",
+      )
+      if role == "replay":
+        restored = logged(r"(\d+) items restored from")
+        assert int(restored[1]) >= held, (restored[0], held)
+        paused.pop().resume()
+      if role == "trainer":
+        resumed = logged(r"resumed from \S*ckpt-\d+ at train step (\d+)")
+        assert int(resumed[1]) >= newest, (resumed[0], newest)
       # Recovered: train steps rise again, over two progress lines after the restart.
       restarted_at = len(lines)
       # (0 while the trainer does not answer yet)
-      steps = lambda: [n for line in lines[restarted_at:]
-                       if (m := re.search(r"train steps ([\d,]+)", line))
-                       and (n := int(m.group(1).replace(",", ""))) > 0]
-      wait_until(lambda: len(steps()) >= 2 and steps()[-1] > steps()[0], 240,
-                 f"the fleet to train on after {name} was killed")
+      steps = lambda: [
+        n
+        for line in lines[restarted_at:]
+        if (m := re.search(r"train steps ([\d,]+)", line))
+        and (n := int(m.group(1).replace(",", ""))) > 0
+      ]
+      wait_until(
+        lambda: len(steps()) >= 2 and steps()[-1] > steps()[0],
+        240,
+        f"the fleet to train on after {name} was killed",
+      )
     assert up.poll() is None, "".join(lines)
   finally:
+    for collector in paused:  # a failed check above left it paused
+      with contextlib.suppress(psutil.NoSuchProcess):
+        collector.resume()
     up.send_signal(signal.SIGINT)
     up.wait(180)
   assert up.returncode == 0, "".join(lines)
@@ -122,9 +257,12 @@ def test_the_progress_line_copes_with_services_that_do_not_answer_yet():
   from dqnfleet.cli.up import Progress
   from dqnfleet.core.api import fleet_pb2
   from dqnfleet.core.transport.status import decode
-  collector = decode(fleet_pb2.ServiceStatus(role="collector", policy_version=3,
-                                             counters={"env_steps": 1200},
-                                             recent_returns=[2.0, 4.0]))
+
+  collector = decode(
+    fleet_pb2.ServiceStatus(
+      role="collector", policy_version=3, counters={"env_steps": 1200}, recent_returns=[2.0, 4.0]
+    )
+  )
   line = Progress().line({"replay": None, "trainer": None, "collector-0": collector}, 12.0)
   assert "env steps 1,200" in line and "replay - |" in line and "acting v3" in line
   assert "return 3.0 (last 2 episodes)" in line

@@ -12,6 +12,7 @@ expects (observation shape and dtype, number of actions). The SavedModel is
 written into a hidden sibling of --out and renamed at the end, so a failed
 export leaves no half-written model behind.
 """
+
 import json
 import logging
 import os
@@ -33,17 +34,22 @@ def check_out(out: pathlib.Path) -> None:
   """Refuses an --out that would overwrite anything."""
   if out.is_dir():
     if any(out.iterdir()):
-      raise ConfigError(f"--out {out} exists and is not empty; give a new directory or an "
-                        "empty one (nothing is overwritten)")
+      raise ConfigError(
+        f"--out {out} exists and is not empty; give a new directory or an "
+        "empty one (nothing is overwritten)"
+      )
   elif out.exists():
-    raise ConfigError(f"--out {out} exists and is not a directory; give a new directory or an "
-                      "empty one")
+    raise ConfigError(
+      f"--out {out} exists and is not a directory; give a new directory or an empty one"
+    )
 
 
 def greedy_policy(env_specs, network):
   """The policy that always takes the action of the highest Q-value."""
-  from tf_agents.policies import greedy_policy as greedy, q_policy
+  from tf_agents.policies import greedy_policy as greedy
+  from tf_agents.policies import q_policy
   from tf_agents.specs import tensor_spec
+
   time_step_spec = tensor_spec.from_spec(env_specs.time_step)
   action_spec = tensor_spec.from_spec(env_specs.action)
   return greedy.GreedyPolicy(q_policy.QPolicy(time_step_spec, action_spec, network))
@@ -52,38 +58,45 @@ def greedy_policy(env_specs, network):
 def describe(env_config, env_specs, version: int, source: str) -> dict:
   obs = env_specs.observation
   return {
-      "format": "tf-agents-policy-saver",
-      "policy_version": version,
-      "source": source,
-      "env_id": env_config.env_id,
-      "frame_stack": env_specs.stack,
-      "observation_shape": list(obs.shape),
-      "observation_dtype": obs.dtype.name,
-      "num_actions": env_specs.num_actions,
-      "action_dtype": env_specs.action.dtype.name,
-      "greedy": True,
-      # The restored function matches its input by structure: a namedtuple
-      # called TimeStep with these fields, each with a leading batch axis.
-      "time_step_fields": {"step_type": "int32", "reward": "float32", "discount": "float32",
-                           "observation": obs.dtype.name},
-      "load": "tf.saved_model.load(path).action(time_step).action, time_step = "
-              "collections.namedtuple('TimeStep', 'step_type reward discount observation')"
-              "(...) batched on the first axis",
+    "format": "tf-agents-policy-saver",
+    "policy_version": version,
+    "source": source,
+    "env_id": env_config.env_id,
+    "frame_stack": env_specs.stack,
+    "observation_shape": list(obs.shape),
+    "observation_dtype": obs.dtype.name,
+    "num_actions": env_specs.num_actions,
+    "action_dtype": env_specs.action.dtype.name,
+    "greedy": True,
+    # The restored function matches its input by structure: a namedtuple
+    # called TimeStep with these fields, each with a leading batch axis.
+    "time_step_fields": {
+      "step_type": "int32",
+      "reward": "float32",
+      "discount": "float32",
+      "observation": obs.dtype.name,
+    },
+    "load": "tf.saved_model.load(path).action(time_step).action, time_step = "
+    "collections.namedtuple('TimeStep', 'step_type reward discount observation')"
+    "(...) batched on the first axis",
   }
 
 
 def save(env_config, env_specs, network, version: int, source: str, out: pathlib.Path) -> None:
   """Writes the SavedModel and its description into `out` atomically."""
   from tf_agents.policies import policy_saver
+
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     # The train step the model reports is the published version it came from.
     saver = policy_saver.PolicySaver(
-        greedy_policy(env_specs, network), batch_size=None,
-        train_step=tf.Variable(version, dtype=tf.int64, trainable=False),
-        metadata={"env_id": tf.Variable(env_config.env_id, trainable=False)})
+      greedy_policy(env_specs, network),
+      batch_size=None,
+      train_step=tf.Variable(version, dtype=tf.int64, trainable=False),
+      metadata={"env_id": tf.Variable(env_config.env_id, trainable=False)},
+    )
     # `distribution` returns a TF Probability distribution: its type must be
     # registered to load the model at all, so plain TensorFlow could not.
     # The greedy policy's distribution says no more than its action.
@@ -108,6 +121,8 @@ def run(common: CommonConfig, config: ExportConfig, *, security: Security) -> in
     path, env_config, env_specs, network, version = load(config.policy, scratch, security)
   source = str(path.absolute()) if pathlib.Path(config.policy).exists() else config.policy
   save(env_config, env_specs, network, version, source, out)
-  print(f"wrote {out}: greedy policy v{version} of {env_config.env_id} as a SavedModel "
-        f"(load with tf.saved_model.load; {INFO_FILE} describes its input)")
+  print(
+    f"wrote {out}: greedy policy v{version} of {env_config.env_id} as a SavedModel "
+    f"(load with tf.saved_model.load; {INFO_FILE} describes its input)"
+  )
   return 0

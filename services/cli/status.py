@@ -1,4 +1,5 @@
 """`dqnfleet status`: what each service reports, for people and scripts."""
+
 import dataclasses
 import json
 
@@ -35,12 +36,16 @@ def as_dict(status: Status) -> dict:
 def format_entry(entry: dict) -> str:
   if "error" in entry:
     return f"{entry['address']}: unreachable ({entry['error']})"
-  lines = [f"{entry['address']}: {entry['role']} {entry['id']} ({entry['env_id']}), "
-           f"up {float(entry['uptime_s']):.0f}s, policy v{entry['policy_version']}, "
-           f"replay size {entry['replay_size']}"]
+  lines = [
+    f"{entry['address']}: {entry['role']} {entry['id']} ({entry['env_id']}), "
+    f"up {float(entry['uptime_s']):.0f}s, policy v{entry['policy_version']}, "
+    f"replay size {entry['replay_size']}"
+  ]
   for name, value in sorted(entry.get("counters", {}).items()):
     lines.append(f"  {name:<20} {value:g}")
   returns = entry.get("recent_returns") or []
   if returns:
-    lines.append(f"  recent returns       mean {sum(returns) / len(returns):.1f} over {len(returns)}")
+    lines.append(
+      f"  recent returns       mean {sum(returns) / len(returns):.1f} over {len(returns)}"
+    )
   return "\n".join(lines)

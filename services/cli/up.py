@@ -7,6 +7,7 @@ would: each recovers from its checkpoints and peers reconnect), and stops
 them (collectors, trainer, replay) on Ctrl-C, when the trainer reaches
 --max-train-steps, or when one died more often than MAX_RESTARTS.
 """
+
 import collections
 import dataclasses
 import pathlib
@@ -18,12 +19,17 @@ import time
 
 import numpy as np
 
+from dqnfleet.cli.commands import COMMANDS, Command, Configs
 from dqnfleet.core.settings import flags
+from dqnfleet.core.settings.config import (
+  EnvConfig,
+  EvaluatorConfig,
+  ReplayConfig,
+  TrainerConfig,
+  UpConfig,
+)
 from dqnfleet.core.transport import rpc
 from dqnfleet.core.transport.security import Security
-from dqnfleet.core.settings.config import (AgentConfig, CollectorConfig, CommonConfig, EnvConfig,
-                                  EvaluatorConfig, NetworkConfig, ReplayConfig, TrainerConfig,
-                                  UpConfig)
 
 STOP_TIMEOUT_S = 30
 # Restarts per service over a run: one that keeps dying is not recovering,
@@ -38,6 +44,93 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """One process of the fleet: the command it runs and all its settings."""
+
+  name: str  # replay, trainer, collector-<i>, evaluator: its log, status and progress
+  command: Command
+  configs: Configs  # the command's groups, with what `up` sets itself
+
+  def argv(self) -> list[str]:
+    """Every setting as a flag, so no variable or config file of `up`'s changes it."""
+    return [flag for group in self.command.groups for flag in flags.to_flags(self.configs[group])]
+
+  @property
+  def status_port(self) -> int:
+    return getattr(self.configs[self.command.service], self.command.status_port)
+
+  @property
+  def metrics_port(self) -> int:
+    return self.configs[self.command.service].metrics_port
+
+
+def launch(name: str, command: str, configs: Configs, **sets) -> Launch:
+  """`command` with `up`'s configs of its groups, but for the settings `sets` gives it."""
+  spec = COMMANDS[command]
+  # Every address of the fleet is on this machine: nothing needs to listen wider.
+  sets = {"listen_host": "127.0.0.1", **sets}
+  # up has no flags for these (commands.py): setting others would override the user's.
+  assert set(sets) == spec.up_sets, (command, sorted(set(sets) ^ spec.up_sets))
+  own = []
+  for group in spec.groups:
+    mine = {f.name: sets[f.name] for f in dataclasses.fields(group) if f.name in sets}
+    own.append(dataclasses.replace(configs[group], **mine))
+  return Launch(name, spec, Configs(own))
+
+
+def plan(configs: Configs) -> dict[str, Launch]:
+  """The processes `up` starts, by name, in start order, on free loopback ports."""
+  up = configs[UpConfig]
+  run_dir = pathlib.Path(up.run_dir).resolve()
+  replay = launch(
+    "replay",
+    "replay",
+    configs,
+    port=free_port(),
+    status_port=free_port(),
+    metrics_port=free_port(),
+    checkpoint_dir=str(run_dir / "replay_checkpoints"),
+  )
+  replay_address = f"localhost:{replay.configs[ReplayConfig].port}"
+  trainer = launch(
+    "trainer",
+    "trainer",
+    configs,
+    replay_address=replay_address,
+    port=free_port(),
+    metrics_port=free_port(),
+    run_dir=str(run_dir),
+  )
+  trainer_address = f"localhost:{trainer.configs[TrainerConfig].port}"
+  launches = {"replay": replay, "trainer": trainer}
+  for i in range(up.collectors):
+    name = f"collector-{i}"
+    launches[name] = launch(
+      name,
+      "collector",
+      configs,
+      replay_address=replay_address,
+      trainer_address=trainer_address,
+      collector_id=name,
+      seed=1000 * up.seed + i,
+      status_port=free_port(),
+      metrics_port=free_port(),
+    )
+  if up.evaluator:
+    # Its TensorBoard summaries reach the run's logdir through the trainer.
+    launches["evaluator"] = launch(
+      "evaluator",
+      "evaluator",
+      configs,
+      trainer_address=trainer_address,
+      status_port=free_port(),
+      metrics_port=free_port(),
+      out_dir=str(run_dir / "eval"),
+    )
+  return launches
+
+
 class Fleet:
   """The child processes, their addresses and logs."""
 
@@ -49,9 +142,10 @@ class Fleet:
     self.restarts: collections.Counter = collections.Counter()
     self._commands: dict[str, list[str]] = {}
 
-  def start(self, name: str, role: str, flags: list[str], status_port: int) -> None:
-    self._commands[name] = [sys.executable, "-m", "dqnfleet", role, *flags]
-    self.status_addresses[name] = f"localhost:{status_port}"
+  def start(self, launch: Launch) -> None:
+    name = launch.name
+    self._commands[name] = [sys.executable, "-m", "dqnfleet", launch.command.name, *launch.argv()]
+    self.status_addresses[name] = f"localhost:{launch.status_port}"
     self._spawn(name)
 
   def restart(self, name: str) -> None:
@@ -62,8 +156,9 @@ class Fleet:
     log = open(self.logs / f"{name}.log", "ab")
     # A session of its own: Ctrl-C reaches `up` alone, which then stops the
     # children in order instead of all at once.
-    self.procs[name] = subprocess.Popen(self._commands[name], stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+    self.procs[name] = subprocess.Popen(
+      self._commands[name], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     log.close()  # the child has its own copy
 
   def dead(self) -> list[str]:
@@ -111,14 +206,15 @@ class Progress:
     evaluator = statuses.get("evaluator")
     evaluation = ""
     if evaluator and evaluator.policy_version >= 0:
-      evaluation = (f" | eval v{evaluator.policy_version}: "
-                    f"{evaluator.counters.last_mean_return:.1f}")
-    return (f"[{elapsed:6.0f}s] env steps {env_steps:,.0f} ({env_rate:,.0f}/s) | "
-            f"train steps {train_steps:,.0f} ({train_rate:,.1f}/s) | "
-            f"replay {f'{replay.replay_size:,}' if replay else '-'} | "
-            f"policy published v{trainer.policy_version if trainer else '-'} acting {acting} | "
-            f"return {np.mean(returns) if returns else float('nan'):.1f} "
-            f"(last {len(returns)} episodes){evaluation}")
+      evaluation = f" | eval v{evaluator.policy_version}: {evaluator.counters.last_mean_return:.1f}"
+    return (
+      f"[{elapsed:6.0f}s] env steps {env_steps:,.0f} ({env_rate:,.0f}/s) | "
+      f"train steps {train_steps:,.0f} ({train_rate:,.1f}/s) | "
+      f"replay {f'{replay.replay_size:,}' if replay else '-'} | "
+      f"policy published v{trainer.policy_version if trainer else '-'} acting {acting} | "
+      f"return {np.mean(returns) if returns else float('nan'):.1f} "
+      f"(last {len(returns)} episodes){evaluation}"
+    )
 
 
 def restart_dead(fleet: Fleet, dead: list[str]) -> bool:
@@ -132,57 +228,47 @@ def restart_dead(fleet: Fleet, dead: list[str]) -> bool:
     if fleet.restarts[name] >= MAX_RESTARTS:
       print(f"{name} died {MAX_RESTARTS + 1} times; stopping the fleet", flush=True)
       return False
-    print(f"restarting {name} (restart {fleet.restarts[name] + 1} of at most {MAX_RESTARTS})",
-          flush=True)
+    print(
+      f"restarting {name} (restart {fleet.restarts[name] + 1} of at most {MAX_RESTARTS})",
+      flush=True,
+    )
     fleet.restart(name)
   return True
 
 
-def run(common: CommonConfig, up: UpConfig, env: EnvConfig, net: NetworkConfig,
-        agent: AgentConfig, replay: ReplayConfig, collector: CollectorConfig,
-        trainer: TrainerConfig, evaluator: EvaluatorConfig, *, security: Security) -> int:
+def run(configs: Configs, *, security: Security) -> int:
+  up = configs[UpConfig]
   run_dir = pathlib.Path(up.run_dir).resolve()
-  # Every address of the fleet is on this machine: nothing needs to listen wider.
-  common = dataclasses.replace(common, listen_host="127.0.0.1")
   fleet = Fleet(run_dir)
-  replay_port, replay_status, trainer_port = free_port(), free_port(), free_port()
-  replay = dataclasses.replace(replay, port=replay_port, status_port=replay_status,
-                               metrics_port=free_port(),
-                               checkpoint_dir=str(run_dir / "replay_checkpoints"))
-  trainer = dataclasses.replace(trainer, replay_address=f"localhost:{replay_port}",
-                                port=trainer_port, metrics_port=free_port(), run_dir=str(run_dir))
-  metrics_ports = {"replay": replay.metrics_port, "trainer": trainer.metrics_port}
-  shared = flags.to_flags(common) + flags.to_flags(env)
-  fleet.start("replay", "replay", shared + flags.to_flags(replay), replay_status)
-  fleet.start("trainer", "trainer", shared + flags.to_flags(net) + flags.to_flags(agent)
-              + flags.to_flags(trainer), trainer_port)
-  for i in range(up.collectors):
-    port = free_port()
-    one = dataclasses.replace(collector, replay_address=f"localhost:{replay_port}",
-                              trainer_address=f"localhost:{trainer_port}",
-                              collector_id=f"collector-{i}", seed=1000 * up.seed + i,
-                              status_port=port, metrics_port=free_port())
-    metrics_ports[f"collector-{i}"] = one.metrics_port
-    fleet.start(f"collector-{i}", "collector",
-                shared + flags.to_flags(net) + flags.to_flags(one), port)
-  if up.evaluator:
-    port = free_port()
-    # Its TensorBoard summaries reach the run's logdir through the trainer.
-    evaluator = dataclasses.replace(evaluator, trainer_address=f"localhost:{trainer_port}",
-                                    status_port=port, metrics_port=free_port(),
-                                    out_dir=str(run_dir / "eval"))
-    metrics_ports["evaluator"] = evaluator.metrics_port
-    fleet.start("evaluator", "evaluator", flags.to_flags(common)
-                + flags.to_flags(evaluator), port)
-  print(f"dqnfleet up: {env.env_id}, replay :{replay_port} (status :{replay_status}), trainer "
-        f":{trainer_port}, {up.collectors} collectors; run dir {run_dir}", flush=True)
-  if up.evaluator:
-    print(f"evaluations of the newest policy every {evaluator.every_minutes:g} min in "
-          f"{run_dir / 'eval'} (history.csv, best_episode.gif)", flush=True)
-  print("Prometheus metrics: " + ", ".join(f"{name} http://localhost:{port}/metrics"
-                                           for name, port in metrics_ports.items()), flush=True)
-  print(f"logs in {fleet.logs}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}; "
-        "Ctrl-C stops the fleet", flush=True)
+  launches = plan(configs)
+  for one in launches.values():
+    fleet.start(one)
+  replay, trainer = launches["replay"], launches["trainer"]
+  print(
+    f"dqnfleet up: {configs[EnvConfig].env_id}, replay :{replay.configs[ReplayConfig].port} "
+    f"(status :{replay.status_port}), trainer :{trainer.status_port}, {up.collectors} "
+    f"collectors; run dir {run_dir}",
+    flush=True,
+  )
+  if "evaluator" in launches:
+    print(
+      f"evaluations of the newest policy every "
+      f"{launches['evaluator'].configs[EvaluatorConfig].every_minutes:g} min in "
+      f"{run_dir / 'eval'} (history.csv, best_episode.gif)",
+      flush=True,
+    )
+  print(
+    "Prometheus metrics: "
+    + ", ".join(
+      f"{name} http://localhost:{one.metrics_port}/metrics" for name, one in launches.items()
+    ),
+    flush=True,
+  )
+  print(
+    f"logs in {fleet.logs}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}; "
+    "Ctrl-C stops the fleet",
+    flush=True,
+  )
 
   interrupted = []
   signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))

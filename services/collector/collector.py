@@ -5,6 +5,7 @@ actions in one call; the observer writes the transitions to Reverb; the
 policy follower swaps in each newly published policy between steps; epsilon
 follows the agent steps the whole fleet has written to replay.
 """
+
 import collections
 import logging
 import threading
@@ -17,16 +18,16 @@ from tf_agents.policies import py_tf_eager_policy
 
 from dqnfleet.collector.driver import PipelinedDriver
 from dqnfleet.collector.observer import ReplayObserver, Stopped
-from dqnfleet.core.rl import envs, networks, specs
-from dqnfleet.core.transport import metrics, rpc
-from dqnfleet.core.settings.config import CollectorConfig, EnvConfig, NetworkConfig
 from dqnfleet.core.policy.follower import PolicyFollower
+from dqnfleet.core.rl import envs, networks, replay_io, specs
+from dqnfleet.core.settings.config import CollectorConfig, EnvConfig, NetworkConfig
+from dqnfleet.core.transport import metrics, rpc
 from dqnfleet.core.transport.security import Security
 from dqnfleet.core.transport.status import CollectorCounters, Report, StatusServicer
 from dqnfleet.core.transport.summaries import SummaryReporter
 
 log = logging.getLogger(__name__)
-STEPS_PER_RUN = 16        # driver steps between checks for new policies and stop
+STEPS_PER_RUN = 16  # driver steps between checks for new policies and stop
 RECENT_EPISODES = 20
 LOG_EVERY_S = 10.0
 # How often the fleet's step count (replay's insert count) is read for epsilon.
@@ -37,8 +38,10 @@ EPISODES = metrics.counter("collector_episodes", "Episodes finished.")
 ITEMS = metrics.counter("collector_items", "Replay items (n-step transitions) written.")
 # Unclipped game scores: Breakout's run from 0 to a few hundred.
 EPISODE_RETURN = metrics.histogram(
-    "collector_episode_return", "Unclipped return of each finished episode (training mode).",
-    buckets=(0, 1, 2, 5, 10, 20, 30, 50, 100, 200, 400, 800))
+  "collector_episode_return",
+  "Unclipped return of each finished episode (training mode).",
+  buckets=(0, 1, 2, 5, 10, 20, 30, 50, 100, 200, 400, 800),
+)
 POLICY_VERSION = metrics.gauge("collector_policy_version", "Policy version acting now.")
 EPSILON = metrics.gauge("collector_epsilon", "Exploration rate of the collect policy.")
 
@@ -63,8 +66,15 @@ def fleet_steps(client: reverb.Client, timeout: float = 5) -> int:
 class Collector:
   """Runs the collection loop and keeps the counters the status RPC reports."""
 
-  def __init__(self, env: EnvConfig, net: NetworkConfig, config: CollectorConfig,
-               collector_id: str, stop: threading.Event, security: Security):
+  def __init__(
+    self,
+    env: EnvConfig,
+    net: NetworkConfig,
+    config: CollectorConfig,
+    collector_id: str,
+    stop: threading.Event,
+    security: Security,
+  ):
     self.env_config, self.config, self.id, self._stop = env, config, collector_id, stop
     self.seed = seed_for(collector_id, config.seed)
     tf.random.set_seed(self.seed)
@@ -72,33 +82,44 @@ class Collector:
     self.network = networks.q_net(self.specs, net)
     self.epsilon = tf.Variable(epsilon_at(0, config), dtype=tf.float32, trainable=False)
     self.policy = py_tf_eager_policy.PyTFEagerPolicy(
-        networks.epsilon_greedy(self.specs, self.network, self.epsilon), use_tf_function=True,
-        batch_time_steps=False)
+      networks.epsilon_greedy(self.specs, self.network, self.epsilon),
+      use_tf_function=True,
+      batch_time_steps=False,
+    )
     # -1: no published policy loaded yet (its own random weights), acting with
     # epsilon_start; status and metrics say so rather than claim v0.
     self.version = -1
     self.fleet_steps = 0
-    self.follower = PolicyFollower(config.trainer_address, networks.q_net(self.specs, net), stop,
-                                   security=security)
+    self.follower = PolicyFollower(
+      config.trainer_address, networks.q_net(self.specs, net), stop, security=security
+    )
     self.env_steps = 0
     self.episodes = 0
     self.policy_updates = 0
     self.recent_returns = collections.deque(maxlen=RECENT_EPISODES)
     self.connected = False  # to replay: what readiness reports
     # Episode statistics go to the trainer, which writes them for TensorBoard.
-    self.summaries = SummaryReporter(config.trainer_address, "collector", collector_id,
-                                     security=security)
+    self.summaries = SummaryReporter(
+      config.trainer_address, "collector", collector_id, security=security
+    )
     # Read when Prometheus scrapes (one collector per process).
     POLICY_VERSION.set_function(lambda: self.version)
     EPSILON.set_function(lambda: float(self.epsilon.numpy()))
 
   def snapshot(self) -> Report:
     return Report(
-        CollectorCounters(env_steps=self.env_steps, episodes=self.episodes,
-                          policy_updates=self.policy_updates,
-                          epsilon=float(self.epsilon.numpy()), seed=self.seed,
-                          fleet_env_steps=self.fleet_steps, source_id=specs.source_id(self.id)),
-        policy_version=self.version, recent_returns=list(self.recent_returns))
+      CollectorCounters(
+        env_steps=self.env_steps,
+        episodes=self.episodes,
+        policy_updates=self.policy_updates,
+        epsilon=float(self.epsilon.numpy()),
+        seed=self.seed,
+        fleet_env_steps=self.fleet_steps,
+        source_id=specs.source_id(self.id),
+      ),
+      policy_version=self.version,
+      recent_returns=list(self.recent_returns),
+    )
 
   def _apply_new_policy(self) -> None:
     update = self.follower.take()
@@ -109,8 +130,9 @@ class Collector:
     previous, self.version = self.version, version
     self.epsilon.assign(epsilon_at(self.fleet_steps, self.config))
     self.policy_updates += 1
-    log.info("acting with policy v%d (was v%d), epsilon %.3f", version, previous,
-             self.epsilon.numpy())
+    log.info(
+      "acting with policy v%d (was v%d), epsilon %.3f", version, previous, self.epsilon.numpy()
+    )
 
   def _update_epsilon(self, client: reverb.Client) -> None:
     try:
@@ -134,8 +156,11 @@ class Collector:
   def _connect(self) -> reverb.Client | None:
     self.connected = False
     client = reverb.Client(self.config.replay_address)
-    ok = rpc.retry(lambda: client.server_info(timeout=5),
-                   f"connecting to replay at {self.config.replay_address}", self._stop)
+    ok = rpc.retry(
+      lambda: client.server_info(timeout=5),
+      f"connecting to replay at {self.config.replay_address}",
+      self._stop,
+    )
     self.connected = ok is not None
     return client if ok is not None else None
 
@@ -143,28 +168,45 @@ class Collector:
     self.follower.start()
     self.summaries.start()
     env = envs.BatchedEnvironment(self.env_config, self.config.num_envs, self.seed)
-    log.info("%d x %s, seed %d, replay %s, trainer %s", self.config.num_envs,
-             self.env_config.env_id, self.seed, self.config.replay_address,
-             self.config.trainer_address)
+    log.info(
+      "%d x %s, seed %d, replay %s, trainer %s",
+      self.config.num_envs,
+      self.env_config.env_id,
+      self.seed,
+      self.config.replay_address,
+      self.config.trainer_address,
+    )
     backoff = rpc.Backoff()
     try:
       while not self._stop.is_set() and not self._budget_spent():
         client = self._connect()
         if client is None:
           break
-        observer = ReplayObserver(client, self.specs, self.config.num_envs, lambda: self.version,
-                                  self._stop, specs.source_id(self.id))
+        observer = ReplayObserver(
+          client,
+          self.specs,
+          self.config.num_envs,
+          lambda: self.version,
+          self._stop,
+          specs.source_id(self.id),
+        )
         try:
           self._collect(env, observer, client)
           backoff.reset()
         except Stopped:
           break
-        except (RuntimeError, reverb.errors.ReverbError) as e:
-          # Reverb reports a lost server as RuntimeError; the partial
-          # episodes are lost with the writers, so every episode restarts.
+        except Exception as e:
+          if not replay_io.is_lost_server(e):
+            raise
+          # The partial episodes are lost with the writers, so every
+          # episode restarts.
           self.connected = False
-          log.warning("lost replay at %s (%s); reconnecting in %.1fs",
-                      self.config.replay_address, str(e).splitlines()[0][:200], backoff.delay)
+          log.warning(
+            "lost replay at %s (%s); reconnecting in %.1fs",
+            self.config.replay_address,
+            str(e).splitlines()[0][:200],
+            backoff.delay,
+          )
           backoff.wait(self._stop)
         finally:
           observer.close()
@@ -196,20 +238,34 @@ class Collector:
       if now - last_log >= LOG_EVERY_S:
         rate = (self.env_steps - last_steps) / (now - last_log)
         mean = np.mean(self.recent_returns) if self.recent_returns else float("nan")
-        log.info("env steps %d (%.0f/s, fleet %d), episodes %d, mean return %.1f, policy v%d, "
-                 "eps %.3f", self.env_steps, rate, self.fleet_steps, self.episodes, mean,
-                 self.version, self.epsilon.numpy())
+        log.info(
+          "env steps %d (%.0f/s, fleet %d), episodes %d, mean return %.1f, policy v%d, eps %.3f",
+          self.env_steps,
+          rate,
+          self.fleet_steps,
+          self.episodes,
+          mean,
+          self.version,
+          self.epsilon.numpy(),
+        )
         self.summaries.scalar("collector/epsilon", self.fleet_steps, float(self.epsilon.numpy()))
         self.summaries.scalar("collector/policy_version", self.fleet_steps, self.version)
         last_log, last_steps = now, self.env_steps
 
 
-def serve(env: EnvConfig, net: NetworkConfig, config: CollectorConfig,
-          stop: threading.Event, collector_id: str, security: Security) -> None:
+def serve(
+  env: EnvConfig,
+  net: NetworkConfig,
+  config: CollectorConfig,
+  stop: threading.Event,
+  collector_id: str,
+  security: Security,
+) -> None:
   collector = Collector(env, net, config, collector_id, stop, security)
   status = StatusServicer("collector", collector_id, env.env_id, collector.snapshot)
-  server, port = rpc.start_server(config.status_port, status, security=security, stop=stop,
-                                  ready=lambda: collector.connected)
+  server, port = rpc.start_server(
+    config.status_port, status, security=security, stop=stop, ready=lambda: collector.connected
+  )
   log.info("health and status on port %d", port)
   try:
     collector.run()

@@ -6,6 +6,7 @@ hands transition t to the observer while the native environments compute
 step t+1 in their own C++ threads: writing to replay then costs the
 collector (almost) no wall-clock time (bench/collector_throughput.py).
 """
+
 from tf_agents.trajectories import time_step as ts
 
 from dqnfleet.core.rl.envs import BatchedEnvironment

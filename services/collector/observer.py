@@ -1,118 +1,66 @@
 """The observer: writes each environment's transitions into the replay table.
 
-One Reverb trajectory writer per environment, rows and items laid out as
-core/rl/specs.py describes (each frame stored once). It is a TF-Agents
-*transition* observer: the driver hands it (s_t, a_t, s_t+1) for all
-environments at once.
+One Reverb trajectory writer per environment (core/rl/replay_io.py's
+RowWriter), rows and items laid out as core/rl/specs.py describes (each frame
+stored once). It is a TF-Agents *transition* observer: the driver hands it
+(s_t, a_t, s_t+1) for all environments at once.
 """
-import collections
+
 import logging
 import time
 
 import numpy as np
 import reverb
-from reverb import pybind
 from tf_agents.trajectories import time_step as ts
 
-from dqnfleet.core.rl import specs
+from dqnfleet.core.rl import replay_io, specs
 from dqnfleet.core.transport import metrics
 
 log = logging.getLogger(__name__)
 
-# Long enough for any item (k+1 rows) and for chunks that compress well.
-KEEP_ALIVE_ROWS = 32
-# Both row columns go to the server in chunks of this many rows, compressed
-# together: longer chunks compress consecutive, similar frames better, and
-# the `step` column, which Reverb's auto-tuning would send as one chunk per
-# row, costs one chunk per 32 rows (see docs/performance.md). Items wait for
-# their chunks to fill, or for the flush that keeps in-flight items low.
-CHUNK_ROWS = 32
 # Items a writer may have pending (waiting for their chunk to fill, or sent
 # and not yet confirmed); beyond this the collector waits, so a rate-limited
 # replay slows collection instead of letting items pile up in memory. Above
-# CHUNK_ROWS + n_step, so that the check never cuts a chunk short: it only
-# waits for the server.
-MAX_IN_FLIGHT_ITEMS = 2 * CHUNK_ROWS
+# replay_io.CHUNK_ROWS + n_step, so that the check never cuts a chunk short:
+# it only waits for the server.
+MAX_IN_FLIGHT_ITEMS = 2 * replay_io.CHUNK_ROWS
 # Each writer checks that bound every few steps, not at every one: a flush
 # call costs as much as an append (bench/collector_throughput.py).
 BACKPRESSURE_EVERY = 8
 WAIT_TIMEOUT_MS = 10_000
 
 REPLAY_WAIT = metrics.counter(
-    "collector_replay_wait_seconds",
-    "Seconds spent waiting for replay to take items (rate limiter or a slow server).")
+  "collector_replay_wait_seconds",
+  "Seconds spent waiting for replay to take items (rate limiter or a slow server).",
+)
 
 
 class ReplayLost(RuntimeError):
-  """The replay server stopped answering; the collector reconnects."""
+  """The replay server stopped answering; the collector reconnects (replay_io.is_lost_server)."""
 
 
 class Stopped(Exception):
   """The collector was asked to stop while waiting for the replay server."""
 
 
-class RowWriter:
-  """One environment's rows in the replay layout, and the items over them.
-
-  Reverb's Python TrajectoryWriter flattens a nested structure and rebuilds
-  its column history on every append and item: for our two fixed columns
-  that costs more than the append itself. This drives the C++ writer under
-  it directly and keeps the newest references itself, which halves the
-  observer's time per step (bench/collector_throughput.py). It relies on
-  dm-reverb 0.14's pybind writer (pinned in the lock file); the C++ side
-  still checks every item against the table's signature.
-  """
-
-  def __init__(self, client: reverb.Client, env_specs: specs.EnvSpecs):
-    keep_alive = max(KEEP_ALIVE_ROWS, env_specs.stack + env_specs.n_step)
-    # The same chunking for both columns (see CHUNK_ROWS).
-    options = pybind.ConstantChunkerOptions(max_chunk_length=CHUNK_ROWS,
-                                            num_keep_alive_refs=keep_alive)
-    self._writer = client._client.NewTrajectoryWriter(options, True)  # validate items
-    # An item is the newest stack+n frames and n steps (specs.item's layout).
-    self._frames = collections.deque(maxlen=env_specs.stack + env_specs.n_step)
-    self._steps = collections.deque(maxlen=env_specs.n_step)
-
-  def append(self, frame: np.ndarray, step: np.ndarray) -> None:
-    frame_ref, step_ref = self._writer.Append([frame, step])  # ROW_COLUMNS' order
-    self._frames.append(frame_ref)
-    self._steps.append(step_ref)
-
-  def create_item(self) -> None:
-    self._writer.CreateItem(specs.TABLE, 1.0, [list(self._frames), list(self._steps)],
-                            [False, False])
-
-  def flush(self, block_until_num_items: int, timeout_ms: int) -> None:
-    self._call(self._writer.Flush, block_until_num_items, timeout_ms)
-
-  def end_episode(self, timeout_ms: int) -> None:
-    self._frames.clear()
-    self._steps.clear()
-    self._call(self._writer.EndEpisode, True, timeout_ms)  # clears the writer's buffers
-
-  def close(self) -> None:
-    self._writer.Close()
-
-  @staticmethod
-  def _call(method, *args) -> None:
-    try:
-      method(*args)
-    except RuntimeError as e:  # how the C++ writer reports a timeout
-      if "Timeout exceeded" in str(e):
-        raise reverb.errors.DeadlineExceededError(str(e)) from None
-      raise
-
-
 class ReplayObserver:
   """Turns batched transitions into replay items, one writer per environment."""
 
-  def __init__(self, client: reverb.Client, env_specs: specs.EnvSpecs, num_envs: int,
-               policy_version, stop, source: int):
+  def __init__(
+    self,
+    client: reverb.Client,
+    env_specs: specs.EnvSpecs,
+    num_envs: int,
+    policy_version,
+    stop,
+    source: int,
+  ):
     self._client, self._stop = client, stop
     self._source = source
     self._specs = env_specs
     self._policy_version = policy_version  # callable: version acting right now
-    self._writers = [RowWriter(client, env_specs) for _ in range(num_envs)]
+    layout = replay_io.ItemLayout.of(env_specs)
+    self._writers = [replay_io.RowWriter(client, layout) for _ in range(num_envs)]
     # Transitions of each environment's episode so far: an n-step item needs n.
     self._episode_steps = [0] * num_envs
     self._calls = 0
@@ -124,8 +72,13 @@ class ReplayObserver:
     version = self._policy_version()
     # What every environment appends, packed once for all of them.
     frames = self._specs.newest_frames(next_time_step.observation)
-    steps = specs.pack_steps(np.asarray(action_step.action), next_time_step.reward,
-                             next_time_step.discount, version, self._source)
+    steps = specs.pack_steps(
+      np.asarray(action_step.action),
+      next_time_step.reward,
+      next_time_step.discount,
+      version,
+      self._source,
+    )
     step_types = time_step.step_type.tolist()
     ends = (next_time_step.step_type == ts.StepType.LAST).tolist()
     n = self._specs.n_step
@@ -165,8 +118,10 @@ class ReplayObserver:
       try:
         call()
         return
-      except reverb.errors.DeadlineExceededError:
-        pass  # the deadline passed: find out why below
+      except Exception as e:
+        if not replay_io.is_timeout(e):
+          raise
+        # The deadline passed: find out why below.
       finally:
         REPLAY_WAIT.inc(time.perf_counter() - started)
       if self._stop.is_set():
@@ -174,9 +129,12 @@ class ReplayObserver:
       try:
         size = self._client.server_info(timeout=5)[specs.TABLE].current_size
       except Exception as e:  # unreachable: reconnect instead of waiting forever
-        raise ReplayLost(f"replay server does not answer ({str(e).splitlines()[0][:120]})")
-      log.info("replay (%d items) is holding inserts back: the trainer samples slower than "
-               "the target ratio allows; waiting", size)
+        raise ReplayLost(f"replay server does not answer ({str(e).splitlines()[0][:120]})") from e
+      log.info(
+        "replay (%d items) is holding inserts back: the trainer samples slower than "
+        "the target ratio allows; waiting",
+        size,
+      )
 
   def close(self, flush_timeout_s: float = 5.0) -> None:
     """Sends pending items (unless replay is gone or keeps them waiting), then closes.

@@ -9,6 +9,7 @@ trainer, which writes it into its logdir), to Prometheus, to the status RPC
 (and so to `dqnfleet status` and `up`'s progress line), and the best episode
 of the latest evaluation to <out_dir>/best_episode.gif.
 """
+
 import csv
 import json
 import logging
@@ -18,47 +19,66 @@ import time
 
 import tensorflow as tf
 
-from dqnfleet.core.rl import envs, networks, specs
-from dqnfleet.core.transport import metrics, rpc
-from dqnfleet.core.settings.config import EvaluatorConfig, ProtocolConfig, is_atari
 from dqnfleet.core.policy.follower import PolicyFollower
+from dqnfleet.core.rl import envs, networks, specs
+from dqnfleet.core.settings.config import EvaluatorConfig, ProtocolConfig, is_atari
+from dqnfleet.core.transport import metrics, rpc
 from dqnfleet.core.transport.security import Security
 from dqnfleet.core.transport.status import EvaluatorCounters, Report, StatusServicer
 from dqnfleet.core.transport.summaries import SummaryReporter
 from dqnfleet.evaluator import protocol
 
 log = logging.getLogger(__name__)
-CSV_FIELDS = ("version", "minutes", "frames", "fleet_env_steps", "mean_return", "median_return",
-              "min_return", "max_return", "std_return", "mean_length", "episodes", "eval_seconds",
-              "unix_time")
+CSV_FIELDS = (
+  "version",
+  "minutes",
+  "frames",
+  "fleet_env_steps",
+  "mean_return",
+  "median_return",
+  "min_return",
+  "max_return",
+  "std_return",
+  "mean_length",
+  "episodes",
+  "eval_seconds",
+  "unix_time",
+)
 SUMMARIZED = ("mean_return", "median_return", "max_return", "mean_length")
 # What the status reports of the newest evaluation, as last_<name> (transport/status.py).
-LAST = ("version", "mean_return", "median_return", "max_return", "mean_length", "frames",
-        "minutes")
+LAST = ("version", "mean_return", "median_return", "max_return", "mean_length", "frames", "minutes")
 
 EVALUATIONS = metrics.counter("evaluator_evaluations", "Evaluations finished.")
-POLICY_VERSION = metrics.gauge("evaluator_policy_version", "Policy version of the newest "
-                                                           "evaluation.")
+POLICY_VERSION = metrics.gauge(
+  "evaluator_policy_version", "Policy version of the newest evaluation."
+)
 RESULT = {
-    "mean_return": metrics.gauge("evaluator_return_mean", "Mean episode return, newest "
-                                                          "evaluation."),
-    "median_return": metrics.gauge("evaluator_return_median", "Median episode return, newest "
-                                                              "evaluation."),
-    "max_return": metrics.gauge("evaluator_return_max", "Best episode return, newest "
-                                                        "evaluation."),
-    "mean_length": metrics.gauge("evaluator_episode_length_mean", "Mean episode length in agent "
-                                                                  "steps, newest evaluation."),
+  "mean_return": metrics.gauge("evaluator_return_mean", "Mean episode return, newest evaluation."),
+  "median_return": metrics.gauge(
+    "evaluator_return_median", "Median episode return, newest evaluation."
+  ),
+  "max_return": metrics.gauge("evaluator_return_max", "Best episode return, newest evaluation."),
+  "mean_length": metrics.gauge(
+    "evaluator_episode_length_mean", "Mean episode length in agent steps, newest evaluation."
+  ),
 }
 
 
 class Evaluator:
-  def __init__(self, protocol_config: ProtocolConfig, config: EvaluatorConfig,
-               stop: threading.Event, security: Security, service_id: str = "evaluator"):
+  def __init__(
+    self,
+    protocol_config: ProtocolConfig,
+    config: EvaluatorConfig,
+    stop: threading.Event,
+    security: Security,
+    service_id: str = "evaluator",
+  ):
     self.protocol, self.config, self._stop = protocol_config, config, stop
     self._security = security
     # Results go to the trainer, which writes them next to its own summaries.
-    self.summaries = SummaryReporter(config.trainer_address, "evaluator", service_id,
-                                     security=security)
+    self.summaries = SummaryReporter(
+      config.trainer_address, "evaluator", service_id, security=security
+    )
     self.follower = PolicyFollower(config.trainer_address, None, stop, security=security)
     self.out = pathlib.Path(config.out_dir)
     self.out.mkdir(parents=True, exist_ok=True)
@@ -69,21 +89,32 @@ class Evaluator:
 
   def snapshot(self) -> Report:
     latest = self.latest or {}
-    counters = EvaluatorCounters(evaluations=self.evaluations, versions_seen=self.versions_seen,
-                                 **{f"last_{name}": latest[name] for name in LAST if name in latest})
+    counters = EvaluatorCounters(
+      evaluations=self.evaluations,
+      versions_seen=self.versions_seen,
+      **{f"last_{name}": latest[name] for name in LAST if name in latest},
+    )
     env = self.follower.env_config  # known from the first version's manifest
-    return Report(counters, policy_version=latest.get("version", -1),
-                  recent_returns=latest.get("returns", []), env_id=env.env_id if env else "")
+    return Report(
+      counters,
+      policy_version=latest.get("version", -1),
+      recent_returns=latest.get("returns", []),
+      env_id=env.env_id if env else "",
+    )
 
   def run(self) -> None:
     self.follower.start()
     self.summaries.start()
-    log.info("following policies of %s; evaluating every %s, %d episodes at epsilon %g",
-             self.config.trainer_address, self._cadence(), self.protocol.episodes,
-             self.protocol.epsilon)
-    newest = None           # (version, weights) not yet evaluated
-    since_last = 0          # versions seen since the last evaluation
-    last_time = None        # the first version is evaluated at once: the curve's start
+    log.info(
+      "following policies of %s; evaluating every %s, %d episodes at epsilon %g",
+      self.config.trainer_address,
+      self._cadence(),
+      self.protocol.episodes,
+      self.protocol.epsilon,
+    )
+    newest = None  # (version, weights) not yet evaluated
+    since_last = 0  # versions seen since the last evaluation
+    last_time = None  # the first version is evaluated at once: the curve's start
     try:
       while not self._stop.wait(1.0):
         update = self.follower.take()
@@ -93,9 +124,11 @@ class Evaluator:
         if newest is None:
           continue
         now = time.monotonic()
-        due = (last_time is None
-               or (self.config.every_minutes and now - last_time >= 60 * self.config.every_minutes)
-               or (self.config.every_versions and since_last >= self.config.every_versions))
+        due = (
+          last_time is None
+          or (self.config.every_minutes and now - last_time >= 60 * self.config.every_minutes)
+          or (self.config.every_versions and since_last >= self.config.every_versions)
+        )
         if due:
           self.evaluate(*newest)
           newest, since_last, last_time = None, 0, now
@@ -119,21 +152,41 @@ class Evaluator:
     fleet = self._fleet_progress()
     started = time.monotonic()
     try:
-      result = protocol.run(env_config, env_specs, self.network, self.protocol, record=True,
-                            threads=self.config.threads, stop=self._stop)
+      result = protocol.run(
+        env_config,
+        env_specs,
+        self.network,
+        self.protocol,
+        record=True,
+        threads=self.config.threads,
+        stop=self._stop,
+      )
     except protocol.Interrupted:
       log.info("stopped during the evaluation of v%d; nothing recorded for it", version)
       return None
-    entry = {"version": version, **fleet, "eval_seconds": round(time.monotonic() - started, 1),
-             "unix_time": round(time.time(), 1), **result.summary(),
-             "protocol": protocol.describe(self.protocol, env_config)}
+    entry = {
+      "version": version,
+      **fleet,
+      "eval_seconds": round(time.monotonic() - started, 1),
+      "unix_time": round(time.time(), 1),
+      **result.summary(),
+      "protocol": protocol.describe(self.protocol, env_config),
+    }
     self._record(entry, result)
     self.latest, self.evaluations = entry, self.evaluations + 1
-    log.info("policy v%d: mean return %.1f (median %.1f, max %.1f) over %d episodes, mean "
-             "length %.0f steps, at %.1f min and %.2f M frames; %.0fs", version,
-             entry["mean_return"], entry["median_return"], entry["max_return"],
-             entry["episodes"], entry["mean_length"], entry["minutes"], entry["frames"] / 1e6,
-             entry["eval_seconds"])
+    log.info(
+      "policy v%d: mean return %.1f (median %.1f, max %.1f) over %d episodes, mean "
+      "length %.0f steps, at %.1f min and %.2f M frames; %.0fs",
+      version,
+      entry["mean_return"],
+      entry["median_return"],
+      entry["max_return"],
+      entry["episodes"],
+      entry["mean_length"],
+      entry["minutes"],
+      entry["frames"] / 1e6,
+      entry["eval_seconds"],
+    )
     return entry
 
   def _fleet_progress(self) -> dict:
@@ -146,8 +199,11 @@ class Evaluator:
       log.warning("trainer status unavailable (%s)", str(e).splitlines()[0][:120])
       steps, minutes = -1, -1.0
     frame_skip = envs.ATARI_FRAME_SKIP if is_atari(self.follower.env_config.env_id) else 1
-    return {"minutes": round(minutes, 2), "fleet_env_steps": steps,
-            "frames": steps * frame_skip if steps >= 0 else -1}
+    return {
+      "minutes": round(minutes, 2),
+      "fleet_env_steps": steps,
+      "frames": steps * frame_skip if steps >= 0 else -1,
+    }
 
   def _record(self, entry: dict, result: protocol.Result) -> None:
     with open(self.out / "history.jsonl", "a") as f:
@@ -169,15 +225,25 @@ class Evaluator:
     self.summaries.scalar("evaluator/frames", entry["version"], entry["frames"])
 
 
-def serve(protocol_config: ProtocolConfig, config: EvaluatorConfig, stop: threading.Event,
-          security: Security, service_id: str = "evaluator") -> None:
+def serve(
+  protocol_config: ProtocolConfig,
+  config: EvaluatorConfig,
+  stop: threading.Event,
+  security: Security,
+  service_id: str = "evaluator",
+) -> None:
   # The evaluator shares the machine with the trainer: keep it to its threads.
   tf.config.threading.set_intra_op_parallelism_threads(config.threads)
   tf.config.threading.set_inter_op_parallelism_threads(config.threads)
   evaluator = Evaluator(protocol_config, config, stop, security, service_id)
   status = StatusServicer("evaluator", service_id, "", evaluator.snapshot)
-  server, port = rpc.start_server(config.status_port, status, security=security, stop=stop,
-                                  ready=lambda: evaluator.follower.latest_seen >= 0)
+  server, port = rpc.start_server(
+    config.status_port,
+    status,
+    security=security,
+    stop=stop,
+    ready=lambda: evaluator.follower.latest_seen >= 0,
+  )
   log.info("health and status on port %d; results in %s", port, evaluator.out)
   try:
     evaluator.run()

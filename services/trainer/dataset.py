@@ -1,24 +1,30 @@
 """Replay -> agent: batches of transitions sampled from Reverb over gRPC.
 
-Items come in the replay layout of core/rl/specs.py (frames stored once) and
-leave as the [batch, n+1] `Trajectory` that TF-Agents' DqnAgent trains on,
-with the keys of the invalid items the batch left out.
+Items come in the replay layout of core/rl/specs.py (frames stored once),
+are decoded by core/rl/replay_io.py, and leave as the [batch, n+1]
+`Trajectory` that TF-Agents' DqnAgent trains on, with the keys of the invalid
+items the batch left out. trainer/replay_source.py owns the dataset built here.
 """
+
 import reverb
 import tensorflow as tf
 from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories import trajectory
 
-from dqnfleet.core.rl import specs
+from dqnfleet.core.rl import replay_io, specs
 
 # After this long without a sample, the dataset ends so the trainer can say
 # why (table below its minimum, or the rate limiter waiting for collectors).
 SAMPLE_TIMEOUT_MS = 5_000
 
 WRONG_SHAPE = 5
-PROBLEMS = {1: "a step value is not finite", 2: "a discount is outside [0, 1]",
-            3: "an action is not one of the environment's", 4: "an observation is not finite",
-            WRONG_SHAPE: "its shapes are not the table signature's"}
+PROBLEMS = {
+  1: "a step value is not finite",
+  2: "a discount is outside [0, 1]",
+  3: "an action is not one of the environment's",
+  4: "an observation is not finite",
+  WRONG_SHAPE: "its shapes are not the table signature's",
+}
 
 
 def to_experience(sample: reverb.ReplaySample, stack: int):
@@ -28,18 +34,18 @@ def to_experience(sample: reverb.ReplaySample, stack: int):
   observation, and the n rewards and discounts between them; the last
   column's reward, discount and action are placeholders it ignores.
   """
-  observations = specs.observations(sample.data["frames"], stack)
-  data = specs.unpack_step(sample.data["step"])  # each [B, n]
+  observations, data = replay_io.decode(sample.data, stack)  # data: each field [B, n]
   mid = tf.fill(tf.shape(observations)[:2], ts.StepType.MID)
   extend = lambda x, value: tf.concat([x, tf.fill([tf.shape(x)[0], 1], value)], axis=1)
   experience = trajectory.Trajectory(
-      step_type=mid,
-      observation=observations,
-      action=extend(data["action"], tf.constant(0, data["action"].dtype)),
-      policy_info=(),
-      next_step_type=mid,
-      reward=extend(data["reward"], 0.0),
-      discount=extend(data["discount"], 1.0))
+    step_type=mid,
+    observation=observations,
+    action=extend(data["action"], tf.constant(0, data["action"].dtype)),
+    policy_info=(),
+    next_step_type=mid,
+    reward=extend(data["reward"], 0.0),
+    discount=extend(data["discount"], 1.0),
+  )
   return experience, data["policy_version"][:, 0], sample.info
 
 
@@ -53,16 +59,25 @@ def conform(sample: reverb.ReplaySample, signature) -> tuple[reverb.ReplaySample
   key is known, such an item becomes zeros of the right shape and is
   reported with the rest.
   """
-  def fits(x, shape):
-    return tf.cond(tf.equal(tf.rank(x), shape.rank),
-                   lambda: tf.reduce_all(tf.equal(tf.shape(x), shape.as_list())),
-                   lambda: tf.constant(False))
 
-  ok = tf.reduce_all(tf.stack([fits(sample.data[name], spec.shape)
-                               for name, spec in signature.items()]))
-  data = {name: tf.cond(ok, lambda x=sample.data[name], s=spec.shape: tf.reshape(x, s),
-                        lambda s=spec: tf.zeros(s.shape, s.dtype))
-          for name, spec in signature.items()}
+  def fits(x, shape):
+    return tf.cond(
+      tf.equal(tf.rank(x), shape.rank),
+      lambda: tf.reduce_all(tf.equal(tf.shape(x), shape.as_list())),
+      lambda: tf.constant(False),
+    )
+
+  ok = tf.reduce_all(
+    tf.stack([fits(sample.data[name], spec.shape) for name, spec in signature.items()])
+  )
+  data = {
+    name: tf.cond(
+      ok,
+      lambda x=sample.data[name], s=spec.shape: tf.reshape(x, s),
+      lambda s=spec: tf.zeros(s.shape, s.dtype),
+    )
+    for name, spec in signature.items()
+  }
   return sample._replace(data=data), tf.where(ok, 0, WRONG_SHAPE)
 
 
@@ -74,13 +89,13 @@ def item_problems(sample: reverb.ReplaySample, env_specs: specs.EnvSpecs) -> tf.
   network has no output for, and one such item would crash every train
   step that samples it.
   """
-  step = sample.data["step"]                                # [B, n, 5]
+  step = sample.data["step"]  # [B, n, 5]
   every = lambda x: tf.reduce_all(tf.reshape(x, [tf.shape(x)[0], -1]), axis=1)
   action, discount = step[..., 0], step[..., 2]
   checks = [
-      every(tf.math.is_finite(step)),
-      every((discount >= 0) & (discount <= 1)),
-      every((action >= 0) & (action < env_specs.num_actions) & (action == tf.floor(action))),
+    every(tf.math.is_finite(step)),
+    every((discount >= 0) & (discount <= 1)),
+    every((action >= 0) & (action < env_specs.num_actions) & (action == tf.floor(action))),
   ]
   frames = sample.data["frames"]
   if frames.dtype.is_floating:  # state vectors; uint8 frames cannot be out of range
@@ -89,8 +104,9 @@ def item_problems(sample: reverb.ReplaySample, env_specs: specs.EnvSpecs) -> tf.
   return tf.reduce_max(tf.stack(codes), axis=0)
 
 
-def without_bad_items(sample: reverb.ReplaySample, shape_codes: tf.Tensor,
-                      env_specs: specs.EnvSpecs) -> tuple[reverb.ReplaySample, tf.Tensor]:
+def without_bad_items(
+  sample: reverb.ReplaySample, shape_codes: tf.Tensor, env_specs: specs.EnvSpecs
+) -> tuple[reverb.ReplaySample, tf.Tensor]:
   """(The batch with each invalid item replaced by a valid one, [B] (key, problem) pairs).
 
   The problems travel inside the dataset's element, so the trainer deletes
@@ -101,31 +117,39 @@ def without_bad_items(sample: reverb.ReplaySample, shape_codes: tf.Tensor,
   bad = codes > 0
   first_valid = tf.argmin(tf.cast(bad, tf.int32), output_type=tf.int32)
   rows = tf.where(bad, first_valid, tf.range(tf.shape(bad)[0]))
-  replaced = tf.cond(tf.reduce_any(bad),
-                     lambda: tf.nest.map_structure(lambda x: tf.gather(x, rows), sample),
-                     lambda: sample)
+  replaced = tf.cond(
+    tf.reduce_any(bad),
+    lambda: tf.nest.map_structure(lambda x: tf.gather(x, rows), sample),
+    lambda: sample,
+  )
   # Keys are uint64, the problems int64 to sit beside them: the bits travel
   # unchanged and the trainer reads them back as uint64.
-  return replaced, tf.stack([tf.bitcast(sample.info.key, tf.int64), tf.cast(codes, tf.int64)],
-                            axis=1)
+  return replaced, tf.stack(
+    [tf.bitcast(sample.info.key, tf.int64), tf.cast(codes, tf.int64)], axis=1
+  )
 
 
-def make_dataset(replay_address: str, env_specs: specs.EnvSpecs, batch_size: int,
-                 prefetch_batches: int) -> tf.data.Dataset:
+def make_dataset(
+  replay_address: str, env_specs: specs.EnvSpecs, batch_size: int, prefetch_batches: int
+) -> tf.data.Dataset:
   """(experience, policy versions, info, problems) per batch; see without_bad_items."""
   signature = specs.replay_signature(env_specs)
   dataset = reverb.TrajectoryDataset(
-      server_address=replay_address, table=specs.TABLE,
-      dtypes=tf.nest.map_structure(lambda s: s.dtype, signature),
-      shapes=tf.nest.map_structure(lambda s: tf.TensorShape(None), signature),
-      max_in_flight_samples_per_worker=2 * batch_size,
-      rate_limiter_timeout_ms=SAMPLE_TIMEOUT_MS)
+    server_address=replay_address,
+    table=specs.TABLE,
+    dtypes=tf.nest.map_structure(lambda s: s.dtype, signature),
+    shapes=tf.nest.map_structure(lambda s: tf.TensorShape(None), signature),
+    max_in_flight_samples_per_worker=2 * batch_size,
+    rate_limiter_timeout_ms=SAMPLE_TIMEOUT_MS,
+  )
 
   def to_batch(sample, shape_codes):
     sample, problems = without_bad_items(sample, shape_codes, env_specs)
     return (*to_experience(sample, env_specs.stack), problems)
 
-  return (dataset.map(lambda sample: conform(sample, signature))
-          .batch(batch_size, drop_remainder=True)
-          .map(to_batch, num_parallel_calls=tf.data.AUTOTUNE)
-          .prefetch(prefetch_batches))
+  return (
+    dataset.map(lambda sample: conform(sample, signature))
+    .batch(batch_size, drop_remainder=True)
+    .map(to_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    .prefetch(prefetch_batches)
+  )

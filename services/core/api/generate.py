@@ -7,14 +7,15 @@ this with `--check` and fails when the committed code is stale. protoc writes
 absolute imports (`from dqnfleet.v1 import fleet_pb2`) that name the proto
 package, not ours, so they are rewritten to relative ones.
 """
+
 import argparse
 import pathlib
 import re
 import sys
 import tempfile
 
-from grpc_tools import protoc
 import grpc_tools
+from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 PROTO_ROOT = ROOT / "protos"
@@ -27,8 +28,14 @@ def generate() -> dict[str, str]:
   """Returns {file name: content} of the generated modules."""
   include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
   with tempfile.TemporaryDirectory() as tmp:
-    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}",
-            f"--python_out={tmp}", f"--grpc_python_out={tmp}", *PROTOS]
+    args = [
+      "protoc",
+      f"-I{PROTO_ROOT}",
+      f"-I{include}",
+      f"--python_out={tmp}",
+      f"--grpc_python_out={tmp}",
+      *PROTOS,
+    ]
     if protoc.main(args) != 0:
       raise SystemExit(f"protoc failed on {PROTOS}")
     files = {}
@@ -41,8 +48,11 @@ def generate() -> dict[str, str]:
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--check", action="store_true",
-                      help="exit 1 if the committed code differs from a fresh generation")
+  parser.add_argument(
+    "--check",
+    action="store_true",
+    help="exit 1 if the committed code differs from a fresh generation",
+  )
   args = parser.parse_args()
   stale = []
   for name, content in generate().items():

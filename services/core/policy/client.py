@@ -6,6 +6,7 @@ follower (policy/follower.py) uses it for every new version, `evaluate` and
 `export` through `load`, which also takes a run directory, a policies
 directory or one version's directory.
 """
+
 import os
 import pathlib
 import shutil
@@ -18,6 +19,7 @@ from dqnfleet.core.policy import store
 from dqnfleet.core.settings.flags import ConfigError
 from dqnfleet.core.transport import rpc
 from dqnfleet.core.transport.security import PLAINTEXT, Security
+
 
 def fetch(stub, info, dest_root: str | os.PathLike) -> pathlib.Path:
   """Downloads version `info` (a PolicyVersion) over gRPC into dest_root/v..., verified.
@@ -65,8 +67,10 @@ def resolve(policy: str, scratch: str, security: Security = PLAINTEXT) -> pathli
       versions = store.list_versions(candidate)
       if versions:
         return store.version_dir(candidate, versions[-1])
-    raise ConfigError(f"--policy {policy!r} holds no published policy (expected v<step>/ "
-                      "folders with a manifest.json, or a run directory with policies/)")
+    raise ConfigError(
+      f"--policy {policy!r} holds no published policy (expected v<step>/ "
+      "folders with a manifest.json, or a run directory with policies/)"
+    )
   if ":" not in policy:
     raise ConfigError(f"--policy {policy!r} is neither an existing directory nor a host:port")
   with rpc.channel(policy, security) as channel:
@@ -75,8 +79,9 @@ def resolve(policy: str, scratch: str, security: Security = PLAINTEXT) -> pathli
       info = stub.GetLatestPolicy(fleet_pb2.GetLatestPolicyRequest(), timeout=30)
       return fetch(stub, info, scratch)
     except grpc.RpcError as e:
-      raise ConfigError(f"--policy {policy}: the trainer did not provide a policy "
-                        f"({e.code().name}: {e.details()})") from None
+      raise ConfigError(
+        f"--policy {policy}: the trainer did not provide a policy ({e.code().name}: {e.details()})"
+      ) from None
 
 
 def load(policy: str, scratch: str, security: Security = PLAINTEXT):

@@ -6,6 +6,7 @@ loads it into a staging network, and hands the weights to the acting loop: a
 collector swaps them in between two environment steps, the evaluator
 evaluates them.
 """
+
 import logging
 import pathlib
 import shutil
@@ -14,9 +15,9 @@ import threading
 
 import grpc
 
+from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 from dqnfleet.core.policy import client, store
 from dqnfleet.core.transport import rpc
-from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 from dqnfleet.core.transport.security import Security
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 class PolicyFollower:
   """Background subscription to new policy versions."""
 
-  def __init__(self, trainer_address: str, staging_network, stop: threading.Event, *,
-               security: Security):
+  def __init__(
+    self, trainer_address: str, staging_network, stop: threading.Event, *, security: Security
+  ):
     """`staging_network` None: build it from the first version's manifest."""
     self._address, self._security = trainer_address, security
     self._staging = staging_network
@@ -35,7 +37,7 @@ class PolicyFollower:
     self._cache = pathlib.Path(tempfile.mkdtemp(prefix="dqnfleet-policies-"))
     self._lock = threading.Lock()
     self._pending = None  # (version, weights) not yet taken by the acting loop
-    self._stream = None   # the open WatchPolicies call, cancelled at stop
+    self._stream = None  # the open WatchPolicies call, cancelled at stop
     self.latest_seen = -1
     self._thread = threading.Thread(target=self._run, name="policy-follower", daemon=True)
 
@@ -62,7 +64,9 @@ class PolicyFollower:
       try:
         with rpc.channel(self._address, self._security) as channel:
           stub = fleet_pb2_grpc.PolicyServiceStub(channel)
-          stream = stub.WatchPolicies(fleet_pb2.WatchPoliciesRequest(after_version=self.latest_seen))
+          stream = stub.WatchPolicies(
+            fleet_pb2.WatchPoliciesRequest(after_version=self.latest_seen)
+          )
           self._stream = stream
           if self._stop.is_set():  # stopped while connecting
             break
@@ -75,11 +79,17 @@ class PolicyFollower:
           break
         # The trainer's reason too: a version damaged on its disk (DATA_LOSS) is
         # not an unreachable trainer.
-        log.warning("trainer policy API at %s: %s (%s); retrying in %.1fs",
-                    self._address, e.code().name, e.details(), backoff.delay)
+        log.warning(
+          "trainer policy API at %s: %s (%s); retrying in %.1fs",
+          self._address,
+          e.code().name,
+          e.details(),
+          backoff.delay,
+        )
       except Exception as e:  # a corrupted download or a mismatched network: say so, retry
-        log.error("could not load policy from %s: %s; retrying in %.1fs",
-                  self._address, e, backoff.delay)
+        log.error(
+          "could not load policy from %s: %s; retrying in %.1fs", self._address, e, backoff.delay
+        )
       if backoff.wait(self._stop):
         break
     shutil.rmtree(self._cache, ignore_errors=True)
@@ -87,8 +97,7 @@ class PolicyFollower:
   def _load(self, stub, info) -> None:
     path = client.fetch(stub, info, self._cache)
     if self._staging is None:  # a follower told nothing of the env learns it from the manifest
-      self.env_config, self.network_config = store.configs_of(
-          store.read_manifest(path))
+      self.env_config, self.network_config = store.configs_of(store.read_manifest(path))
       self._staging = store.load(path)[2]
     store.restore_weights(self._staging, path)
     weights = self._staging.get_weights()

@@ -14,14 +14,15 @@ version, and a bounded number of downloads stream at a time. The rest wait
 as suspended coroutines, so status and GetLatestPolicy, which run in the
 server's thread pool, never queue behind the herd, and memory stays bounded.
 """
+
 import asyncio
 import logging
 
 import grpc
 
+from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 from dqnfleet.core.policy import store
 from dqnfleet.core.transport import metrics
-from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 from dqnfleet.core.transport.broadcast import Broadcast
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,12 @@ CACHED_VERSIONS = 2
 VERSION = metrics.gauge("trainer_policy_version", "Newest published policy version (train step).")
 PUBLISHES = metrics.counter("trainer_publishes", "Policy versions published by this process.")
 POLICY_BYTES = metrics.gauge("trainer_policy_bytes", "Size of the newest published version.")
-WATCHERS = metrics.gauge("trainer_policy_watchers",
-                         "Open WatchPolicies streams (collectors and evaluators following).")
-FETCHES = metrics.gauge("trainer_policy_fetches",
-                        "FetchPolicy downloads in progress, sending or waiting their turn.")
+WATCHERS = metrics.gauge(
+  "trainer_policy_watchers", "Open WatchPolicies streams (collectors and evaluators following)."
+)
+FETCHES = metrics.gauge(
+  "trainer_policy_fetches", "FetchPolicy downloads in progress, sending or waiting their turn."
+)
 
 
 class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
@@ -70,8 +73,12 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
     if version <= self.latest_version:
       # Resumed from a checkpoint older than the newest published version (a
       # crash between the two): announcing it would send collectors back.
-      log.info("not publishing v%d: v%d, published before the restart, stays the newest until "
-               "training passes it", version, self.latest_version)
+      log.info(
+        "not publishing v%d: v%d, published before the restart, stays the newest until "
+        "training passes it",
+        version,
+        self.latest_version,
+      )
       return
     store.publish(self.dir, version, network, self._env, self._net, self._keep)
     self._announce(version)
@@ -81,9 +88,12 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
     path = store.version_dir(self.dir, version)
     manifest = store.read_manifest(path)
     info = fleet_pb2.PolicyVersion(
-        version=version, published_unix_ms=manifest["published_unix_ms"],
-        files=[fleet_pb2.PolicyFile(name=n, size_bytes=s, sha256=h)
-               for n, s, h in store.file_digests(path)])
+      version=version,
+      published_unix_ms=manifest["published_unix_ms"],
+      files=[
+        fleet_pb2.PolicyFile(name=n, size_bytes=s, sha256=h) for n, s, h in store.file_digests(path)
+      ],
+    )
     self._latest = info
     self._announced.notify_all()
     VERSION.set(version)
@@ -126,27 +136,31 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
   async def FetchPolicy(self, request, context):
     chunk_bytes = request.max_chunk_bytes or CHUNK_BYTES
     if chunk_bytes < 0:
-      await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"max_chunk_bytes must be 0 (the default, {CHUNK_BYTES}) or positive; "
-                          f"got {chunk_bytes}")
+      await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"max_chunk_bytes must be 0 (the default, {CHUNK_BYTES}) or positive; got {chunk_bytes}",
+      )
     FETCHES.inc()
     try:
       try:
         files = await self._version_files(request.version)
       except FileNotFoundError:
         kept = store.list_versions(self.dir)
-        await context.abort(grpc.StatusCode.NOT_FOUND,
-                            f"policy v{request.version} is not kept; kept versions: {kept}")
+        await context.abort(
+          grpc.StatusCode.NOT_FOUND, f"policy v{request.version} is not kept; kept versions: {kept}"
+        )
       except store.Damaged as e:
         await context.abort(grpc.StatusCode.DATA_LOSS, str(e))
       except OSError as e:
-        await context.abort(grpc.StatusCode.UNAVAILABLE,
-                            f"cannot read policy v{request.version} on the trainer: {e}")
+        await context.abort(
+          grpc.StatusCode.UNAVAILABLE, f"cannot read policy v{request.version} on the trainer: {e}"
+        )
       async with self._sending:
         for name, data in files:
           for offset in range(0, len(data), chunk_bytes):
-            yield fleet_pb2.PolicyChunk(file_name=name, offset=offset,
-                                        data=data[offset:offset + chunk_bytes])
+            yield fleet_pb2.PolicyChunk(
+              file_name=name, offset=offset, data=data[offset : offset + chunk_bytes]
+            )
     finally:
       FETCHES.dec()
 
@@ -154,8 +168,9 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
     """A version's files, read and checked against its manifest once, then kept in memory."""
     future = self._files.get(version)
     if future is None:
-      future = self._files[version] = asyncio.ensure_future(asyncio.to_thread(
-          store.read_verified, store.version_dir(self.dir, version)))
+      future = self._files[version] = asyncio.ensure_future(
+        asyncio.to_thread(store.read_verified, store.version_dir(self.dir, version))
+      )
       for old in sorted(self._files)[:-CACHED_VERSIONS]:
         del self._files[old]  # downloads sending it hold their own reference
     try:

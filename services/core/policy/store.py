@@ -11,6 +11,7 @@ so a reader (the trainer's PolicyService, `evaluate`) never sees a half-written
 one. Collectors receive the same files over gRPC (policy/client.py) and keep
 their own copy.
 """
+
 import dataclasses
 import hashlib
 import json
@@ -44,8 +45,14 @@ def list_versions(policies_dir: str | os.PathLike) -> list[int]:
   return sorted(int(m.group(1)) for m in found if m)
 
 
-def publish(policies_dir: str | os.PathLike, version: int, network: tf.keras.Model,
-            env: EnvConfig, net: NetworkConfig, keep: int) -> pathlib.Path:
+def publish(
+  policies_dir: str | os.PathLike,
+  version: int,
+  network: tf.keras.Model,
+  env: EnvConfig,
+  net: NetworkConfig,
+  keep: int,
+) -> pathlib.Path:
   """Writes `network`'s weights as `version` atomically; keeps the newest `keep`."""
   root = pathlib.Path(policies_dir)
   root.mkdir(parents=True, exist_ok=True)
@@ -56,10 +63,14 @@ def publish(policies_dir: str | os.PathLike, version: int, network: tf.keras.Mod
   tf.train.Checkpoint(q_network=network).write(str(tmp / WEIGHTS_PREFIX))
   # The manifest lists its siblings' sizes and digests, so a version damaged
   # on disk later (a crash mid-write, a full disk) is caught before it is served.
-  manifest = {"format": FORMAT, "version": version, "published_unix_ms": int(time.time() * 1000),
-              "env": dataclasses.asdict(env), "network": dataclasses.asdict(net),
-              "files": {name: {"size": size, "sha256": digest}
-                        for name, size, digest in file_digests(tmp)}}
+  manifest = {
+    "format": FORMAT,
+    "version": version,
+    "published_unix_ms": int(time.time() * 1000),
+    "env": dataclasses.asdict(env),
+    "network": dataclasses.asdict(net),
+    "files": {name: {"size": size, "sha256": digest} for name, size, digest in file_digests(tmp)},
+  }
   (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
   for path in tmp.iterdir():
     with open(path, "rb") as f:
@@ -110,8 +121,10 @@ def read_verified(path: str | os.PathLike) -> list[tuple[str, bytes]]:
     if name not in present:
       raise Damaged(f"{path / name} is missing")
     if present[name] != (expected["size"], expected["sha256"]):
-      raise Damaged(f"{path / name} does not match the manifest ({present[name][0]} bytes, "
-                    f"expected {expected['size']})")
+      raise Damaged(
+        f"{path / name} does not match the manifest ({present[name][0]} bytes, "
+        f"expected {expected['size']})"
+      )
   return files
 
 
@@ -139,8 +152,9 @@ def newest_intact(policies_dir: str | os.PathLike, log) -> int | None:
     aside = path.with_name(f".damaged-{path.name}")
     shutil.rmtree(aside, ignore_errors=True)
     os.rename(path, aside)
-    log.warning("published policy v%d is damaged (%s): moved aside to %s, not served",
-                version, problem, aside)
+    log.warning(
+      "published policy v%d is damaged (%s): moved aside to %s, not served", version, problem, aside
+    )
   return None
 
 
@@ -160,7 +174,8 @@ def configs_of(manifest: dict) -> tuple[EnvConfig, NetworkConfig]:
 
 def restore_weights(network: tf.keras.Model, path: str | os.PathLike) -> None:
   tf.train.Checkpoint(q_network=network).read(
-      str(pathlib.Path(path) / WEIGHTS_PREFIX)).assert_existing_objects_matched()
+    str(pathlib.Path(path) / WEIGHTS_PREFIX)
+  ).assert_existing_objects_matched()
 
 
 def load(path: str | os.PathLike):

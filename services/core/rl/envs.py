@@ -14,6 +14,7 @@ returns are reported unclipped, and a lost life may cut the bootstrap without
 resetting the game. Classic-control ids use gymnasium's Python environments;
 Atari can too (`native=False`: gymnasium's wrappers, which give the same frames).
 """
+
 import collections
 import functools
 
@@ -45,12 +46,21 @@ def make_env(config: EnvConfig) -> gym.Env:
     return gym.make(config.env_id)
   # Frame skipping belongs to the preprocessing (it max-pools the last two
   # frames), so the emulator itself must not skip.
-  env = gym.make(config.env_id, frameskip=1, repeat_action_probability=sticky_probability(config),
-                 max_num_frames_per_episode=MAX_EPISODE_FRAMES)
+  env = gym.make(
+    config.env_id,
+    frameskip=1,
+    repeat_action_probability=sticky_probability(config),
+    max_num_frames_per_episode=MAX_EPISODE_FRAMES,
+  )
   env = gym.wrappers.AtariPreprocessing(
-      env, noop_max=config.noop_max, frame_skip=ATARI_FRAME_SKIP,
-      screen_size=ATARI_SCREEN_SIZE, grayscale_obs=True, scale_obs=False,
-      terminal_on_life_loss=False)  # life loss is handled below without a reset
+    env,
+    noop_max=config.noop_max,
+    frame_skip=ATARI_FRAME_SKIP,
+    screen_size=ATARI_SCREEN_SIZE,
+    grayscale_obs=True,
+    scale_obs=False,
+    terminal_on_life_loss=False,
+  )  # life loss is handled below without a reset
   return gym.wrappers.FrameStackObservation(env, stack_size=config.frame_stack)
 
 
@@ -58,22 +68,34 @@ def sticky_probability(config: EnvConfig) -> float:
   return STICKY_ACTION_PROBABILITY if config.sticky_actions else 0.0
 
 
-def make_vector_env(config: EnvConfig, num_envs: int, *, native: bool = True,
-                    threads: int = 0) -> gym.vector.VectorEnv:
+def make_vector_env(
+  config: EnvConfig, num_envs: int, *, native: bool = True, threads: int = 0
+) -> gym.vector.VectorEnv:
   """E environments with next-step autoreset: native ALE for Atari, else Python ones."""
   if is_atari(config.env_id) and native:
     return AtariVectorEnv(
-        gym.spec(config.env_id).kwargs["game"], num_envs, num_threads=threads or num_envs,
-        frameskip=ATARI_FRAME_SKIP, img_height=ATARI_SCREEN_SIZE, img_width=ATARI_SCREEN_SIZE,
-        stack_num=config.frame_stack, grayscale=True, maxpool=True, noop_max=config.noop_max,
-        repeat_action_probability=sticky_probability(config),
-        max_num_frames_per_episode=MAX_EPISODE_FRAMES,
-        # Clipping, life loss and FIRE are ours to decide (see BatchedEnvironment).
-        reward_clipping=False, episodic_life=False, use_fire_reset=False,
-        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+      gym.spec(config.env_id).kwargs["game"],
+      num_envs,
+      num_threads=threads or num_envs,
+      frameskip=ATARI_FRAME_SKIP,
+      img_height=ATARI_SCREEN_SIZE,
+      img_width=ATARI_SCREEN_SIZE,
+      stack_num=config.frame_stack,
+      grayscale=True,
+      maxpool=True,
+      noop_max=config.noop_max,
+      repeat_action_probability=sticky_probability(config),
+      max_num_frames_per_episode=MAX_EPISODE_FRAMES,
+      # Clipping, life loss and FIRE are ours to decide (see BatchedEnvironment).
+      reward_clipping=False,
+      episodic_life=False,
+      use_fire_reset=False,
+      autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
+    )
   return gym.vector.SyncVectorEnv(
-      [functools.partial(make_env, config) for _ in range(num_envs)],
-      autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    [functools.partial(make_env, config) for _ in range(num_envs)],
+    autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
+  )
 
 
 def validate_env(config: EnvConfig) -> None:
@@ -82,18 +104,24 @@ def validate_env(config: EnvConfig) -> None:
     gym.spec(config.env_id)
   except gym.error.Error:
     raise ConfigError(
-        f"--env-id {config.env_id!r} is not a registered gymnasium environment; use an Atari "
-        "id such as ALE/Breakout-v5 or a classic-control id such as CartPole-v1") from None
+      f"--env-id {config.env_id!r} is not a registered gymnasium environment; use an Atari "
+      "id such as ALE/Breakout-v5 or a classic-control id such as CartPole-v1"
+    ) from None
   env = make_env(config)
   try:
     if not isinstance(env.action_space, gym.spaces.Discrete):
-      raise ConfigError(f"--env-id {config.env_id!r} has {env.action_space} actions; DQN "
-                        "needs a Discrete action space (e.g. CartPole-v1, ALE/Breakout-v5)")
+      raise ConfigError(
+        f"--env-id {config.env_id!r} has {env.action_space} actions; DQN "
+        "needs a Discrete action space (e.g. CartPole-v1, ALE/Breakout-v5)"
+      )
     space = env.observation_space
-    if not is_atari(config.env_id) and not (isinstance(space, gym.spaces.Box)
-                                            and len(space.shape) == 1):
-      raise ConfigError(f"--env-id {config.env_id!r} observes {space}; non-Atari ids need a "
-                        "1-D Box observation (a state vector, e.g. CartPole-v1)")
+    if not is_atari(config.env_id) and not (
+      isinstance(space, gym.spaces.Box) and len(space.shape) == 1
+    ):
+      raise ConfigError(
+        f"--env-id {config.env_id!r} observes {space}; non-Atari ids need a "
+        "1-D Box observation (a state vector, e.g. CartPole-v1)"
+      )
   finally:
     env.close()
 
@@ -108,8 +136,16 @@ class BatchedEnvironment(py_environment.PyEnvironment):
   the last transition to replay) while native environments step in C++.
   """
 
-  def __init__(self, config: EnvConfig, num_envs: int, seed: int, *, training: bool = True,
-               native: bool = True, threads: int = 0):
+  def __init__(
+    self,
+    config: EnvConfig,
+    num_envs: int,
+    seed: int,
+    *,
+    training: bool = True,
+    native: bool = True,
+    threads: int = 0,
+  ):
     super().__init__(handle_auto_reset=False)
     self._vec = make_vector_env(config, num_envs, native=native, threads=threads)
     self._num_envs = num_envs
@@ -121,7 +157,8 @@ class BatchedEnvironment(py_environment.PyEnvironment):
     n_actions = int(self._vec.single_action_space.n)
     if self._pixels:
       self._observation_spec = array_spec.BoundedArraySpec(
-          single_obs.shape[1:] + single_obs.shape[:1], np.uint8, 0, 255, name="observation")
+        single_obs.shape[1:] + single_obs.shape[:1], np.uint8, 0, 255, name="observation"
+      )
     else:
       self._observation_spec = array_spec.ArraySpec(single_obs.shape, np.float32, "observation")
     self._action_spec = array_spec.BoundedArraySpec((), np.int64, 0, n_actions - 1, "action")
@@ -157,9 +194,12 @@ class BatchedEnvironment(py_environment.PyEnvironment):
     self._lengths[:] = 0
     self._lives = np.asarray(info.get("lives", self._lives), dtype=np.float64)
     n = self._num_envs
-    return ts.TimeStep(step_type=np.full(n, ts.StepType.FIRST, np.int32),
-                       reward=np.zeros(n, np.float32), discount=np.ones(n, np.float32),
-                       observation=self._observe(obs))
+    return ts.TimeStep(
+      step_type=np.full(n, ts.StepType.FIRST, np.int32),
+      reward=np.zeros(n, np.float32),
+      discount=np.ones(n, np.float32),
+      observation=self._observe(obs),
+    )
 
   def send(self, action) -> None:
     """Starts a step; native environments run it in their own threads."""
@@ -201,10 +241,15 @@ class BatchedEnvironment(py_environment.PyEnvironment):
     if self._clip:
       reward = np.sign(reward)
     self._was_last = last
-    step_type = np.where(first, ts.StepType.FIRST,
-                         np.where(last, ts.StepType.LAST, ts.StepType.MID)).astype(np.int32)
-    return ts.TimeStep(step_type=step_type, reward=reward.astype(np.float32),
-                       discount=discount.astype(np.float32), observation=self._observe(obs))
+    step_type = np.where(
+      first, ts.StepType.FIRST, np.where(last, ts.StepType.LAST, ts.StepType.MID)
+    ).astype(np.int32)
+    return ts.TimeStep(
+      step_type=step_type,
+      reward=reward.astype(np.float32),
+      discount=discount.astype(np.float32),
+      observation=self._observe(obs),
+    )
 
   def close(self) -> None:
     self._vec.close()

@@ -36,7 +36,12 @@ rewards and discounts are float32.
 A state-vector environment is the same with k=1: frames[2] = (s_t, s_t+1).
 The signature depends only on the environment settings, so the replay server
 derives it without waiting for a collector or the trainer.
+
+This module declares the layout; core/rl/replay_io.py writes it (RowWriter:
+which rows an item references) and reads it back (decode: the observations
+s_t ... s_t+n and the step scalars), for collectors, trainer and tests alike.
 """
+
 import dataclasses
 import functools
 import zlib
@@ -52,8 +57,13 @@ from dqnfleet.core.settings.config import EnvConfig, is_atari
 TABLE = "transitions"
 # The scalars of a transition and their dtypes, in their order in the packed
 # `step` vector.
-STEP_FIELDS = {"action": tf.int64, "reward": tf.float32, "discount": tf.float32,
-               "policy_version": tf.int64, "collector": tf.int64}
+STEP_FIELDS = {
+  "action": tf.int64,
+  "reward": tf.float32,
+  "discount": tf.float32,
+  "policy_version": tf.int64,
+  "collector": tf.int64,
+}
 # What one row of a trajectory writer holds.
 ROW_COLUMNS = ("frame", "step")
 
@@ -61,11 +71,12 @@ ROW_COLUMNS = ("frame", "step")
 @dataclasses.dataclass(frozen=True)
 class EnvSpecs:
   """What every service needs to know about the environment."""
-  observation: array_spec.ArraySpec   # what the policy sees (frames stacked last)
+
+  observation: array_spec.ArraySpec  # what the policy sees (frames stacked last)
   action: array_spec.BoundedArraySpec
-  frame: array_spec.ArraySpec         # one row's slice of an observation
-  stack: int                          # frames per observation (1: state vectors)
-  n_step: int = 1                     # transitions per replay item (n-step returns)
+  frame: array_spec.ArraySpec  # one row's slice of an observation
+  stack: int  # frames per observation (1: state vectors)
+  n_step: int = 1  # transitions per replay item (n-step returns)
 
   @property
   def time_step(self) -> ts.TimeStep:
@@ -86,10 +97,11 @@ class EnvSpecs:
     return [observation[..., i] for i in range(self.stack)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _specs_for(env_id: str, frame_stack: int, noop_max: int, n_step: int) -> EnvSpecs:
-  env = envs.BatchedEnvironment(EnvConfig(env_id=env_id, frame_stack=frame_stack,
-                                          noop_max=noop_max), num_envs=1, seed=0)
+  env = envs.BatchedEnvironment(
+    EnvConfig(env_id=env_id, frame_stack=frame_stack, noop_max=noop_max), num_envs=1, seed=0
+  )
   try:
     obs, act = env.observation_spec(), env.action_spec()
   finally:
@@ -107,9 +119,10 @@ def env_specs(config: EnvConfig) -> EnvSpecs:
 def replay_signature(specs: EnvSpecs) -> dict[str, tf.TensorSpec]:
   """The replay table's signature: one transition, frames stored once."""
   return {
-      "frames": tf.TensorSpec((specs.stack + specs.n_step,) + specs.frame.shape,
-                              tf.as_dtype(specs.frame.dtype), "frames"),
-      "step": tf.TensorSpec((specs.n_step, len(STEP_FIELDS)), tf.float64, "step"),
+    "frames": tf.TensorSpec(
+      (specs.stack + specs.n_step,) + specs.frame.shape, tf.as_dtype(specs.frame.dtype), "frames"
+    ),
+    "step": tf.TensorSpec((specs.n_step, len(STEP_FIELDS)), tf.float64, "step"),
   }
 
 
@@ -125,8 +138,10 @@ def table_signature(specs: EnvSpecs) -> dict[str, tf.TensorSpec]:
   (trainer/dataset.py). Each spec's name keeps the exact shape, so a table
   still tells which layout it was made for (signature_mismatch).
   """
-  return {name: tf.TensorSpec(None, spec.dtype, f"{name}{list(spec.shape)}")
-          for name, spec in replay_signature(specs).items()}
+  return {
+    name: tf.TensorSpec(None, spec.dtype, f"{name}{list(spec.shape)}")
+    for name, spec in replay_signature(specs).items()
+  }
 
 
 def _declared_shape(spec: tf.TensorSpec) -> list | None:
@@ -137,16 +152,23 @@ def _declared_shape(spec: tf.TensorSpec) -> list | None:
 
 
 def describe_signature(signature) -> str:
-  return ", ".join(f"{name} {tf.as_dtype(spec.dtype).name}{_declared_shape(spec)}"
-                   for name, spec in sorted(signature.items()))
+  return ", ".join(
+    f"{name} {tf.as_dtype(spec.dtype).name}{_declared_shape(spec)}"
+    for name, spec in sorted(signature.items())
+  )
 
 
 def signature_mismatch(signature, env_specs: EnvSpecs) -> str | None:
   """Why a replay table's signature is not this environment's layout (None if it is)."""
   ours = replay_signature(env_specs)
-  if signature is None or (set(signature) == set(ours) and all(
+  if signature is None or (
+    set(signature) == set(ours)
+    and all(
       _declared_shape(signature[k]) == ours[k].shape.as_list()
-      and signature[k].dtype == ours[k].dtype for k in ours)):
+      and signature[k].dtype == ours[k].dtype
+      for k in ours
+    )
+  ):
     return None
   return f"the table holds {describe_signature(signature)}; this needs {describe_signature(ours)}"
 
@@ -180,22 +202,6 @@ def padding_row(frame, policy_version, collector) -> dict:
   return row(frame, 0, 0.0, 0.0, policy_version, collector)
 
 
-def item(history, stack: int, n_step: int) -> dict:
-  """The item whose last row is the newest of a writer's `history`: one n-step transition."""
-  return {"frames": history["frame"][-(stack + n_step):], "step": history["step"][-n_step:]}
-
-
 def source_id(collector_id: str) -> int:
   """The number that marks a collector's items in replay (a hash of its id)."""
   return zlib.crc32(collector_id.encode())
-
-
-def observations(frames: tf.Tensor, stack: int) -> tf.Tensor:
-  """[B, k+n, *frame] -> the observations s_t ... s_t+n, [B, n+1, *obs]."""
-  steps = frames.shape[1] - stack + 1
-  if stack == 1:
-    return frames
-  # [B, k, H, W] -> [B, H, W, k]: frames are stacked on the channel axis.
-  rank = len(frames.shape)
-  perm = [0] + list(range(2, rank)) + [1]
-  return tf.stack([tf.transpose(frames[:, i:i + stack], perm) for i in range(steps)], axis=1)

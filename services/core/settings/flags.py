@@ -15,13 +15,15 @@ and win over top-level ones; see `read_config_file`.
 Invalid values are refused with `ConfigError`, whose message names the setting
 and what is allowed, before any service starts.
 """
+
 import argparse
 import dataclasses
 import math
 import os
 import tomllib
 import typing
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 ENV_PREFIX = "DQNFLEET_"
 _UNSET = object()
@@ -31,16 +33,28 @@ class ConfigError(ValueError):
   """A setting has a value that is not allowed; the message says which and why."""
 
 
-def setting(default: Any, help: str, *, minimum: float | None = None,
-            maximum: float | None = None, choices: Sequence[Any] | None = None,
-            classic: Any = _UNSET, address: bool = False) -> Any:
+def setting(
+  default: Any,
+  help: str,
+  *,
+  minimum: float | None = None,
+  maximum: float | None = None,
+  choices: Sequence[Any] | None = None,
+  classic: Any = _UNSET,
+  address: bool = False,
+) -> Any:
   """Declares one setting: default, help text, allowed values, family default.
 
   `address`: the value is a host:port to connect to.
   """
-  metadata = {"help": help, "minimum": minimum, "maximum": maximum,
-              "choices": tuple(choices) if choices else None, "classic": classic,
-              "address": address}
+  metadata = {
+    "help": help,
+    "minimum": minimum,
+    "maximum": maximum,
+    "choices": tuple(choices) if choices else None,
+    "classic": classic,
+    "address": address,
+  }
   if isinstance(default, (list, tuple)):
     return dataclasses.field(default_factory=lambda: tuple(default), metadata=metadata)
   return dataclasses.field(default=default, metadata=metadata)
@@ -81,6 +95,7 @@ def _converter(kind: Any) -> Callable[[str], Any]:
 def _describe_default(field: dataclasses.Field) -> str:
   def show(value):
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
   default = field.default_factory() if field.default is dataclasses.MISSING else field.default
   text = f"default {show(default)!s}" if default not in ("", None) else "default unset"
   classic = field.metadata["classic"]
@@ -89,8 +104,9 @@ def _describe_default(field: dataclasses.Field) -> str:
   return text
 
 
-def add_flags(parser: argparse.ArgumentParser, *config_classes: type,
-              exclude: frozenset[str] = frozenset()) -> None:
+def add_flags(
+  parser: argparse.ArgumentParser, *config_classes: type, exclude: frozenset[str] = frozenset()
+) -> None:
   """Adds one flag per setting of each dataclass (but `exclude`), grouped by class."""
   for cls in config_classes:
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
@@ -103,16 +119,32 @@ def add_flags(parser: argparse.ArgumentParser, *config_classes: type,
       if meta["choices"]:
         help_text += f" One of: {', '.join(map(str, meta['choices']))}."
       if kind is bool:
-        group.add_argument(flag_name(field), dest=field.name, default=_UNSET,
-                           action=argparse.BooleanOptionalAction, help=help_text)
+        group.add_argument(
+          flag_name(field),
+          dest=field.name,
+          default=_UNSET,
+          action=argparse.BooleanOptionalAction,
+          help=help_text,
+        )
       else:
-        group.add_argument(flag_name(field), dest=field.name, default=_UNSET, type=str,
-                           metavar=field.name.upper(), help=help_text)
+        group.add_argument(
+          flag_name(field),
+          dest=field.name,
+          default=_UNSET,
+          type=str,
+          metavar=field.name.upper(),
+          help=help_text,
+        )
 
 
-def build(cls: type, args: argparse.Namespace | None = None,
-          environ: dict[str, str] | None = None, *, classic_control: bool = False,
-          file_values: dict[str, tuple[Any, str]] | None = None) -> Any:
+def build(
+  cls: type,
+  args: argparse.Namespace | None = None,
+  environ: dict[str, str] | None = None,
+  *,
+  classic_control: bool = False,
+  file_values: dict[str, tuple[Any, str]] | None = None,
+) -> Any:
   """Builds a config of `cls` from flags, environment variables, a config file and defaults.
 
   `file_values` maps setting names to (value, where it was read) from
@@ -174,8 +206,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     raise ConfigError(f"--config {path!r} is not a readable TOML file: {e}") from None
 
 
-def check_config_file(doc: dict[str, Any], path: str, known: set[str],
-                      commands: set[str]) -> None:
+def check_config_file(doc: dict[str, Any], path: str, known: set[str], commands: set[str]) -> None:
   """Refuses keys that are no setting of any command and tables that are no command.
 
   A misspelt key would otherwise be silently ignored.
@@ -183,22 +214,30 @@ def check_config_file(doc: dict[str, Any], path: str, known: set[str],
   for key, value in doc.items():
     if isinstance(value, dict):
       if key not in commands:
-        raise ConfigError(f"--config {path!r}: [{key}] is not a command; tables may be "
-                          f"{', '.join(sorted(commands))}")
+        raise ConfigError(
+          f"--config {path!r}: [{key}] is not a command; tables may be "
+          f"{', '.join(sorted(commands))}"
+        )
       for sub in value:
         if isinstance(value[sub], dict) or sub not in known:
-          raise ConfigError(f"--config {path!r}: [{key}] {sub} is not a setting (settings "
-                            "are the flags' names with underscores, e.g. env_id)")
+          raise ConfigError(
+            f"--config {path!r}: [{key}] {sub} is not a setting (settings "
+            "are the flags' names with underscores, e.g. env_id)"
+          )
     elif key not in known:
-      raise ConfigError(f"--config {path!r}: {key} is not a setting (settings are the flags' "
-                        "names with underscores, e.g. env_id)")
+      raise ConfigError(
+        f"--config {path!r}: {key} is not a setting (settings are the flags' "
+        "names with underscores, e.g. env_id)"
+      )
 
 
-def config_file_values(doc: dict[str, Any], path: str,
-                       tables: Sequence[str]) -> dict[str, tuple[Any, str]]:
+def config_file_values(
+  doc: dict[str, Any], path: str, tables: Sequence[str]
+) -> dict[str, tuple[Any, str]]:
   """Settings of a checked `doc` that apply: top-level keys, then each of `tables` in order."""
-  values = {key: (value, f"{key} in {path}") for key, value in doc.items()
-            if not isinstance(value, dict)}
+  values = {
+    key: (value, f"{key} in {path}") for key, value in doc.items() if not isinstance(value, dict)
+  }
   for table in tables:
     for key, value in doc.get(table, {}).items():
       values[key] = (value, f"[{table}] {key} in {path}")

@@ -5,6 +5,7 @@ streams that must hear of it are coroutines on the gRPC server's event loop
 (policy/server.py). asyncio's own Event may only be set from its loop's
 thread, hence this.
 """
+
 import asyncio
 import threading
 

@@ -6,8 +6,9 @@ seconds, bytes. Values another process owns (the replay table's counters)
 are read when Prometheus scrapes, through `ScrapeTimeCollector`, so they are
 never stale and cost nothing between scrapes.
 """
+
 import logging
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -20,8 +21,10 @@ log = logging.getLogger(__name__)
 PREFIX = "dqnfleet_"
 
 BUILD_INFO = prometheus_client.Gauge(
-    PREFIX + "build_info", "The dqnfleet version and git revision this process runs (always 1).",
-    ["version", "git_revision", "role"])
+  PREFIX + "build_info",
+  "The dqnfleet version and git revision this process runs (always 1).",
+  ["version", "git_revision", "role"],
+)
 
 
 def counter(name: str, help: str, labels: Iterable[str] = ()) -> prometheus_client.Counter:
@@ -63,8 +66,9 @@ def register(collector: Collector) -> None:
   prometheus_client.REGISTRY.register(collector)
 
 
-def serve(port: int, role: str, version: str, git_revision: str,
-          listen_host: str = "::") -> int | None:
+def serve(
+  port: int, role: str, version: str, git_revision: str, listen_host: str = "::"
+) -> int | None:
   """Starts the /metrics endpoint on `port` (0: any free one) at `listen_host`; returns the port.
 
   METRICS_OFF (-1) starts nothing and returns None. A port in use stops the
@@ -77,11 +81,14 @@ def serve(port: int, role: str, version: str, git_revision: str,
     # "::" is every interface to gRPC, which falls back to IPv4 where a
     # container has no IPv6; the HTTP server would fail there instead.
     server, _ = prometheus_client.start_http_server(
-        port, addr="0.0.0.0" if listen_host == "::" else listen_host)
+      port, addr="0.0.0.0" if listen_host == "::" else listen_host
+    )
   except OSError as e:
-    raise PortUnavailable(f"cannot serve metrics on port {port} ({e.strerror}): use "
-                          "--metrics-port to pick another port, 0 for any free one or -1 for "
-                          "none") from None
+    raise PortUnavailable(
+      f"cannot serve metrics on port {port} ({e.strerror}): use "
+      "--metrics-port to pick another port, 0 for any free one or -1 for "
+      "none"
+    ) from None
   bound = server.server_port
   log.info("Prometheus metrics on port %d (/metrics)", bound)
   return bound

@@ -1,12 +1,14 @@
 """gRPC plumbing every service shares: servers, health, status, retries."""
+
 import asyncio
 import inspect
 import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,17 +22,17 @@ log = logging.getLogger(__name__)
 
 # Keepalives notice a peer that vanished (a killed pod) instead of hanging.
 CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+  ("grpc.keepalive_time_ms", 20_000),
+  ("grpc.keepalive_timeout_ms", 10_000),
+  ("grpc.keepalive_permit_without_calls", 1),
+  ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
 SERVER_OPTIONS = [
-    # gRPC turns SO_REUSEPORT on by default, so a second process given the
-    # same port would start and share it, answering health checks at random.
-    ("grpc.so_reuseport", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+  # gRPC turns SO_REUSEPORT on by default, so a second process given the
+  # same port would start and share it, answering health checks at random.
+  ("grpc.so_reuseport", 0),
+  ("grpc.keepalive_permit_without_calls", 1),
+  ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
 
 
@@ -68,17 +70,20 @@ class _AbortingContext:
 
 def _abort_ends(behavior, streaming: bool):
   if streaming:
+
     def wrapped(request, context):
       try:
         yield from behavior(request, _AbortingContext(context))
       except _Aborted:
         return  # grpc.aio then finishes the call with the status abort() sent
   else:
+
     def wrapped(request, context):
       try:
         return behavior(request, _AbortingContext(context))
       except _Aborted:
         return None
+
   return wrapped
 
 
@@ -96,8 +101,9 @@ class AbortEndsHandler(grpc.aio.ServerInterceptor):
       return None
     for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
       behavior = getattr(handler, name)
-      if behavior is not None and not (asyncio.iscoroutinefunction(behavior)
-                                       or inspect.isasyncgenfunction(behavior)):
+      if behavior is not None and not (
+        asyncio.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+      ):
         return handler._replace(**{name: _abort_ends(behavior, handler.response_streaming)})
     return handler
 
@@ -127,8 +133,9 @@ class Server:
 
   async def _create(self) -> grpc.aio.Server:
     interceptors = self.security.server_interceptors() + [AbortEndsHandler()]
-    return grpc.aio.server(migration_thread_pool=self._pool, options=SERVER_OPTIONS,
-                           interceptors=interceptors)
+    return grpc.aio.server(
+      migration_thread_pool=self._pool, options=SERVER_OPTIONS, interceptors=interceptors
+    )
 
   def call(self, coroutine, timeout: float | None = None):
     """Runs `coroutine` on the server's loop; returns its result."""
@@ -170,8 +177,10 @@ class Server:
       self.call(self._stop(grace), timeout=(grace or 0) + STOP_MARGIN_S)
     except TimeoutError:
       # A stopping service must not hang on its server: the process exits anyway.
-      log.warning("the gRPC server did not stop within %.0fs; leaving it to the process exit",
-                  (grace or 0) + STOP_MARGIN_S)
+      log.warning(
+        "the gRPC server did not stop within %.0fs; leaving it to the process exit",
+        (grace or 0) + STOP_MARGIN_S,
+      )
       return
     self.loop.call_soon_threadsafe(self.loop.stop)
     self._thread.join()
@@ -179,10 +188,16 @@ class Server:
     self._pool.shutdown(wait=False)
 
 
-def start_server(port: int, status: fleet_pb2_grpc.StatusServiceServicer, *, security: Security,
-                 extra: Callable[[grpc.aio.Server], None] | None = None,
-                 max_workers: int = 16, ready: Callable[[], bool] = lambda: True,
-                 stop: threading.Event | None = None) -> tuple[Server, int]:
+def start_server(
+  port: int,
+  status: fleet_pb2_grpc.StatusServiceServicer,
+  *,
+  security: Security,
+  extra: Callable[[grpc.aio.Server], None] | None = None,
+  max_workers: int = 16,
+  ready: Callable[[], bool] = lambda: True,
+  stop: threading.Event | None = None,
+) -> tuple[Server, int]:
   """Starts a server with health, status and `extra` services; returns it and its port.
 
   `security` (no default: a server must not fall back to plaintext because a
@@ -199,15 +214,19 @@ def start_server(port: int, status: fleet_pb2_grpc.StatusServiceServicer, *, sec
       extra(server.aio)
     address = security.bind_address(port)
     try:
-      bound = (server.aio.add_secure_port(address, security.server_credentials)
-               if security.server_credentials else server.aio.add_insecure_port(address))
+      bound = (
+        server.aio.add_secure_port(address, security.server_credentials)
+        if security.server_credentials
+        else server.aio.add_insecure_port(address)
+      )
     except RuntimeError:  # how grpcio reports a failed bind
       bound = 0
     if bound == 0:
       raise PortUnavailable(
-          f"cannot listen on port {port}: it is in use or not allowed, or --listen-host "
-          f"{security.listen_host} is not an address of this machine; give the service "
-          "another port (0: any free one) or listen host")
+        f"cannot listen on port {port}: it is in use or not allowed, or --listen-host "
+        f"{security.listen_host} is not an address of this machine; give the service "
+        "another port (0: any free one) or listen host"
+      )
     server.call(server._start(ready, stop or threading.Event()))
   except BaseException:
     server.stop(grace=0)
@@ -223,17 +242,20 @@ def channel(address: str, security: Security = PLAINTEXT) -> grpc.Channel:
 def get_status(address: str, timeout: float = 5.0, security: Security = PLAINTEXT) -> Status:
   """The service's status as its role's typed record (transport/status.py)."""
   with channel(address, security) as ch:
-    return decode(fleet_pb2_grpc.StatusServiceStub(ch).GetStatus(fleet_pb2.GetStatusRequest(),
-                                                                 timeout=timeout))
+    return decode(
+      fleet_pb2_grpc.StatusServiceStub(ch).GetStatus(fleet_pb2.GetStatusRequest(), timeout=timeout)
+    )
 
 
-def check_health(address: str, timeout: float = 3.0, service: str = "",
-                 security: Security = PLAINTEXT) -> bool:
+def check_health(
+  address: str, timeout: float = 3.0, service: str = "", security: Security = PLAINTEXT
+) -> bool:
   """Whether `service` ("" = liveness, READINESS) answers SERVING."""
   try:
     with channel(address, security) as ch:
-      reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
-                                                   timeout=timeout)
+      reply = health_pb2_grpc.HealthStub(ch).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=timeout
+      )
     return reply.status == health_pb2.HealthCheckResponse.SERVING
   except grpc.RpcError:
     return False
@@ -265,8 +287,12 @@ class Backoff:
     return bool(stopped)
 
 
-def retry(fn: Callable[[], T], what: str, stop: threading.Event | None = None,
-          errors: tuple[type[BaseException], ...] = (Exception,)) -> T | None:
+def retry(
+  fn: Callable[[], T],
+  what: str,
+  stop: threading.Event | None = None,
+  errors: tuple[type[BaseException], ...] = (Exception,),
+) -> T | None:
   """Calls `fn` until it succeeds, logging each failure; None if `stop` is set first."""
   backoff = Backoff()
   while True:

@@ -6,6 +6,7 @@ directory), and `dqnfleet up` writes its own for the whole fleet. run.json
 holds one entry per role, so services that share a directory
 (`up` and the trainer it starts) keep each other's.
 """
+
 import dataclasses
 import datetime
 import importlib.metadata
@@ -22,17 +23,39 @@ log = logging.getLogger(__name__)
 FILE = "run.json"
 # Read from the image when there is no git checkout (deploy/Dockerfile).
 GIT_REVISION_ENV = "DQNFLEET_GIT_REVISION"
-PACKAGES = ("dqnfleet", "tensorflow", "tf-agents", "dm-reverb", "gymnasium", "ale-py", "numpy",
-            "grpcio", "protobuf", "prometheus-client")
+PACKAGES = (
+  "dqnfleet",
+  "tensorflow",
+  "tf-agents",
+  "dm-reverb",
+  "gymnasium",
+  "ale-py",
+  "numpy",
+  "grpcio",
+  "protobuf",
+  "prometheus-client",
+)
 
 
 def git_revision() -> str:
   """The source checkout's commit (with -dirty if it has changes), or the image's, or ''."""
   source = pathlib.Path(__file__).resolve().parent
   try:
-    out = subprocess.run(["git", "-C", str(source), "describe", "--always", "--dirty",
-                          "--abbrev=40", "--match=NO-TAGS"],
-                         capture_output=True, text=True, timeout=5)
+    out = subprocess.run(
+      [
+        "git",
+        "-C",
+        str(source),
+        "describe",
+        "--always",
+        "--dirty",
+        "--abbrev=40",
+        "--match=NO-TAGS",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=5,
+    )
     if out.returncode == 0 and out.stdout.strip():
       return out.stdout.strip()
   except (OSError, subprocess.TimeoutExpired):  # no git on the host (containers)
@@ -53,13 +76,15 @@ def package_versions() -> dict[str, str]:
 def create(role: str, service_id: str, configs: list) -> dict:
   """The record of this process: who it is, what it runs, with which settings."""
   return {
-      "role": role, "id": service_id,
-      "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "host": socket.gethostname(), "pid": os.getpid(),
-      "git_revision": git_revision(),
-      "python": platform.python_version(),
-      "packages": package_versions(),
-      "config": {type(c).__name__: dataclasses.asdict(c) for c in configs},
+    "role": role,
+    "id": service_id,
+    "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "git_revision": git_revision(),
+    "python": platform.python_version(),
+    "packages": package_versions(),
+    "config": {type(c).__name__: dataclasses.asdict(c) for c in configs},
   }
 
 
@@ -78,8 +103,9 @@ def publish(record: dict, directory: str | os.PathLike | None) -> pathlib.Path |
     records = {}
   records[record["role"]] = record
   # Written whole or not at all: a reader never sees half a file.
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".run-", suffix=".json",
-                                   delete=False) as f:
+  with tempfile.NamedTemporaryFile(
+    "w", dir=path.parent, prefix=".run-", suffix=".json", delete=False
+  ) as f:
     json.dump(records, f, indent=2, sort_keys=True)
   os.replace(f.name, path)
   return path

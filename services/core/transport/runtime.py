@@ -1,4 +1,5 @@
 """Process set-up shared by every service: logging, quiet TensorFlow, signals."""
+
 import datetime
 import json
 import logging
@@ -31,10 +32,14 @@ class JsonFormatter(logging.Formatter):
 
   def format(self, record: logging.LogRecord) -> str:
     entry = {
-        "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-                .isoformat(timespec="milliseconds"),
-        "level": record.levelname, "service": self._role, "instance": self._id,
-        "logger": record.name, "message": record.getMessage(),
+      "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+        timespec="milliseconds"
+      ),
+      "level": record.levelname,
+      "service": self._role,
+      "instance": self._id,
+      "logger": record.name,
+      "message": record.getMessage(),
     }
     if record.exc_info:
       entry["exception"] = self.formatException(record.exc_info)
@@ -47,8 +52,11 @@ def setup_logging(role: str, service_id: str, level: str = "INFO", fmt: str = "t
   if fmt == "json":
     handler.setFormatter(JsonFormatter(role, service_id))
   else:
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s %(levelname)s {role}[{service_id}] %(message)s", datefmt="%H:%M:%S"))
+    handler.setFormatter(
+      logging.Formatter(
+        f"%(asctime)s %(levelname)s {role}[{service_id}] %(message)s", datefmt="%H:%M:%S"
+      )
+    )
   logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
   # TensorFlow's deprecation notices (from inside tf-agents) are not actionable here.

@@ -5,13 +5,15 @@ listen on, optionally a certificate its servers present (and that it shows
 as a client when a server asks for one), the CA it trusts, and a bearer
 token. `from_config` reads them once at start into a `Security`, which the
 service hands to every server it starts and every channel it opens
-(transport/rpc.py); nothing is kept in a module global. Health stays open (Kubernetes' and compose's probes carry no
-token); status, policy and summary calls need the token when one is set.
+(transport/rpc.py); nothing is kept in a module global. Health stays open
+(Kubernetes' and compose's probes carry no token); status, policy and summary
+calls need the token when one is set.
 
 Reverb's port is outside all of this: dm-reverb 0.14's server has no TLS,
 no credentials and no bind option, so in a cluster only a NetworkPolicy or
 a service mesh fences it (docs/replay.md).
 """
+
 import dataclasses
 import hmac
 import ipaddress
@@ -34,6 +36,7 @@ OPEN_METHODS_PREFIX = "/grpc.health.v1.Health/"
 @dataclasses.dataclass(frozen=True)
 class Security:
   """One process's listen address, credentials and token; PLAINTEXT has none."""
+
   listen_host: str = "::"
   server_credentials: grpc.ServerCredentials | None = None
   channel_credentials: grpc.ChannelCredentials | None = None
@@ -81,8 +84,9 @@ def _certificate(path: str, setting: str) -> bytes:
   try:
     x509.load_pem_x509_certificates(data)
   except ValueError:
-    raise ConfigError(f"{_named(setting)} {path}: not a PEM certificate (expected -----BEGIN "
-                      "CERTIFICATE-----)") from None
+    raise ConfigError(
+      f"{_named(setting)} {path}: not a PEM certificate (expected -----BEGIN CERTIFICATE-----)"
+    ) from None
   return data
 
 
@@ -98,9 +102,11 @@ def _private_key(path: str, setting: str) -> bytes:
 def check_listen_host(host: str) -> str:
   if host in ("localhost", "") or _is_ip(host):
     return host or "::"
-  raise ConfigError(f"{_named('listen_host')} {host!r} is not an IP address: use "
-                    ":: or 0.0.0.0 for every interface, 127.0.0.1 or ::1 for this machine only, "
-                    "or one of this machine's addresses")
+  raise ConfigError(
+    f"{_named('listen_host')} {host!r} is not an IP address: use "
+    ":: or 0.0.0.0 for every interface, 127.0.0.1 or ::1 for this machine only, "
+    "or one of this machine's addresses"
+  )
 
 
 def _is_ip(text: str) -> bool:
@@ -112,38 +118,50 @@ def _is_ip(text: str) -> bool:
 
 
 def from_config(common) -> Security:
-  """The Security of CommonConfig `common`; unreadable or inconsistent settings are a ConfigError."""
+  """The Security of CommonConfig `common`; bad or inconsistent settings are a ConfigError."""
   host = check_listen_host(common.listen_host)
   cert = key = client_ca = ca = None
   if bool(common.tls_cert) != bool(common.tls_key):
-    raise ConfigError(f"{_named('tls_cert')} and {_named('tls_key')} go together: give both "
-                      "or neither")
+    raise ConfigError(
+      f"{_named('tls_cert')} and {_named('tls_key')} go together: give both or neither"
+    )
   if common.tls_cert:
     cert = _certificate(common.tls_cert, "tls_cert")
     key = _private_key(common.tls_key, "tls_key")
   if common.tls_client_ca:
     if not cert:
-      raise ConfigError(f"{_named('tls_client_ca')} asks clients for certificates, which needs "
-                        "TLS: give --tls-cert and --tls-key too")
+      raise ConfigError(
+        f"{_named('tls_client_ca')} asks clients for certificates, which needs "
+        "TLS: give --tls-cert and --tls-key too"
+      )
     client_ca = _certificate(common.tls_client_ca, "tls_client_ca")
   if common.tls_ca:
     ca = _certificate(common.tls_ca, "tls_ca")
   token = None
   if common.auth_token_file:
-    token = _read(common.auth_token_file, "auth_token_file", "token").decode(
-        errors="replace").strip()
+    token = (
+      _read(common.auth_token_file, "auth_token_file", "token").decode(errors="replace").strip()
+    )
     if not token or any(c.isspace() or not c.isprintable() for c in token):
-      raise ConfigError(f"{_named('auth_token_file')} {common.auth_token_file}: the token must "
-                        "be one non-empty line of printable characters without spaces")
-  server = (grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                        require_client_auth=client_ca is not None)
-            if cert else None)
+      raise ConfigError(
+        f"{_named('auth_token_file')} {common.auth_token_file}: the token must "
+        "be one non-empty line of printable characters without spaces"
+      )
+  server = (
+    grpc.ssl_server_credentials(
+      [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+    if cert
+    else None
+  )
   # The same certificate identifies this service as a client, to servers
   # that ask for one (mutual TLS).
   channel = grpc.ssl_channel_credentials(ca, key, cert) if ca else None
   if token and not (server or channel):
-    log.warning("a bearer token without TLS crosses the network in clear text; give "
-                "--tls-cert/--tls-key (servers) and --tls-ca (clients)")
+    log.warning(
+      "a bearer token without TLS crosses the network in clear text; give "
+      "--tls-cert/--tls-key (servers) and --tls-ca (clients)"
+    )
   return Security(host, server, channel, token)
 
 
@@ -165,20 +183,30 @@ class RequireToken(grpc.aio.ServerInterceptor):
 
 def _refusal(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
   async def refuse(request, context):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                        f"{reason}: this server needs the token of its --auth-token-file")
+    await context.abort(
+      grpc.StatusCode.UNAUTHENTICATED,
+      f"{reason}: this server needs the token of its --auth-token-file",
+    )
 
-  kind = {(False, False): grpc.unary_unary_rpc_method_handler,
-          (False, True): grpc.unary_stream_rpc_method_handler,
-          (True, False): grpc.stream_unary_rpc_method_handler,
-          (True, True): grpc.stream_stream_rpc_method_handler}[
-              (handler.request_streaming, handler.response_streaming)]
-  return kind(refuse, request_deserializer=handler.request_deserializer,
-              response_serializer=handler.response_serializer)
+  kind = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+  }[(handler.request_streaming, handler.response_streaming)]
+  return kind(
+    refuse,
+    request_deserializer=handler.request_deserializer,
+    response_serializer=handler.response_serializer,
+  )
 
 
-class _SendToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _SendToken(
+  grpc.UnaryUnaryClientInterceptor,
+  grpc.UnaryStreamClientInterceptor,
+  grpc.StreamUnaryClientInterceptor,
+  grpc.StreamStreamClientInterceptor,
+):
   """Adds `authorization: Bearer <token>` to every call of a channel."""
 
   def __init__(self, token: str):

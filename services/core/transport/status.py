@@ -9,11 +9,12 @@ default. On the wire the counters stay the proto's `map<string, double>`
 (protos/dqnfleet/v1/fleet.proto), so `dqnfleet status --json` and older
 readers see the same keys as before.
 """
+
 import dataclasses
 import math
 import time
 import typing
-from typing import Callable
+from collections.abc import Callable
 
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 
@@ -22,70 +23,76 @@ NAN = math.nan
 
 @dataclasses.dataclass
 class ReplayCounters:
-  replay_size: int = -1          # items in the table now
-  max_size: int = -1             # the table's capacity
-  min_size_to_sample: int = -1   # items needed before the trainer may sample
-  items_inserted: int = -1       # since the table was created (restored with a checkpoint)
-  items_sampled: int = -1        # since the table was created
-  episodes: int = -1             # episodes whose items are in the table
+  replay_size: int = -1  # items in the table now
+  max_size: int = -1  # the table's capacity
+  min_size_to_sample: int = -1  # items needed before the trainer may sample
+  items_inserted: int = -1  # since the table was created (restored with a checkpoint)
+  items_sampled: int = -1  # since the table was created
+  episodes: int = -1  # episodes whose items are in the table
 
 
 @dataclasses.dataclass
 class CollectorCounters:
-  env_steps: int = 0             # agent steps this process collected
-  episodes: int = 0              # episodes it finished
-  policy_updates: int = 0        # published versions it switched to
-  epsilon: float = NAN           # exploration rate acting now
-  seed: int = -1                 # seed of its environments and exploration
-  fleet_env_steps: int = 0       # agent steps of the whole fleet (replay's insert count)
-  source_id: int = 0             # what marks its items in replay (rl.specs.source_id)
+  env_steps: int = 0  # agent steps this process collected
+  episodes: int = 0  # episodes it finished
+  policy_updates: int = 0  # published versions it switched to
+  epsilon: float = NAN  # exploration rate acting now
+  seed: int = -1  # seed of its environments and exploration
+  fleet_env_steps: int = 0  # agent steps of the whole fleet (replay's insert count)
+  source_id: int = 0  # what marks its items in replay (rl.specs.source_id)
 
 
 @dataclasses.dataclass
 class TrainerCounters:
-  train_steps: int = 0           # the train step (the version it publishes next)
-  loss: float = NAN              # TD loss of a recent train step
+  train_steps: int = 0  # the train step (the version it publishes next)
+  loss: float = NAN  # TD loss of a recent train step
   train_steps_per_s: float = 0.0
-  published_version: int = -1    # newest version announced to followers
+  published_version: int = -1  # newest version announced to followers
   policy_lag_steps: float = 0.0  # train steps between now and the policy that collected a batch
-  mean_q: float = NAN            # mean greedy Q-value of a recent batch
-  fleet_env_steps: int = 0       # agent steps of the whole fleet (replay's insert count)
-  bad_items_dropped: int = 0     # replay items with impossible values or shapes, deleted
+  mean_q: float = NAN  # mean greedy Q-value of a recent batch
+  fleet_env_steps: int = 0  # agent steps of the whole fleet (replay's insert count)
+  bad_items_dropped: int = 0  # replay items with impossible values or shapes, deleted
   unreadable_items_skipped: int = 0  # replay items of another dtype, skipped
 
 
 @dataclasses.dataclass
 class EvaluatorCounters:
-  evaluations: int = 0           # evaluations finished
-  versions_seen: int = 0         # published versions it heard of
+  evaluations: int = 0  # evaluations finished
+  versions_seen: int = 0  # published versions it heard of
   # The newest evaluation's results; -1 / NaN before the first one.
   last_version: int = -1
   last_mean_return: float = NAN
   last_median_return: float = NAN
   last_max_return: float = NAN
   last_mean_length: float = NAN
-  last_frames: int = -1          # emulator frames the fleet had collected then
-  last_minutes: float = NAN      # the trainer's uptime then
+  last_frames: int = -1  # emulator frames the fleet had collected then
+  last_minutes: float = NAN  # the trainer's uptime then
 
 
-COUNTERS = {"replay": ReplayCounters, "collector": CollectorCounters,
-            "trainer": TrainerCounters, "evaluator": EvaluatorCounters}
+COUNTERS = {
+  "replay": ReplayCounters,
+  "collector": CollectorCounters,
+  "trainer": TrainerCounters,
+  "evaluator": EvaluatorCounters,
+}
 Counters = ReplayCounters | CollectorCounters | TrainerCounters | EvaluatorCounters
 
 
 @dataclasses.dataclass
 class Report:
   """What a service's snapshot function returns at each GetStatus."""
+
   counters: Counters
-  policy_version: int = -1       # published (trainer), acting (collector), evaluated; -1: none
-  replay_size: int = -1          # items in the replay table; -1 where unknown
+  policy_version: int = -1  # published (trainer), acting (collector), evaluated; -1: none
+  replay_size: int = -1  # items in the replay table; -1 where unknown
   recent_returns: list[float] = dataclasses.field(default_factory=list)
-  env_id: str | None = None      # None: the one the service was started with
+  env_id: str | None = None  # None: the one the service was started with
 
 
 @dataclasses.dataclass
 class Status:
   """A decoded GetStatus reply."""
+
   role: str
   id: str
   env_id: str
@@ -106,11 +113,23 @@ def decode(reply: fleet_pb2.ServiceStatus) -> Status:
     raise ValueError(f"status of an unknown role {reply.role!r}; known: {', '.join(COUNTERS)}")
   cls = COUNTERS[reply.role]
   hints = typing.get_type_hints(cls)
-  counters = cls(**{f.name: _number(hints[f.name], reply.counters[f.name])
-                    for f in dataclasses.fields(cls) if f.name in reply.counters})
-  return Status(role=reply.role, id=reply.id, env_id=reply.env_id, counters=counters,
-                policy_version=reply.policy_version, replay_size=reply.replay_size,
-                recent_returns=list(reply.recent_returns), uptime_s=reply.uptime_s)
+  counters = cls(
+    **{
+      f.name: _number(hints[f.name], reply.counters[f.name])
+      for f in dataclasses.fields(cls)
+      if f.name in reply.counters
+    }
+  )
+  return Status(
+    role=reply.role,
+    id=reply.id,
+    env_id=reply.env_id,
+    counters=counters,
+    policy_version=reply.policy_version,
+    replay_size=reply.replay_size,
+    recent_returns=list(reply.recent_returns),
+    uptime_s=reply.uptime_s,
+  )
 
 
 class StatusServicer(fleet_pb2_grpc.StatusServiceServicer):
@@ -126,12 +145,17 @@ class StatusServicer(fleet_pb2_grpc.StatusServiceServicer):
   def GetStatus(self, request, context):
     report = self._snapshot()
     if not isinstance(report.counters, COUNTERS[self._role]):
-      raise TypeError(f"a {self._role} reports {COUNTERS[self._role].__name__}, "
-                      f"not {type(report.counters).__name__}")
+      raise TypeError(
+        f"a {self._role} reports {COUNTERS[self._role].__name__}, "
+        f"not {type(report.counters).__name__}"
+      )
     return fleet_pb2.ServiceStatus(
-        role=self._role, id=self._id,
-        env_id=self._env_id if report.env_id is None else report.env_id,
-        counters={k: float(v) for k, v in dataclasses.asdict(report.counters).items()},
-        policy_version=int(report.policy_version), replay_size=int(report.replay_size),
-        recent_returns=list(report.recent_returns),
-        uptime_s=time.monotonic() - self._started)
+      role=self._role,
+      id=self._id,
+      env_id=self._env_id if report.env_id is None else report.env_id,
+      counters={k: float(v) for k, v in dataclasses.asdict(report.counters).items()},
+      policy_version=int(report.policy_version),
+      replay_size=int(report.replay_size),
+      recent_returns=list(report.recent_returns),
+      uptime_s=time.monotonic() - self._started,
+    )

@@ -12,6 +12,7 @@ summaries:
 So one TensorBoard that reads the trainer's volume shows everything, under
 `dqnfleet up`, docker compose and Kubernetes alike.
 """
+
 import collections
 import logging
 import math
@@ -21,8 +22,8 @@ import threading
 
 import grpc
 
-from dqnfleet.core.transport import rpc
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
+from dqnfleet.core.transport import rpc
 from dqnfleet.core.transport.security import Security
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,10 @@ def check_report(report: fleet_pb2.SummaryReport) -> str | None:
     return f"{len(report.scalars)} scalars in one report; at most {MAX_SCALARS}"
   for scalar in report.scalars:
     if not TAG.fullmatch(scalar.tag):
-      return (f"tag {scalar.tag[:140]!r} is not allowed: 1 to 128 characters of letters, "
-              "digits and _ . / -")
+      return (
+        f"tag {scalar.tag[:140]!r} is not allowed: 1 to 128 characters of letters, "
+        "digits and _ . / -"
+      )
     if not math.isfinite(scalar.value):
       return f"tag {scalar.tag}: value {scalar.value} is not a finite number"
     if scalar.step < 0:
@@ -66,11 +69,13 @@ class SummaryWriter(fleet_pb2_grpc.SummaryServiceServicer):
 
   def _writer(self, role: str):
     import tensorflow as tf  # the trainer has it loaded already
+
     if role not in self._writers:
       # Flushed every 10 s rather than on every report: a thousand collectors
       # reporting every 10 s would otherwise mean 100 file flushes a second.
       self._writers[role] = tf.summary.create_file_writer(
-          os.path.join(self._logdir, RUNS[role]), flush_millis=10_000)
+        os.path.join(self._logdir, RUNS[role]), flush_millis=10_000
+      )
     return self._writers[role]
 
   def Report(self, request, context):
@@ -78,6 +83,7 @@ class SummaryWriter(fleet_pb2_grpc.SummaryServiceServicer):
     if problem:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"summary report refused: {problem}")
     import tensorflow as tf
+
     with self._lock:
       with self._writer(request.role).as_default():
         for scalar in request.scalars:
@@ -98,8 +104,15 @@ class SummaryReporter:
   backoff; training and collection never wait for it.
   """
 
-  def __init__(self, trainer_address: str, role: str, source_id: str, *, security: Security,
-               every_s: float = REPORT_EVERY_S):
+  def __init__(
+    self,
+    trainer_address: str,
+    role: str,
+    source_id: str,
+    *,
+    security: Security,
+    every_s: float = REPORT_EVERY_S,
+  ):
     self._address, self._role, self._source = trainer_address, role, source_id
     self._security = security
     self._every_s = every_s
@@ -139,9 +152,13 @@ class SummaryReporter:
             log.error("the trainer refused summaries: %s", e.details())
           else:
             if not failing:
-              log.warning("cannot send summaries to the trainer at %s (%s); keeping up to %d "
-                          "scalars and retrying with backoff", self._address, e.code().name,
-                          MAX_PENDING)
+              log.warning(
+                "cannot send summaries to the trainer at %s (%s); keeping up to %d "
+                "scalars and retrying with backoff",
+                self._address,
+                e.code().name,
+                MAX_PENDING,
+              )
             delay, failing = min(delay * 2, MAX_RETRY_S), True
         if stopping:
           return
@@ -149,13 +166,14 @@ class SummaryReporter:
   def _send(self, stub, timeout: float) -> None:
     while True:
       with self._lock:
-        batch = [self._pending.popleft()
-                 for _ in range(min(MAX_SCALARS, len(self._pending)))]
+        batch = [self._pending.popleft() for _ in range(min(MAX_SCALARS, len(self._pending)))]
       if not batch:
         return
       try:
-        stub.Report(fleet_pb2.SummaryReport(role=self._role, source_id=self._source,
-                                            scalars=batch), timeout=timeout)
+        stub.Report(
+          fleet_pb2.SummaryReport(role=self._role, source_id=self._source, scalars=batch),
+          timeout=timeout,
+        )
       except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
           with self._lock:  # back to the front, in order, for the next attempt
