@@ -121,6 +121,15 @@ class Learner:
   def train_steps(self) -> int:
     return int(self.train_step.numpy())
 
+  def trace(self) -> None:
+    """Builds the train graph now, without data, so that the first step() need not.
+
+    Tracing holds the GIL for seconds; done before the first publication, it
+    does not coincide with the herd of downloads that publication sets off,
+    which the gRPC server's event loop serves in the same process.
+    """
+    self._graph.get_concrete_function(self._replay.iterator, tf.TensorSpec([], tf.int32))
+
   def step(self, steps: int) -> StepResult:
     """Up to `steps` train steps in one graph call (see StepResult).
 

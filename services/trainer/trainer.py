@@ -121,9 +121,10 @@ class Trainer:
       )
     if self._stop.is_set():
       return
+    self.replay.start()
+    self.learner.trace()
     if self.publisher.latest_version != self.step:
       self.publish()
-    self.replay.start()
     max_steps = self.config.max_train_steps
     # In this order after every call, also one that failed: steps that ran count.
     step_triggers = [
