@@ -134,6 +134,61 @@ def service_args(role: str, **settings) -> list[str]:
   return [role, *setting_flags(**settings)]
 
 
+def replay_table(env_specs, max_size: int = 1000, min_size: int = 1, **options):
+  """A table of the layout of `env_specs`, uniform and FIFO unless `options` say otherwise,
+  for a Reverb server in the test process."""
+  import reverb
+
+  from dqnfleet.core.rl import specs
+
+  return reverb.Table(
+    specs.TABLE,
+    options.pop("sampler", reverb.selectors.Uniform()),
+    reverb.selectors.Fifo(),
+    max_size=max_size,
+    rate_limiter=options.pop("rate_limiter", reverb.rate_limiters.MinSize(min_size)),
+    signature=specs.table_signature(env_specs),
+    **options,
+  )
+
+
+def start_up(**settings) -> subprocess.Popen:
+  """`dqnfleet up` with these settings (see setting_flags); its progress lines on `.stdout`."""
+  return subprocess.Popen(
+    [sys.executable, "-m", "dqnfleet", *service_args("up", **settings)],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+
+
+def start_cartpole_trainer(services, replay_port: int, trainer_port: int, run_dir, **settings):
+  """A CartPole trainer on replay at `replay_port`, started with the `services` fixture."""
+  return services(
+    "trainer",
+    *service_args(
+      "trainer",
+      env_id="CartPole-v1",
+      replay_address=f"localhost:{replay_port}",
+      port=trainer_port,
+      run_dir=run_dir,
+      **settings,
+    ),
+  )
+
+
+def cartpole_collector_args(replay_port: int, trainer_port: int, status_port: int) -> list[str]:
+  """`dqnfleet collector` of 2 CartPole environments writing to replay at `replay_port`."""
+  return service_args(
+    "collector",
+    env_id="CartPole-v1",
+    replay_address=f"localhost:{replay_port}",
+    trainer_address=f"localhost:{trainer_port}",
+    status_port=status_port,
+    num_envs=2,
+  )
+
+
 def start_trainer_without_data(services, run_dir: pathlib.Path) -> tuple["Service", int]:
   """A replay no collector writes to (--min-size 5000) and a CartPole trainer on it,
   started with the `services` fixture: the trainer publishes its untrained network
@@ -145,17 +200,7 @@ def start_trainer_without_data(services, run_dir: pathlib.Path) -> tuple["Servic
       "replay", env_id="CartPole-v1", port=replay_port, status_port=free_port(), min_size=5000
     ),
   )
-  trainer = services(
-    "trainer",
-    *service_args(
-      "trainer",
-      env_id="CartPole-v1",
-      replay_address=f"localhost:{replay_port}",
-      port=trainer_port,
-      run_dir=run_dir,
-    ),
-  )
-  return trainer, trainer_port
+  return start_cartpole_trainer(services, replay_port, trainer_port, run_dir), trainer_port
 
 
 class Service:

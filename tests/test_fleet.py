@@ -17,6 +17,7 @@ from dqnfleet.core.rl import replay_io, specs
 from dqnfleet.core.transport import rpc
 from support import (
   Service,
+  cartpole_collector_args,
   dqnfleet,
   free_port,
   service_args,
@@ -508,17 +509,7 @@ def test_a_trainer_past_its_step_limit_can_stay_up_serving_its_final_policy(
 
 def test_a_collector_without_replay_is_alive_but_not_ready(services, tmp_path):
   port = free_port()
-  collector = services(
-    "collector",
-    *service_args(
-      "collector",
-      env_id="CartPole-v1",
-      replay_address=f"localhost:{free_port()}",
-      trainer_address=f"localhost:{free_port()}",
-      status_port=port,
-      num_envs=2,
-    ),
-  )
+  collector = services("collector", *cartpole_collector_args(free_port(), free_port(), port))
   wait_until(lambda: "connecting to replay" in collector.log(), 120, "the collector to start")
   address = f"localhost:{port}"
   assert dqnfleet("health", address, timeout=60).returncode == 0  # alive: no restart

@@ -16,7 +16,7 @@ from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import specs
 from dqnfleet.core.settings.config import EnvConfig
 from dqnfleet.trainer.dataset import to_experience
-from support import free_port
+from support import free_port, replay_table
 
 GAMMA = 0.9
 
@@ -48,15 +48,7 @@ def write_episode(observer, rewards, discounts):
 def n_step_items(rewards, discounts, n):
   config = EnvConfig(env_id="CartPole-v1", n_step=n)
   env_specs = specs.env_specs(config)
-  table = reverb.Table(
-    specs.TABLE,
-    reverb.selectors.Fifo(),
-    reverb.selectors.Fifo(),
-    max_size=1000,
-    max_times_sampled=1,
-    rate_limiter=reverb.rate_limiters.MinSize(1),
-    signature=specs.table_signature(env_specs),
-  )
+  table = replay_table(env_specs, sampler=reverb.selectors.Fifo(), max_times_sampled=1)
   server = reverb.Server([table], port=free_port())
   client = reverb.Client(f"localhost:{server.port}")
   observer = ReplayObserver(client, env_specs, 1, lambda: 7, threading.Event(), source=1)

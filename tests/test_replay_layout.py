@@ -16,7 +16,7 @@ from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import envs, replay_io, specs
 from dqnfleet.core.settings.config import EnvConfig
 from dqnfleet.trainer.dataset import make_dataset
-from support import free_port
+from support import free_port, replay_table
 
 
 class Recorder:
@@ -73,15 +73,7 @@ class Recorder:
 def test_sampled_transitions_are_exactly_the_collected_ones(env_id, n_step, steps):
   config = EnvConfig(env_id=env_id, n_step=n_step)
   env_specs = specs.env_specs(config)
-  table = reverb.Table(
-    specs.TABLE,
-    reverb.selectors.Uniform(),
-    reverb.selectors.Fifo(),
-    max_size=100_000,
-    rate_limiter=reverb.rate_limiters.MinSize(1),
-    signature=specs.table_signature(env_specs),
-  )
-  server = reverb.Server([table], port=free_port())
+  server = reverb.Server([replay_table(env_specs, max_size=100_000)], port=free_port())
   client = reverb.Client(f"localhost:{server.port}")
   env = envs.BatchedEnvironment(config, num_envs=3, seed=7)
   observer = ReplayObserver(client, env_specs, 3, lambda: 42, threading.Event(), source=1234)

@@ -24,7 +24,7 @@ from tf_agents.trajectories import time_step as ts
 from dqnfleet.collector import observer as observer_lib
 from dqnfleet.core.rl import replay_io, specs
 from dqnfleet.trainer.dataset import make_dataset
-from support import free_port
+from support import free_port, replay_table
 
 REVERB = importlib.metadata.version("dm-reverb")
 TESTED_WITH = "0.14.0"  # requirements.lock's pin
@@ -95,14 +95,7 @@ def broken(what: str) -> str:
 
 
 def table(env_specs: specs.EnvSpecs, rate_limiter=None) -> reverb.Table:
-  return reverb.Table(
-    specs.TABLE,
-    reverb.selectors.Uniform(),
-    reverb.selectors.Fifo(),
-    max_size=1000,
-    rate_limiter=rate_limiter or reverb.rate_limiters.MinSize(1),
-    signature=specs.table_signature(env_specs),
-  )
+  return replay_table(env_specs, rate_limiter=rate_limiter or reverb.rate_limiters.MinSize(1))
 
 
 @pytest.fixture

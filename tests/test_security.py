@@ -16,7 +16,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from support import dqnfleet, free_port, service_args, setting_flags, wait_until
+from support import (
+  cartpole_collector_args,
+  dqnfleet,
+  free_port,
+  service_args,
+  setting_flags,
+  wait_until,
+)
 
 ENV = {"DQNFLEET_ENV_ID": "CartPole-v1"}
 
@@ -110,14 +117,7 @@ def test_collectors_follow_a_trainer_over_mutual_tls_with_a_token_and_strangers_
   )
   services(
     "collector",
-    *service_args(
-      "collector",
-      env_id="CartPole-v1",
-      replay_address=f"localhost:{replay_port}",
-      trainer_address=f"localhost:{trainer_port}",
-      status_port=collector_port,
-      num_envs=2,
-    ),
+    *cartpole_collector_args(replay_port, trainer_port, collector_port),
     *secure,
     env=ENV,
   )

@@ -11,7 +11,7 @@ from dqnfleet.cli.main import build_configs, build_parser
 from dqnfleet.core.settings import config as config_module
 from dqnfleet.core.settings import flags
 from dqnfleet.core.settings.config import EnvConfig, ReplayConfig
-from support import dqnfleet, wait_until
+from support import dqnfleet, service_args, wait_until
 
 
 def parse(*argv):
@@ -159,17 +159,14 @@ def test_a_replay_checkpoint_of_another_environment_is_refused_and_kept(services
   checkpoints = tmp_path / "replay_checkpoints"
   cartpole = services(
     "replay",
-    "replay",
-    "--env-id",
-    "CartPole-v1",
-    "--port",
-    "0",
-    "--status-port",
-    "0",
-    "--checkpoint-dir",
-    str(checkpoints),
-    "--checkpoint-every-s",
-    "0",
+    *service_args(
+      "replay",
+      env_id="CartPole-v1",
+      port=0,
+      status_port=0,
+      checkpoint_dir=checkpoints,
+      checkpoint_every_s=0,
+    ),
   )
   wait_until(lambda: "health and status on port" in cartpole.log(), 120, "replay to start")
   assert cartpole.stop() == 0
@@ -177,15 +174,7 @@ def test_a_replay_checkpoint_of_another_environment_is_refused_and_kept(services
   assert saved  # checkpointed at shutdown
 
   result = dqnfleet(
-    "replay",
-    "--env-id",
-    "Acrobot-v1",
-    "--port",
-    "0",
-    "--status-port",
-    "0",
-    "--checkpoint-dir",
-    str(checkpoints),
+    *service_args("replay", env_id="Acrobot-v1", port=0, status_port=0, checkpoint_dir=checkpoints),
     timeout=120,
   )
   assert result.returncode == 2, result.stderr[-2000:]
@@ -292,29 +281,13 @@ def test_a_service_given_a_port_in_use_exits_with_an_error_naming_it():
     taken.listen()
     port = taken.getsockname()[1]
     result = dqnfleet(
-      "replay",
-      "--env-id",
-      "CartPole-v1",
-      "--port",
-      "0",
-      "--status-port",
-      str(port),
-      "--metrics-port",
-      "-1",
+      *service_args("replay", env_id="CartPole-v1", port=0, status_port=port, metrics_port=-1),
       timeout=120,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"dqnfleet replay: error: cannot listen on port {port}: it is in use" in result.stderr
     result = dqnfleet(
-      "replay",
-      "--env-id",
-      "CartPole-v1",
-      "--port",
-      "0",
-      "--status-port",
-      "0",
-      "--metrics-port",
-      str(port),
+      *service_args("replay", env_id="CartPole-v1", port=0, status_port=0, metrics_port=port),
       timeout=120,
     )
     assert result.returncode == 2, result.stderr[-2000:]

@@ -16,7 +16,7 @@ from dqnfleet.core.settings.config import AgentConfig, EnvConfig, NetworkConfig,
 from dqnfleet.trainer import dataset
 from dqnfleet.trainer.trainer import Trainer
 from dqnfleet.trainer.triggers import Trigger
-from support import free_port
+from support import free_port, replay_table
 
 ENV = EnvConfig(env_id="CartPole-v1", n_step=1)
 NET = NetworkConfig(fc_layers=(16,))
@@ -56,15 +56,7 @@ def test_a_time_trigger_fires_once_its_period_has_passed_since_it_last_fired():
 def replay():
   """A uniform table of CartPole's layout with `items` valid items, in this process."""
   env_specs = specs.env_specs(ENV)
-  table = reverb.Table(
-    specs.TABLE,
-    reverb.selectors.Uniform(),
-    reverb.selectors.Fifo(),
-    max_size=10_000,
-    rate_limiter=reverb.rate_limiters.MinSize(1),
-    signature=specs.table_signature(env_specs),
-  )
-  server = reverb.Server([table], port=free_port())
+  server = reverb.Server([replay_table(env_specs, max_size=10_000)], port=free_port())
   client = reverb.Client(f"localhost:{server.port}")
   writer = replay_io.RowWriter(client, replay_io.ItemLayout.of(env_specs))
   rng = np.random.default_rng(0)
@@ -146,15 +138,7 @@ def test_the_source_skips_unreadable_items_and_lets_bugs_through(replay, tmp_pat
 def test_a_wait_for_data_is_a_timed_out_step_and_explained(tmp_path, monkeypatch, caplog):
   monkeypatch.setattr(dataset, "SAMPLE_TIMEOUT_MS", 300)
   env_specs = specs.env_specs(ENV)
-  table = reverb.Table(
-    specs.TABLE,
-    reverb.selectors.Uniform(),
-    reverb.selectors.Fifo(),
-    max_size=100,
-    rate_limiter=reverb.rate_limiters.MinSize(50),
-    signature=specs.table_signature(env_specs),
-  )
-  server = reverb.Server([table], port=free_port())
+  server = reverb.Server([replay_table(env_specs, max_size=100, min_size=50)], port=free_port())
   try:
     trainer = trainer_for(server, tmp_path)
     trainer.replay.connect()

@@ -13,7 +13,7 @@ import threading
 import psutil
 import pytest
 
-from support import dqnfleet, wait_until
+from support import dqnfleet, start_up, wait_until
 
 RANDOM_POLICY_RETURN = 22  # CartPole-v1's mean return when acting at random
 TRAIN_STEPS = 15_000
@@ -70,25 +70,7 @@ def test_cartpole_learns_within_a_bounded_budget(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_service(tmp_path):
-  up = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "dqnfleet",
-      "up",
-      "--env-id",
-      "CartPole-v1",
-      "--collectors",
-      "1",
-      "--run-dir",
-      str(tmp_path / "run"),
-      "--progress-every-s",
-      "1",
-    ],
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-  )
+  up = start_up(env_id="CartPole-v1", collectors=1, run_dir=tmp_path / "run", progress_every_s=1)
   lines = []
 
   def progressed():
@@ -133,30 +115,14 @@ def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(t
   checkpoint held, the trainer at least at that checkpoint's train step."""
   run_dir = tmp_path / "run"
   logs = run_dir / "logs"
-  up = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "dqnfleet",
-      "up",
-      "--env-id",
-      "CartPole-v1",
-      "--collectors",
-      "1",
-      "--run-dir",
-      str(run_dir),
-      "--progress-every-s",
-      "1",
-      "--checkpoint-every",
-      "200",
-      "--publish-every",
-      "100",
-      "--checkpoint-every-s",
-      "2",
-    ],
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
+  up = start_up(
+    env_id="CartPole-v1",
+    collectors=1,
+    run_dir=run_dir,
+    progress_every_s=1,
+    checkpoint_every=200,
+    publish_every=100,
+    checkpoint_every_s=2,
   )
   lines: list[str] = []
   threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True).start()
