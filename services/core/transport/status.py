@@ -103,6 +103,10 @@ class Status:
   uptime_s: float
 
 
+# Each role's counter names and types, read once: decode runs at every poll.
+_FIELD_TYPES = {role: typing.get_type_hints(cls) for role, cls in COUNTERS.items()}
+
+
 def _number(kind, value: float):
   return int(value) if kind is int and math.isfinite(value) else value
 
@@ -112,12 +116,11 @@ def decode(reply: fleet_pb2.ServiceStatus) -> Status:
   if reply.role not in COUNTERS:
     raise ValueError(f"status of an unknown role {reply.role!r}; known: {', '.join(COUNTERS)}")
   cls = COUNTERS[reply.role]
-  hints = typing.get_type_hints(cls)
   counters = cls(
     **{
-      f.name: _number(hints[f.name], reply.counters[f.name])
-      for f in dataclasses.fields(cls)
-      if f.name in reply.counters
+      name: _number(kind, reply.counters[name])
+      for name, kind in _FIELD_TYPES[reply.role].items()
+      if name in reply.counters
     }
   )
   return Status(
