@@ -90,7 +90,9 @@ def main():
   try:
     client = reverb.Client(f"localhost:{port}")
     rpc.retry(lambda: client.server_info(timeout=5), "connecting to the benchmark's replay")
-    config = CollectorConfig(replay_address=f"localhost:{port}", num_envs=args.num_envs, seed=1)
+    config = CollectorConfig(
+      replay_addresses=(f"localhost:{port}",), num_envs=args.num_envs, seed=1
+    )
     stop = threading.Event()
     # Its policy follower and summaries never start here: no trainer to reach.
     collector = Collector(

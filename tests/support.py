@@ -169,7 +169,7 @@ def start_cartpole_trainer(services, replay_port: int, trainer_port: int, run_di
     *service_args(
       "trainer",
       env_id="CartPole-v1",
-      replay_address=f"localhost:{replay_port}",
+      replay_addresses=(f"localhost:{replay_port}",),
       port=trainer_port,
       run_dir=run_dir,
       **settings,
@@ -182,7 +182,7 @@ def cartpole_collector_args(replay_port: int, trainer_port: int, status_port: in
   return service_args(
     "collector",
     env_id="CartPole-v1",
-    replay_address=f"localhost:{replay_port}",
+    replay_addresses=(f"localhost:{replay_port}",),
     trainer_address=f"localhost:{trainer_port}",
     status_port=status_port,
     num_envs=2,

@@ -66,7 +66,7 @@ def fleet(tmp_path_factory):
   trainer_args = service_args(
     "trainer",
     env_id="CartPole-v1",
-    replay_address=replay_address,
+    replay_addresses=(replay_address,),
     port=ports["trainer"],
     metrics_port=ports["trainer_metrics"],
     run_dir=root / "run",
@@ -81,7 +81,7 @@ def fleet(tmp_path_factory):
       service_args(
         "collector",
         env_id="CartPole-v1",
-        replay_address=replay_address,
+        replay_addresses=(replay_address,),
         trainer_address=trainer_address,
         collector_id=f"c{i}",
         num_envs=4,
@@ -487,7 +487,7 @@ def test_a_trainer_past_its_step_limit_can_stay_up_serving_its_final_policy(
     *service_args(
       "trainer",
       env_id="CartPole-v1",
-      replay_address=fleet["replay_address"],
+      replay_addresses=(fleet["replay_address"],),
       port=port,
       run_dir=tmp_path / "limited",
       max_train_steps=30,

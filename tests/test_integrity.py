@@ -50,7 +50,7 @@ def test_announced_versions_never_go_back_after_a_restart(tmp_path):
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_an_older_intact_one(tmp_path, caplog):
-  config = TrainerConfig(run_dir=str(tmp_path / "run"), replay_address="localhost:1")
+  config = TrainerConfig(run_dir=str(tmp_path / "run"), replay_addresses=("localhost:1",))
   agent = AgentConfig(batch_size=8)
   trainer = Trainer(ENV, NET, agent, config, threading.Event())
   for step in (10, 20):

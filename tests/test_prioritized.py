@@ -47,7 +47,7 @@ def test_the_trainer_updates_priorities_of_what_it_sampled(tmp_path):
     ENV,
     NetworkConfig(fc_layers=(32,)),
     AgentConfig(batch_size=16),
-    TrainerConfig(replay_address=address, port=0, run_dir=str(tmp_path)),
+    TrainerConfig(replay_addresses=(address,), port=0, run_dir=str(tmp_path)),
     threading.Event(),
   )
   trainer.replay.connect()

@@ -44,7 +44,7 @@ UP_SETS_ITSELF = {
   "port",
   "status_port",
   "metrics_port",
-  "replay_address",
+  "replay_addresses",
   "trainer_address",
   "collector_id",
   "seed",
@@ -128,8 +128,11 @@ def test_every_setting_has_help_and_an_environment_variable():
       ["collector", "--trainer-address", "127.0.0.1:70000"],
       "--trainer-address '127.0.0.1:70000' has port '70000'; a port is 1..65535",
     ),
-    (["collector", "--replay-address", "replay"], "--replay-address 'replay' is not host:port"),
-    (["trainer", "--replay-address", "my host:80"], "has a host 'my host' with characters"),
+    (["collector", "--replay-addresses", "replay"], "--replay-addresses 'replay' is not host:port"),
+    (
+      ["trainer", "--replay-addresses", "localhost:8000,my host:80"],
+      "has a host 'my host' with characters",
+    ),
     (["evaluator", "--trainer-address", "[::1:80"], "without its closing ]"),
   ],
 )

@@ -72,14 +72,14 @@ def replay():
 
 def trainer_for(server, run_dir, **settings) -> Trainer:
   config = TrainerConfig(
-    replay_address=f"localhost:{server.port}", port=0, run_dir=str(run_dir), **settings
+    replay_addresses=(f"localhost:{server.port}",), port=0, run_dir=str(run_dir), **settings
   )
   return Trainer(ENV, NET, AGENT, config, threading.Event())
 
 
 def test_calls_are_capped_so_that_no_period_is_crossed_twice(tmp_path):
   config = TrainerConfig(
-    replay_address="localhost:1", run_dir=str(tmp_path), publish_every=3, checkpoint_every=7
+    replay_addresses=("localhost:1",), run_dir=str(tmp_path), publish_every=3, checkpoint_every=7
   )
   assert Trainer(ENV, NET, AGENT, config, threading.Event()).steps_per_call == 3
 

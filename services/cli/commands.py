@@ -266,7 +266,7 @@ _SERVICES = (
     up_sets=frozenset(
       {
         "listen_host",
-        "replay_address",
+        "replay_addresses",
         "trainer_address",
         "collector_id",
         "seed",
@@ -283,7 +283,7 @@ _SERVICES = (
     service=TrainerConfig,
     status_port="port",
     record_dir=(TrainerConfig, "run_dir"),
-    up_sets=frozenset({"listen_host", "replay_address", "port", "metrics_port", "run_dir"}),
+    up_sets=frozenset({"listen_host", "replay_addresses", "port", "metrics_port", "run_dir"}),
   ),
   _command(
     "evaluator",

@@ -155,10 +155,10 @@ class Collector:
 
   def _connect(self) -> reverb.Client | None:
     self.connected = False
-    client = reverb.Client(self.config.replay_address)
+    client = reverb.Client(self.config.replay_addresses[0])
     ok = rpc.retry(
       lambda: client.server_info(timeout=5),
-      f"connecting to replay at {self.config.replay_address}",
+      f"connecting to replay at {self.config.replay_addresses[0]}",
       self._stop,
     )
     self.connected = ok is not None
@@ -173,7 +173,7 @@ class Collector:
       self.config.num_envs,
       self.env_config.env_id,
       self.seed,
-      self.config.replay_address,
+      self.config.replay_addresses[0],
       self.config.trainer_address,
     )
     backoff = rpc.Backoff()
@@ -203,7 +203,7 @@ class Collector:
           self.connected = False
           log.warning(
             "lost replay at %s (%s); reconnecting in %.1fs",
-            self.config.replay_address,
+            self.config.replay_addresses[0],
             str(e).splitlines()[0][:200],
             backoff.delay,
           )

@@ -63,7 +63,7 @@ class Trainer:
     self.env, self.config, self._stop = env, config, stop
     self.specs = specs.env_specs(env)
     self.replay = ReplaySource(
-      config.replay_address,
+      config.replay_addresses[0],
       self.specs,
       env.env_id,
       agent_config.batch_size,
@@ -140,7 +140,7 @@ class Trainer:
     log.info(
       "training %s from replay %s; policy API on the trainer port",
       self.env.env_id,
-      self.config.replay_address,
+      self.config.replay_addresses[0],
     )
     while not self._stop.is_set() and not (max_steps and self.step >= max_steps):
       steps = (

@@ -296,8 +296,11 @@ class ReplayConfig:
 class CollectorConfig:
   """A collector: batched environments, epsilon-greedy policy, Reverb writers."""
 
-  replay_address: str = setting(
-    f"localhost:{DEFAULT_REPLAY_PORT}", "Reverb server host:port.", address=True
+  replay_addresses: tuple[str, ...] = setting(
+    (f"localhost:{DEFAULT_REPLAY_PORT}",),
+    "Reverb servers (replay shards), host:port[,host:port...]: each environment writes "
+    "its episodes to one of them, so the collector's writes spread over all.",
+    address=True,
   )
   trainer_address: str = setting(
     f"localhost:{DEFAULT_TRAINER_PORT}", "Trainer's policy API host:port.", address=True
@@ -313,8 +316,35 @@ class CollectorConfig:
   # Derived by default, so that replicas differ without edits. `dqnfleet up`
   # sets it from its own --seed (UpConfig.seed).
   seed: int = setting(-1, "Random seed (-1: derived from the collector id).", minimum=-1)
+  # Ape-X (Horgan et al. 2018): actors that explore at different rates give
+  # replay both near-greedy play and wide exploration, however long the run.
+  exploration: str = setting(
+    "decay",
+    "Exploration schedule: decay (every environment follows one linear decay over the "
+    "fleet's steps, --epsilon-start to --epsilon-end) or ladder (each episode draws its "
+    "epsilon from the Ape-X ladder base^(1 + alpha * i / (rungs - 1)), i = 0..rungs-1).",
+    choices=("decay", "ladder"),
+  )
+  # A draw per episode, as in Acme, needs no fleet size: collectors may come
+  # and go and the fleet's epsilons still follow the ladder.
+  ladder_rungs: int = setting(
+    16, "Ladder: number of epsilons on the ladder.", minimum=2, maximum=4096
+  )
+  ladder_base: float = setting(
+    0.4, "Ladder: epsilon of the most exploring rung (Ape-X: 0.4).", minimum=1e-6, maximum=1.0
+  )
+  ladder_alpha: float = setting(
+    7.0,
+    "Ladder: how far the rungs reach, the least exploring being base^(1 + alpha) "
+    "(Ape-X: 7, 0.4^8 = 0.00066).",
+    minimum=0.0,
+    maximum=100.0,
+  )
   epsilon_start: float = setting(
-    1.0, "Exploration rate before any training.", minimum=0.0, maximum=1.0
+    1.0,
+    "Exploration rate before any training (both schedules: until the first trained policy).",
+    minimum=0.0,
+    maximum=1.0,
   )
   epsilon_end: float = setting(
     0.01, "Exploration rate after the decay.", minimum=0.0, maximum=1.0, classic=0.02
@@ -352,8 +382,11 @@ class CollectorConfig:
 class TrainerConfig:
   """The trainer: sampling, training, checkpoints and policy publication."""
 
-  replay_address: str = setting(
-    f"localhost:{DEFAULT_REPLAY_PORT}", "Reverb server host:port.", address=True
+  replay_addresses: tuple[str, ...] = setting(
+    (f"localhost:{DEFAULT_REPLAY_PORT}",),
+    "Reverb servers (replay shards), host:port[,host:port...]: the trainer samples every "
+    "shard in proportion to its size and keeps training from the others when one is lost.",
+    address=True,
   )
   port: int = setting(
     DEFAULT_TRAINER_PORT,
@@ -396,6 +429,11 @@ class UpConfig:
   """The local launcher: the whole fleet as processes on this machine."""
 
   collectors: int = setting(2, "Collector processes to start.", minimum=1, maximum=64)
+  # Each shard is a whole replay server with the replay settings (--max-size,
+  # --min-size, ... are per shard), its own port range and checkpoint directory.
+  replay_shards: int = setting(
+    1, "Replay servers (shards) to start; collectors and trainer use all.", minimum=1, maximum=16
+  )
   run_dir: str = setting(
     "runs/latest",
     "Directory for checkpoints, policies/, logs/ and TensorBoard summaries of this run.",

@@ -27,6 +27,10 @@ from typing import Any
 
 ENV_PREFIX = "DQNFLEET_"
 _UNSET = object()
+# Settings that were renamed: an old name is refused with the new one (a
+# variable or config key silently ignored would run with the default).
+# argparse still takes an old flag that is a prefix of its new name.
+RENAMED = {"replay_address": "replay_addresses"}
 
 
 class ConfigError(ValueError):
@@ -152,6 +156,13 @@ def build(
   """
   environ = os.environ if environ is None else environ
   file_values = file_values or {}
+  names = {field.name for field in dataclasses.fields(cls)}
+  for old, new in RENAMED.items():
+    if new in names and environ.get(ENV_PREFIX + old.upper(), "") != "":
+      raise ConfigError(
+        f"{ENV_PREFIX + old.upper()} was renamed {ENV_PREFIX + new.upper()} "
+        "(a comma-separated list); set that instead"
+      )
   values = {}
   for field in dataclasses.fields(cls):
     kind = _field_type(cls, field)
@@ -224,6 +235,8 @@ def check_config_file(doc: dict[str, Any], path: str, known: set[str], commands:
             f"--config {path!r}: [{key}] {sub} is not a setting (settings "
             "are the flags' names with underscores, e.g. env_id)"
           )
+    elif key in RENAMED:
+      raise ConfigError(f"--config {path!r}: {key} was renamed {RENAMED[key]}; use that")
     elif key not in known:
       raise ConfigError(
         f"--config {path!r}: {key} is not a setting (settings are the flags' "
@@ -276,9 +289,12 @@ def check_bounds(config: Any) -> None:
         allowed = ", ".join(map(str, meta["choices"]))
         raise ConfigError(f"{flag_name(field)} must be one of {allowed}, got {value!r}{where}")
     if meta.get("address"):
-      problem = address_problem(value)
-      if problem:
-        raise ConfigError(f"{flag_name(field)} {value!r} {problem}{where}")
+      if isinstance(value, tuple) and not value:
+        raise ConfigError(f"{flag_name(field)} needs at least one host:port{where}")
+      for item in items:
+        problem = address_problem(item)
+        if problem:
+          raise ConfigError(f"{flag_name(field)} {item!r} {problem}{where}")
 
 
 def address_problem(address: str) -> str | None:
