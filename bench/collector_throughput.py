@@ -4,10 +4,11 @@ Side by side in one process, alternating A B A B ... over the same native
 AtariVectorEnv (8 Breakout environments by default):
 
   A  bare loop: the vector env plus the Nature CNN's batched epsilon-greedy
-     action (the collector's own TF-Agents policy), no replay writes;
+     action (the collector's own collect policy), no replay writes;
   B  the collector's real loop (collector.Collector._collect: pipelined
-     driver, observer writing every transition to a real Reverb server in
-     another process, policy and epsilon checks).
+     driver, observer computing each item's priority and writing every
+     transition to a real Reverb server in another process, policy and
+     epsilon checks).
 
 The ratio B/A of agent steps per second, pair by pair, is the collector's
 efficiency; its median is the figure to quote (goal >= 0.90). Ratios within
@@ -38,26 +39,27 @@ from dqnfleet.cli.up import free_port
 from dqnfleet.collector.collector import Collector
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import envs, specs
+from dqnfleet.core.rl.priorities import TdTarget
 from dqnfleet.core.settings.config import CollectorConfig, EnvConfig, NetworkConfig
 from dqnfleet.core.transport import rpc
 from dqnfleet.core.transport.security import PLAINTEXT
 
 
-def bare_loop(env, policy, steps: int) -> float:
+def bare_loop(env, act, steps: int) -> float:
   """Agent steps per second of environments + policy alone."""
   started = time.perf_counter()
   time_step = env.reset()
   for _ in range(steps):
-    time_step = env.step(policy.action(time_step).action)
+    time_step = env.step(act(time_step).action)
   return steps * env.batch_size / (time.perf_counter() - started)
 
 
-def collector_loop(collector, env, observer, client, steps: int) -> float:
+def collector_loop(collector, env, observer, steps: int) -> float:
   """Agent steps per second of the collector's real loop, writing to replay."""
   collector.config.max_env_steps = collector.env_steps + steps * env.batch_size
   before = collector.env_steps
   started = time.perf_counter()
-  collector._collect(env, observer, client)
+  collector._collect(env, observer)
   return (collector.env_steps - before) / (time.perf_counter() - started)
 
 
@@ -100,14 +102,16 @@ def main():
     )
     env = envs.BatchedEnvironment(env_config, args.num_envs, seed=1)
     observer = ReplayObserver(
-      client, collector.specs, args.num_envs, lambda: 0, stop, specs.source_id("bench")
+      [client], collector.specs, args.num_envs, lambda: 0, stop, specs.source_id("bench")
     )
-    bare_loop(env, collector.policy, 50)  # trace the policy, warm up both paths
-    collector_loop(collector, env, observer, client, 50)
+    # Priorities as under a trainer's policy (without one they are constant).
+    observer.td_target = TdTarget(gamma=0.99, reward_scale=1.0)
+    bare_loop(env, collector.act, 50)  # trace the policy, warm up both paths
+    collector_loop(collector, env, observer, 50)
     pairs = []
     for _ in range(args.rounds):
-      a = bare_loop(env, collector.policy, args.steps)
-      b = collector_loop(collector, env, observer, client, args.steps)
+      a = bare_loop(env, collector.act, args.steps)
+      b = collector_loop(collector, env, observer, args.steps)
       pairs.append((a, b))
     observer.close()
     env.close()

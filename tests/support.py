@@ -401,3 +401,17 @@ def quantity(text) -> float:
   units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9}
   number, unit = re.fullmatch(r"([\d.]+)([a-zA-Z]*)", str(text)).groups()
   return float(number) * units.get(unit, 1)
+
+
+def acted(actions, num_actions: int, q_values=None, epsilons=None):
+  """A collect policy's PolicyStep as the observer receives it (collector.Collector.act):
+  the actions, and as info the Q-values acted on (zeros unless given) and the epsilons."""
+  import numpy as np
+  from tf_agents.trajectories import policy_step
+
+  actions = np.asarray(actions)
+  info = {
+    "q_values": np.zeros((len(actions), num_actions)) if q_values is None else q_values,
+    "epsilon": np.zeros(len(actions), np.float32) if epsilons is None else epsilons,
+  }
+  return policy_step.PolicyStep(actions, (), info)

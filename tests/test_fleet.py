@@ -217,7 +217,7 @@ def test_both_collectors_switch_to_each_new_version(fleet):
 def test_epsilon_follows_the_agent_steps_of_the_whole_fleet(fleet):
   """Each collector decays epsilon with replay's insert count (both collectors' steps),
   not with its own steps or the policy version."""
-  from dqnfleet.collector.collector import epsilon_at
+  from dqnfleet.collector.exploration import epsilon_at
   from dqnfleet.core.settings.config import CollectorConfig
 
   config = CollectorConfig(epsilon_decay_steps=8_000, epsilon_end=0.02)  # classic defaults

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import reverb
 import tensorflow as tf
-from tf_agents.trajectories import policy_step, trajectory
 from tf_agents.trajectories import time_step as ts
+from tf_agents.trajectories import trajectory
 
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import specs
 from dqnfleet.core.settings.config import EnvConfig
 from dqnfleet.trainer.dataset import to_experience
-from support import free_port, replay_table
+from support import acted, free_port, replay_table
 
 GAMMA = 0.9
 
@@ -41,7 +41,7 @@ def write_episode(observer, rewards, discounts):
       np.array([discount], np.float32),
       observation(t + 1),
     )
-    observer((step, policy_step.PolicyStep(action=np.array([t % 2])), nxt))
+    observer((step, acted([t % 2], 2), nxt), None)
     step = nxt
 
 
@@ -51,7 +51,7 @@ def n_step_items(rewards, discounts, n):
   table = replay_table(env_specs, sampler=reverb.selectors.Fifo(), max_times_sampled=1)
   server = reverb.Server([table], port=free_port())
   client = reverb.Client(f"localhost:{server.port}")
-  observer = ReplayObserver(client, env_specs, 1, lambda: 7, threading.Event(), source=1)
+  observer = ReplayObserver([client], env_specs, 1, lambda: 7, threading.Event(), source=1)
   write_episode(observer, rewards, discounts)
   observer.close()
   count = client.server_info()[specs.TABLE].current_size

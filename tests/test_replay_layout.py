@@ -16,7 +16,7 @@ from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import envs, replay_io, specs
 from dqnfleet.core.settings.config import EnvConfig
 from dqnfleet.trainer.dataset import make_dataset
-from support import free_port, replay_table
+from support import acted, free_port, replay_table
 
 
 class Recorder:
@@ -76,10 +76,11 @@ def test_sampled_transitions_are_exactly_the_collected_ones(env_id, n_step, step
   server = reverb.Server([replay_table(env_specs, max_size=100_000)], port=free_port())
   client = reverb.Client(f"localhost:{server.port}")
   env = envs.BatchedEnvironment(config, num_envs=3, seed=7)
-  observer = ReplayObserver(client, env_specs, 3, lambda: 42, threading.Event(), source=1234)
+  observer = ReplayObserver([client], env_specs, 3, lambda: 42, threading.Event(), source=1234)
   recorder = Recorder(3)
   policy = random_py_policy.RandomPyPolicy(env.time_step_spec(), env.action_spec(), outer_dims=(3,))
-  driver = PipelinedDriver(env, policy, lambda t: (recorder(t), observer(t)))
+  act = lambda t: acted(policy.action(t).action, env_specs.num_actions)
+  driver = PipelinedDriver(env, act, lambda t, q: (recorder(t), observer(t, q)))
   driver.run(env.reset(), steps)
   driver.flush()
   observer.close()  # flushes every pending item

@@ -18,13 +18,12 @@ import reverb
 import tensorflow as tf
 from reverb import pybind
 from tf_agents.specs import array_spec
-from tf_agents.trajectories import policy_step
 from tf_agents.trajectories import time_step as ts
 
 from dqnfleet.collector import observer as observer_lib
 from dqnfleet.core.rl import replay_io, specs
 from dqnfleet.trainer.dataset import make_dataset
-from support import free_port, replay_table
+from support import acted, free_port, replay_table
 
 REVERB = importlib.metadata.version("dm-reverb")
 TESTED_WITH = "0.14.0"  # requirements.lock's pin
@@ -264,7 +263,7 @@ def test_a_stopped_server_makes_the_observer_raise_what_the_collector_reconnects
 ):
   server, client, _ = replay(table(STATES))
   monkeypatch.setattr(observer_lib, "WAIT_TIMEOUT_MS", 1_000)
-  observer = observer_lib.ReplayObserver(client, STATES, 1, lambda: 1, threading.Event(), 1)
+  observer = observer_lib.ReplayObserver([client], STATES, 1, lambda: 1, threading.Event(), 1)
   observation = lambda t: np.full((1, 4), t, np.float32)
   first = ts.TimeStep(
     np.array([ts.StepType.FIRST], np.int32),
@@ -281,7 +280,7 @@ def test_a_stopped_server_makes_the_observer_raise_what_the_collector_reconnects
   server.stop()
   try:
     with pytest.raises(Exception) as raised:  # the episode's end waits for its items
-      observer((first, policy_step.PolicyStep(action=np.array([0])), last))
+      observer((first, acted([0], 2), last), None)
   finally:
     observer.close(flush_timeout_s=1)  # as the collector does, whatever happened
   assert isinstance(raised.value, observer_lib.ReplayLost), raised.value

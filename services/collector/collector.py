@@ -1,9 +1,11 @@
 """The collector service: driver -> collect policy -> observer -> replay.
 
 E environments step together; the epsilon-greedy collect policy picks all E
-actions in one call; the observer writes the transitions to Reverb; the
-policy follower swaps in each newly published policy between steps; epsilon
-follows the agent steps the whole fleet has written to replay.
+actions in one call, each environment with its own epsilon
+(collector/exploration.py); the observer writes the transitions, with
+priorities from the same call's Q-values, to the replay shards; the policy
+follower swaps in each newly published policy between steps. The fleet's
+step count (the shards' insert counts, summed) drives the decaying schedule.
 """
 
 import collections
@@ -14,10 +16,11 @@ import time
 import numpy as np
 import reverb
 import tensorflow as tf
-from tf_agents.policies import py_tf_eager_policy
+from tf_agents.trajectories import policy_step
 
 from dqnfleet.collector.driver import PipelinedDriver
-from dqnfleet.collector.observer import ReplayObserver, Stopped
+from dqnfleet.collector.exploration import Exploration
+from dqnfleet.collector.observer import ReplayLost, ReplayObserver, Stopped
 from dqnfleet.core.policy.follower import PolicyFollower
 from dqnfleet.core.rl import envs, networks, replay_io, specs
 from dqnfleet.core.settings.config import CollectorConfig, EnvConfig, NetworkConfig
@@ -30,8 +33,10 @@ log = logging.getLogger(__name__)
 STEPS_PER_RUN = 16  # driver steps between checks for new policies and stop
 RECENT_EPISODES = 20
 LOG_EVERY_S = 10.0
-# How often the fleet's step count (replay's insert count) is read for epsilon.
+# How often the fleet's step count (the shards' insert counts) is read for
+# epsilon, and shards that stopped answering are tried again.
 FLEET_STEPS_EVERY_S = 2.0
+PROBE_TIMEOUT_S = 2  # Reverb takes whole seconds
 
 ENV_STEPS = metrics.counter("collector_env_steps", "Environment (agent) steps collected.")
 EPISODES = metrics.counter("collector_episodes", "Episodes finished.")
@@ -43,7 +48,9 @@ EPISODE_RETURN = metrics.histogram(
   buckets=(0, 1, 2, 5, 10, 20, 30, 50, 100, 200, 400, 800),
 )
 POLICY_VERSION = metrics.gauge("collector_policy_version", "Policy version acting now.")
-EPSILON = metrics.gauge("collector_epsilon", "Exploration rate of the collect policy.")
+EPSILON = metrics.gauge(
+  "collector_epsilon", "Exploration rate of the collect policy (mean over its environments)."
+)
 
 
 def seed_for(collector_id: str, seed: int) -> int:
@@ -51,14 +58,8 @@ def seed_for(collector_id: str, seed: int) -> int:
   return seed if seed >= 0 else specs.source_id(collector_id) % (2**31)
 
 
-def epsilon_at(fleet_steps: int, config: CollectorConfig) -> float:
-  """Linear decay over the agent steps the whole fleet has collected."""
-  fraction = min(1.0, max(0, fleet_steps) / config.epsilon_decay_steps)
-  return config.epsilon_start + fraction * (config.epsilon_end - config.epsilon_start)
-
-
-def fleet_steps(client: reverb.Client, timeout: float = 5) -> int:
-  """Agent steps all collectors have written: one replay item each."""
+def inserted(client: reverb.Client, timeout: float = 5) -> int:
+  """Agent steps all collectors have written to one shard: one replay item each."""
   table = client.server_info(timeout=timeout)[specs.TABLE]
   return int(table.rate_limiter_info.insert_stats.completed)
 
@@ -80,16 +81,18 @@ class Collector:
     tf.random.set_seed(self.seed)
     self.specs = specs.env_specs(env)
     self.network = networks.q_net(self.specs, net)
-    self.epsilon = tf.Variable(epsilon_at(0, config), dtype=tf.float32, trainable=False)
-    self.policy = py_tf_eager_policy.PyTFEagerPolicy(
-      networks.epsilon_greedy(self.specs, self.network, self.epsilon),
-      use_tf_function=True,
-      batch_time_steps=False,
-    )
+    self.policy = networks.CollectPolicy(self.specs, self.network)
+    self.exploration = Exploration(config, config.num_envs, self.seed)
     # -1: no published policy loaded yet (its own random weights), acting with
     # epsilon_start; status and metrics say so rather than claim v0.
     self.version = -1
-    self.fleet_steps = 0
+    self.addresses = list(config.replay_addresses)
+    self.clients = [reverb.Client(address) for address in self.addresses]
+    # Each shard's insert count when it last answered: a shard that is down
+    # still counts what it had, so epsilon does not jump back.
+    self.shard_inserts = [0] * len(self.clients)
+    self.observer: ReplayObserver | None = None
+    self.td_target = None  # the trainer's, from the newest policy's manifest
     self.follower = PolicyFollower(
       config.trainer_address, networks.q_net(self.specs, net), stop, security=security
     )
@@ -104,7 +107,21 @@ class Collector:
     )
     # Read when Prometheus scrapes (one collector per process).
     POLICY_VERSION.set_function(lambda: self.version)
-    EPSILON.set_function(lambda: float(self.epsilon.numpy()))
+    EPSILON.set_function(lambda: self.epsilon)
+
+  @property
+  def epsilon(self) -> float:
+    return float(np.mean(self.exploration.epsilons))
+
+  @property
+  def fleet_steps(self) -> int:
+    return sum(self.shard_inserts)
+
+  def act(self, time_step) -> policy_step.PolicyStep:
+    """The collect policy on a batch of time steps; info: Q-values and the epsilons used."""
+    epsilons = self.exploration.before_step(time_step.step_type).copy()
+    step = self.policy.action(time_step, epsilons)
+    return step._replace(info={"q_values": step.info, "epsilon": epsilons})
 
   def snapshot(self) -> Report:
     return Report(
@@ -112,7 +129,7 @@ class Collector:
         env_steps=self.env_steps,
         episodes=self.episodes,
         policy_updates=self.policy_updates,
-        epsilon=float(self.epsilon.numpy()),
+        epsilon=self.epsilon,
         seed=self.seed,
         fleet_env_steps=self.fleet_steps,
         source_id=specs.source_id(self.id),
@@ -128,19 +145,30 @@ class Collector:
     version, weights = update
     self.network.set_weights(weights)
     previous, self.version = self.version, version
-    self.epsilon.assign(epsilon_at(self.fleet_steps, self.config))
+    self.td_target = self.follower.td_target
+    if self.observer is not None:
+      self.observer.td_target = self.td_target
+    # Untrained weights (none, v0) act with epsilon_start whatever the count.
+    self.exploration.update(self.fleet_steps, trained=version > 0)
     self.policy_updates += 1
-    log.info(
-      "acting with policy v%d (was v%d), epsilon %.3f", version, previous, self.epsilon.numpy()
-    )
+    log.info("acting with policy v%d (was v%d), epsilon %.3f", version, previous, self.epsilon)
 
-  def _update_epsilon(self, client: reverb.Client) -> None:
-    try:
-      self.fleet_steps = max(self.fleet_steps, fleet_steps(client))
-    except Exception:  # replay unreachable: the writers notice and reconnect
-      return
-    if self.version > 0:  # untrained weights (none, v0) act with epsilon_start whatever the count
-      self.epsilon.assign(epsilon_at(self.fleet_steps, self.config))
+  def _probe_shards(self) -> None:
+    """Reads every shard's insert count; tells the observer which shards answer."""
+    for shard, client in enumerate(self.clients):
+      try:
+        self.shard_inserts[shard] = max(
+          self.shard_inserts[shard], inserted(client, PROBE_TIMEOUT_S)
+        )
+      except Exception as e:  # the writers may not have noticed yet
+        if not replay_io.is_lost_server(e):
+          raise
+        if self.observer is not None:
+          self.observer.lose_shard(shard, e)
+        continue
+      if self.observer is not None:
+        self.observer.shard_back(shard)
+    self.exploration.update(self.fleet_steps, trained=self.version > 0)
 
   def _record_episodes(self, env: envs.BatchedEnvironment) -> None:
     while env.finished_episodes:
@@ -153,16 +181,32 @@ class Collector:
       self.summaries.scalar("collector/episode_return", self.fleet_steps, episode_return)
       self.summaries.scalar("collector/episode_length", self.fleet_steps, length)
 
-  def _connect(self) -> reverb.Client | None:
+  def _shards_up(self) -> list[bool]:
+    """Which shards answer; raises if none does (rpc.retry waits for one)."""
+    up = []
+    for client in self.clients:
+      try:
+        client.server_info(timeout=PROBE_TIMEOUT_S)
+        up.append(True)
+      except Exception as e:
+        if not replay_io.is_lost_server(e):
+          raise
+        up.append(False)
+    if not any(up):
+      raise ConnectionError("no replay shard answers")
+    return up
+
+  def _connect(self) -> list[bool] | None:
+    """Waits until at least one shard answers; which ones do (None: stopped)."""
     self.connected = False
-    client = reverb.Client(self.config.replay_addresses[0])
-    ok = rpc.retry(
-      lambda: client.server_info(timeout=5),
-      f"connecting to replay at {self.config.replay_addresses[0]}",
-      self._stop,
+    up = rpc.retry(
+      self._shards_up, f"connecting to replay at {', '.join(self.addresses)}", self._stop
     )
-    self.connected = ok is not None
-    return client if ok is not None else None
+    if up is not None and not all(up):
+      missing = [a for a, ok in zip(self.addresses, up) if not ok]
+      log.warning("replay shard(s) %s do not answer; writing to the others", ", ".join(missing))
+    self.connected = up is not None
+    return up
 
   def run(self) -> None:
     self.follower.start()
@@ -173,43 +217,47 @@ class Collector:
       self.config.num_envs,
       self.env_config.env_id,
       self.seed,
-      self.config.replay_addresses[0],
+      ", ".join(self.addresses),
       self.config.trainer_address,
     )
     backoff = rpc.Backoff()
     try:
       while not self._stop.is_set() and not self._budget_spent():
-        client = self._connect()
-        if client is None:
+        up = self._connect()
+        if up is None:
           break
-        observer = ReplayObserver(
-          client,
+        observer = self.observer = ReplayObserver(
+          self.clients,
           self.specs,
           self.config.num_envs,
           lambda: self.version,
           self._stop,
           specs.source_id(self.id),
+          addresses=self.addresses,
+          up=up,
         )
+        observer.td_target = self.td_target
         try:
-          self._collect(env, observer, client)
+          self._collect(env, observer)
           backoff.reset()
         except Stopped:
           break
         except Exception as e:
-          if not replay_io.is_lost_server(e):
+          if not (isinstance(e, ReplayLost) or replay_io.is_lost_server(e)):
             raise
           # The partial episodes are lost with the writers, so every
           # episode restarts.
           self.connected = False
           log.warning(
             "lost replay at %s (%s); reconnecting in %.1fs",
-            self.config.replay_addresses[0],
+            ", ".join(self.addresses),
             str(e).splitlines()[0][:200],
             backoff.delay,
           )
           backoff.wait(self._stop)
         finally:
           observer.close()
+          self.observer = None
     finally:
       env.close()
       self.summaries.close()  # sends the last episodes' scalars
@@ -218,8 +266,8 @@ class Collector:
   def _budget_spent(self) -> bool:
     return 0 < self.config.max_env_steps <= self.env_steps
 
-  def _collect(self, env, observer: ReplayObserver, client: reverb.Client) -> None:
-    driver = PipelinedDriver(env, self.policy, observer)
+  def _collect(self, env, observer: ReplayObserver) -> None:
+    driver = PipelinedDriver(env, self.act, observer)
     time_step = env.reset()
     last_log, last_steps = time.monotonic(), self.env_steps
     last_fleet = 0.0
@@ -227,7 +275,7 @@ class Collector:
       self._apply_new_policy()
       now = time.monotonic()
       if now - last_fleet >= FLEET_STEPS_EVERY_S:
-        self._update_epsilon(client)
+        self._probe_shards()
         last_fleet = now
       before, items_before = observer.steps_observed, observer.items_written
       time_step = driver.run(time_step, STEPS_PER_RUN)
@@ -246,9 +294,9 @@ class Collector:
           self.episodes,
           mean,
           self.version,
-          self.epsilon.numpy(),
+          self.epsilon,
         )
-        self.summaries.scalar("collector/epsilon", self.fleet_steps, float(self.epsilon.numpy()))
+        self.summaries.scalar("collector/epsilon", self.fleet_steps, self.epsilon)
         self.summaries.scalar("collector/policy_version", self.fleet_steps, self.version)
         last_log, last_steps = now, self.env_steps
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 from dqnfleet.core.api import fleet_pb2_grpc
 from dqnfleet.core.policy.server import PolicyPublisher
 from dqnfleet.core.rl import specs
+from dqnfleet.core.rl.priorities import TdTarget
 from dqnfleet.core.settings.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
 from dqnfleet.core.transport import metrics, rpc
 from dqnfleet.core.transport.security import Security
@@ -74,7 +75,11 @@ class Trainer:
     self.checkpoints = Checkpoints(os.path.join(config.run_dir, "checkpoints"), self.learner)
     self.checkpoints.resume()
     self.publisher = PolicyPublisher(
-      os.path.join(config.run_dir, "policies"), env, net, config.keep_policies
+      os.path.join(config.run_dir, "policies"),
+      env,
+      net,
+      config.keep_policies,
+      td_target=TdTarget(agent_config.gamma, agent_config.reward_scale),
     )
     self.summaries = tf.summary.create_file_writer(
       os.path.join(config.run_dir, "tensorboard", "trainer")

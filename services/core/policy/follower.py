@@ -33,6 +33,9 @@ class PolicyFollower:
     self._address, self._security = trainer_address, security
     self._staging = staging_network
     self.env_config = self.network_config = None  # set from the manifest if not given
+    # The trainer's TD target settings, from the newest version's manifest
+    # (None until one arrives, or if it was published without them).
+    self.td_target = None
     self._stop = stop
     self._cache = pathlib.Path(tempfile.mkdtemp(prefix="dqnfleet-policies-"))
     self._lock = threading.Lock()
@@ -101,6 +104,7 @@ class PolicyFollower:
       self._staging = store.load(path)[2]
     store.restore_weights(self._staging, path)
     weights = self._staging.get_weights()
+    self.td_target = store.td_target_of(store.read_manifest(path))
     with self._lock:
       self._pending = (info.version, weights)
     self.latest_seen = info.version

@@ -50,9 +50,11 @@ FETCHES = metrics.gauge(
 class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
   """Writes new versions and answers PolicyService calls about them."""
 
-  def __init__(self, policies_dir: str, env_config, network_config, keep: int):
+  def __init__(self, policies_dir: str, env_config, network_config, keep: int, td_target=None):
+    """`td_target` (core/rl/priorities.py) travels in every version's manifest."""
     self.dir = policies_dir
     self._env, self._net, self._keep = env_config, network_config, keep
+    self._td_target = td_target
     self._announced = Broadcast()
     self._latest: fleet_pb2.PolicyVersion | None = None
     # version -> Future of its files' bytes; only touched on the server's event loop.
@@ -80,7 +82,9 @@ class PolicyPublisher(fleet_pb2_grpc.PolicyServiceServicer):
         self.latest_version,
       )
       return
-    store.publish(self.dir, version, network, self._env, self._net, self._keep)
+    store.publish(
+      self.dir, version, network, self._env, self._net, self._keep, td_target=self._td_target
+    )
     self._announce(version)
     PUBLISHES.inc()
 

@@ -24,6 +24,7 @@ import time
 import tensorflow as tf
 
 from dqnfleet.core.rl import networks, specs
+from dqnfleet.core.rl.priorities import TdTarget
 from dqnfleet.core.settings.config import EnvConfig, NetworkConfig
 
 FORMAT = "dqnfleet-policy-v1"
@@ -52,8 +53,13 @@ def publish(
   env: EnvConfig,
   net: NetworkConfig,
   keep: int,
+  td_target: TdTarget | None = None,
 ) -> pathlib.Path:
-  """Writes `network`'s weights as `version` atomically; keeps the newest `keep`."""
+  """Writes `network`'s weights as `version` atomically; keeps the newest `keep`.
+
+  `td_target`: the trainer's TD target settings, from which collectors compute
+  the initial priorities of what they write (core/rl/priorities.py).
+  """
   root = pathlib.Path(policies_dir)
   root.mkdir(parents=True, exist_ok=True)
   final = version_dir(root, version)
@@ -69,6 +75,7 @@ def publish(
     "published_unix_ms": int(time.time() * 1000),
     "env": dataclasses.asdict(env),
     "network": dataclasses.asdict(net),
+    **({"td_target": dataclasses.asdict(td_target)} if td_target else {}),
     "files": {name: {"size": size, "sha256": digest} for name, size, digest in file_digests(tmp)},
   }
   (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -170,6 +177,11 @@ def configs_of(manifest: dict) -> tuple[EnvConfig, NetworkConfig]:
   net = dict(manifest["network"])
   net["fc_layers"] = tuple(net["fc_layers"])
   return EnvConfig(**manifest["env"]), NetworkConfig(**net)
+
+
+def td_target_of(manifest: dict) -> TdTarget | None:
+  """The trainer's TD target settings, if the version was published with them."""
+  return TdTarget(**manifest["td_target"]) if "td_target" in manifest else None
 
 
 def restore_weights(network: tf.keras.Model, path: str | os.PathLike) -> None:

@@ -1,12 +1,15 @@
-"""The Q-network and the epsilon-greedy policy on it, shared by every service.
+"""The Q-network and the epsilon-greedy policies on it, shared by every service.
 
 Collectors and the evaluators build exactly the network the trainer trains, from
 the same settings, and then load published weights into it.
 """
 
+import numpy as np
 import tensorflow as tf
 from tf_agents.networks import q_network
 from tf_agents.policies import epsilon_greedy_policy, q_policy
+from tf_agents.trajectories import policy_step
+from tf_agents.trajectories import time_step as ts
 
 from dqnfleet.core.rl.specs import EnvSpecs
 from dqnfleet.core.settings.config import NetworkConfig
@@ -41,3 +44,32 @@ def epsilon_greedy(
   return epsilon_greedy_policy.EpsilonGreedyPolicy(
     q_policy.QPolicy(specs.time_step, specs.action, network), epsilon=lambda: epsilon
   )
+
+
+class CollectPolicy:
+  """The collectors' epsilon-greedy policy: one epsilon per environment, and the Q-values.
+
+  TF-Agents' EpsilonGreedyPolicy takes one epsilon for the batch and keeps
+  the Q-values to itself. Per-environment epsilons are what an exploration
+  ladder needs (collector/exploration.py), and the Q-values of the states it
+  acts in give the actor-side priorities (core/rl/priorities.py) without a
+  second forward pass. `action(time_step, epsilons)` returns a PolicyStep
+  whose info is the [E, A] Q-values of time_step's observations.
+  """
+
+  def __init__(self, specs: EnvSpecs, network: q_network.QNetwork):
+    self._network, self._num_actions = network, specs.num_actions
+    self._dtype = tf.as_dtype(specs.action.dtype)
+    self._act = tf.function(self._actions)
+
+  def _actions(self, observation, epsilons):
+    q_values, _ = self._network(observation, training=False)
+    greedy = tf.argmax(q_values, axis=-1, output_type=self._dtype)
+    shape = tf.shape(greedy)
+    random = tf.random.uniform(shape, 0, self._num_actions, dtype=self._dtype)
+    explore = tf.random.uniform(shape) < epsilons
+    return tf.where(explore, random, greedy), q_values
+
+  def action(self, time_step: ts.TimeStep, epsilons: np.ndarray) -> policy_step.PolicyStep:
+    actions, q_values = self._act(time_step.observation, tf.constant(epsilons, tf.float32))
+    return policy_step.PolicyStep(actions.numpy(), (), q_values.numpy())

@@ -8,14 +8,15 @@ to its environment's Reverb trajectory writer, holding one new frame only:
     episode start: k rows, the frames of s_0 (scalars are padding)
     transition t:  frame = newest frame of s_t+1, action a_t, reward r_t,
                    discount d_t, policy_version of the policy that chose a_t,
-                   collector = source_id() of the collector that wrote it
+                   collector = source_id() of the collector that wrote it,
+                   epsilon = the exploration rate a_t was chosen with
 
 and the item for transition t references the last k+1 rows' frames (Reverb
 chunks are shared between items, so each frame is stored once) and the last
 row's scalars:
 
     item:   frames[k+1] (s_t = frames[0:k], s_t+1 = frames[1:k+1]),
-            step = (action, reward, discount, policy_version, collector)
+            step = (action, reward, discount, policy_version, collector, epsilon)
 
 With n-step returns (n > 1) the item for transition t is created once row
 t+n-1 is written: it references the last k+n frames (s_t ... s_t+n) and the
@@ -25,13 +26,13 @@ trainer computes the n-step target. When an episode ends, n-1 padding rows
 transitions; a time-limit truncation is therefore treated as terminal for
 the last n-1 transitions of such an episode (one in 27,000 agent steps).
 
-The five scalars travel packed in one float64 vector, `step`: Reverb keeps
+The six scalars travel packed in one float64 vector, `step`: Reverb keeps
 bookkeeping per column of every item, and with one column per scalar that,
 not the frames (about 80 bytes each, compressed in chunks of 32 rows), was
 most of a transition's memory: 2,256 bytes per Breakout transition with six
 columns, 1,401 with two (docs/performance.md). float64 holds each scalar
 exactly: actions, versions and collector ids are integers below 2**53, and
-rewards and discounts are float32.
+rewards, discounts and epsilons are float32.
 
 A state-vector environment is the same with k=1: frames[2] = (s_t, s_t+1).
 The signature depends only on the environment settings, so the replay server
@@ -63,6 +64,7 @@ STEP_FIELDS = {
   "discount": tf.float32,
   "policy_version": tf.int64,
   "collector": tf.int64,
+  "epsilon": tf.float32,
 }
 # What one row of a trajectory writer holds.
 ROW_COLUMNS = ("frame", "step")
@@ -173,33 +175,39 @@ def signature_mismatch(signature, env_specs: EnvSpecs) -> str | None:
   return f"the table holds {describe_signature(signature)}; this needs {describe_signature(ours)}"
 
 
-def pack_step(action, reward, discount, policy_version, collector) -> np.ndarray:
+def pack_step(action, reward, discount, policy_version, collector, epsilon=0.0) -> np.ndarray:
   """One row's scalars as the `step` vector of the replay layout."""
-  return np.array([action, reward, discount, policy_version, collector], np.float64)
+  return np.array(
+    [action, reward, discount, policy_version, collector, np.float32(epsilon)], np.float64
+  )
 
 
-def pack_steps(actions, rewards, discounts, policy_version, collector) -> np.ndarray:
-  """`pack_step` for a batch of environments at once: [E, 5]."""
+def pack_steps(actions, rewards, discounts, policy_version, collector, epsilons) -> np.ndarray:
+  """`pack_step` for a batch of environments at once: [E, 6]."""
   steps = np.empty((len(actions), len(STEP_FIELDS)), np.float64)
   steps[:, 0], steps[:, 1], steps[:, 2] = actions, rewards, discounts
   steps[:, 3], steps[:, 4] = policy_version, collector
+  steps[:, 5] = np.asarray(epsilons, np.float32)
   return steps
 
 
 def unpack_step(step) -> dict[str, tf.Tensor]:
-  """`step` vectors [..., 5] -> each scalar field [...] in its own dtype."""
+  """`step` vectors [..., 6] -> each scalar field [...] in its own dtype."""
   step = tf.convert_to_tensor(step, tf.float64)
   return {name: tf.cast(step[..., i], dtype) for i, (name, dtype) in enumerate(STEP_FIELDS.items())}
 
 
-def row(frame, action, reward, discount, policy_version, collector) -> dict:
+def row(frame, action, reward, discount, policy_version, collector, epsilon=0.0) -> dict:
   """One trajectory-writer row: a frame and the scalars of the step that produced it."""
-  return {"frame": frame, "step": pack_step(action, reward, discount, policy_version, collector)}
+  return {
+    "frame": frame,
+    "step": pack_step(action, reward, discount, policy_version, collector, epsilon),
+  }
 
 
-def padding_row(frame, policy_version, collector) -> dict:
+def padding_row(frame, policy_version, collector, epsilon) -> dict:
   """A row after an episode's end: no reward, no bootstrap (closes n-step items)."""
-  return row(frame, 0, 0.0, 0.0, policy_version, collector)
+  return row(frame, 0, 0.0, 0.0, policy_version, collector, epsilon)
 
 
 def source_id(collector_id: str) -> int:
