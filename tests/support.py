@@ -118,12 +118,15 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
 
 def setting_flags(**settings) -> list[str]:
   """Settings by their field names as flags: port=8000 -> `--port=8000`,
-  double_dqn=True -> `--double-dqn`, False -> `--no-double-dqn`; None leaves one out."""
+  double_dqn=True -> `--double-dqn`, False -> `--no-double-dqn`, a tuple -> a comma-separated
+  list; None leaves one out."""
   out = []
   for name, value in settings.items():
     flag = "--" + name.replace("_", "-")
     if isinstance(value, bool):
       out.append(flag if value else "--no-" + flag[2:])
+    elif isinstance(value, (tuple, list)):
+      out.append(f"{flag}={','.join(map(str, value))}")
     elif value is not None:
       out.append(f"{flag}={value}")
   return out
@@ -309,12 +312,15 @@ K8S = ROOT / "deploy" / "k8s"
 VARIANTS = {"base": K8S / "base", "dev": K8S / "overlays" / "dev", "gpu": K8S / "overlays" / "gpu"}
 COMPONENTS = K8S / "components"
 # Rendered on top of a variant in a throwaway overlay: name -> (variant, components).
-# "monitoring" is both monitoring components on the gpu overlay, which has
-# neither (the dev overlay includes the tensorboard component itself).
+# "monitoring" is both monitoring components and two replay shards on the gpu
+# overlay, which has none of them (the dev overlay includes the tensorboard and
+# replay-shards components itself).
 COMPOSED = {
   "hpa": ("dev", ["collector-hpa"]),
-  "monitoring": ("gpu", ["tensorboard", "service-monitor"]),
+  "monitoring": ("gpu", ["tensorboard", "service-monitor", "replay-shards"]),
 }
+# Replay shards (the replay StatefulSet's replicas) of each variant and of COMPOSED.
+REPLAY_SHARDS = {"base": 1, "gpu": 1, "dev": 2, "hpa": 2, "monitoring": 2}
 WORKLOAD_KIND = {
   "replay": "StatefulSet",
   "trainer": "StatefulSet",
@@ -373,6 +379,11 @@ def container(objects: list[dict], role: str) -> dict:
 def tensorboard(objects: list[dict]) -> dict | None:
   """The tensorboard component's Deployment, if the variant has it."""
   return by_kind(objects, "Deployment").get("tensorboard")
+
+
+def replay_addresses(objects: list[dict], c: dict) -> list[str]:
+  """The replay shards a container's pod reaches (DQNFLEET_REPLAY_ADDRESSES), in order."""
+  return configmap_data(objects, c)["DQNFLEET_REPLAY_ADDRESSES"].split(",")
 
 
 def configmap_data(objects: list[dict], c: dict) -> dict[str, str]:
