@@ -48,6 +48,9 @@ METRICS = {
     "dqnfleet_collector_policy_version",
     "dqnfleet_collector_epsilon",
     "dqnfleet_collector_replay_wait_seconds_total",
+    "dqnfleet_collector_episode_epsilon",
+    "dqnfleet_collector_initial_priority",
+    "dqnfleet_collector_replay_shards_up",
   },
   "replay": {
     "dqnfleet_replay_table_size",
