@@ -1,24 +1,33 @@
-"""`docker compose up` runs the fleet; collectors scale with --scale.
+"""`docker compose up` runs the fleet, with replay in two shards
+(docker-compose.shards.yml); collectors scale with --scale.
 
 Needs a Docker engine and the python:3.11-slim-bookworm base image (.ci/run
 provides both with ../shared/tools). Outside CI the test is skipped without
 them; in CI (CI=true) it fails instead, so a broken engine is never silent.
+The shards override's rendering needs only a compose binary.
 """
 
+import fnmatch
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import time
 
 import pytest
+import yaml
 
-from support import ROOT, wait_until
+from support import ROOT, compose_default, flag_values, wait_until
 
 PROJECT = f"dqnfleettest{os.getpid()}"
+# The fleet of these tests: two replay shards, replay and replay-1.
+FILES = ("-f", "docker-compose.yml", "-f", "docker-compose.shards.yml")
+SHARDS = ("replay", "replay-1")
+MIN_SIZE = 300
 SETTINGS = {
   "DQNFLEET_ENV_ID": "CartPole-v1",
-  "DQNFLEET_MIN_SIZE": "300",
+  "DQNFLEET_MIN_SIZE": str(MIN_SIZE),
   "DQNFLEET_MAX_SIZE": "20000",
   "DQNFLEET_PUBLISH_EVERY": "50",
   "DQNFLEET_NUM_ENVS": "4",
@@ -44,7 +53,7 @@ def run(*args, timeout=300, check=True, env=None) -> subprocess.CompletedProcess
 
 
 def compose(*args, timeout=300, check=True):
-  return run("docker", "compose", "-p", PROJECT, *args, timeout=timeout, check=check)
+  return run("docker", "compose", "-p", PROJECT, *FILES, *args, timeout=timeout, check=check)
 
 
 def docker_problem() -> str | None:
@@ -82,7 +91,7 @@ def exec_json(service_or_id: str, *args, container=False):
   command = (
     ["docker", "exec", service_or_id]
     if container
-    else ["docker", "compose", "-p", PROJECT, "exec", "-T", service_or_id]
+    else ["docker", "compose", "-p", PROJECT, *FILES, "exec", "-T", service_or_id]
   )
   return json.loads(run(*command, "dqnfleet", "status", "--json", *args, timeout=120).stdout)
 
@@ -94,15 +103,98 @@ def collectors() -> list[str]:
 def test_compose_file_is_valid_for_this_compose():
   if docker_problem() and not os.environ.get("CI"):
     pytest.skip(docker_problem())
-  compose("config", "-q")
-  compose("-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml", "config", "-q")
+  for files in (
+    ["-f", "docker-compose.yml"],
+    ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"],
+    [*FILES, "-f", "docker-compose.gpu.yml"],
+  ):
+    run("docker", "compose", "-p", PROJECT, *files, "config", "-q")
+
+
+@pytest.mark.parametrize(
+  "command", [["docker", "compose"], ["docker-compose"]], ids=["docker-compose-plugin", "v1"]
+)
+def test_the_shards_override_adds_a_shard_every_client_and_prometheus_know(command):
+  """docker-compose.shards.yml, merged as this compose merges it: replay-1 is replay
+  on a volume of its own; the trainer and collectors list both shards, and wait
+  for both; Prometheus scrapes both as job `replay`."""
+  if not shutil.which(command[0]) or (
+    subprocess.run([*command, "version"], capture_output=True, timeout=60).returncode != 0
+  ):
+    if os.environ.get("CI"):
+      pytest.fail(f"{' '.join(command)} is required in CI (../shared/tools/docker-engine)")
+    pytest.skip(f"no {' '.join(command)}")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("DQNFLEET_")}
+  rendered = subprocess.run(
+    [*command, "-p", "dqnfleetshards", *FILES, "--profile", "monitoring", "config"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=env,
+  )
+  assert rendered.returncode == 0, rendered.stderr
+  services = yaml.safe_load(rendered.stdout)["services"]
+  shards = [name for name, s in services.items() if (s.get("command") or [])[:1] == ["replay"]]
+  assert sorted(shards) == sorted(SHARDS)
+
+  def volumes(service: dict) -> dict[str, str]:
+    """target -> source of a service's mounts (Compose v2's long form or v1's short one)."""
+    out = {}
+    for v in service.get("volumes", []):
+      source, target = (v["source"], v["target"]) if isinstance(v, dict) else v.split(":")[:2]
+      out[target] = source
+    return out
+
+  first, second = (services[name] for name in SHARDS)
+  for key in ("command", "environment", "healthcheck", "image"):
+    assert first[key] == second[key], key
+  data = flag_values(first["command"])["--checkpoint-dir"]
+  assert volumes(first)[data] != volumes(second)[data]  # each shard restores its own table
+  port = flag_values(first["command"])["--port"]
+  for role in ("trainer", "collector"):
+    addresses = services[role]["environment"]["DQNFLEET_REPLAY_ADDRESSES"]
+    assert addresses.split(",") == [f"{name}:{port}" for name in SHARDS], role
+    assert {n: d["condition"] for n, d in services[role]["depends_on"].items()} == {
+      name: "service_healthy" for name in SHARDS
+    }, role
+
+  # Prometheus: prometheus.yml's own jobs and those of the files it loads that
+  # the override mounts; every shard is a target of job `replay`, once.
+  mounts = volumes(services["prometheus"])
+  config = yaml.safe_load(pathlib.Path(mounts["/etc/prometheus/prometheus.yml"]).read_text())
+  jobs = list(config["scrape_configs"])
+  for pattern in config["scrape_config_files"]:
+    for target, source in mounts.items():
+      if fnmatch.fnmatch(target, pattern):
+        jobs += yaml.safe_load(pathlib.Path(source).read_text())["scrape_configs"]
+  assert len({job["job_name"] for job in jobs}) == len(jobs)  # Prometheus refuses duplicates
+  metrics = flag_values(first["command"])["--metrics-port"]
+  replay_targets = [
+    target
+    for job in jobs
+    for static in job.get("static_configs", [])
+    if static.get("labels", {}).get("job", job["job_name"]) == "replay"
+    for target in static["targets"]
+  ]
+  assert sorted(replay_targets) == sorted(f"{name}:{metrics}" for name in SHARDS)
+  # Without the override the pattern matches no mounted file: prometheus.yml alone.
+  base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+  assert not [v for v in base["prometheus"]["volumes"] if "/scrape.d/" in v]
+  assert compose_default(base["trainer"]["environment"]["DQNFLEET_REPLAY_ADDRESSES"]) == (
+    f"replay:{port}"
+  )
+
+
+def shard_statuses() -> list[dict]:
+  return exec_json("trainer", *(f"{name}:8001" for name in SHARDS))
 
 
 @pytest.mark.slow
 def test_the_fleet_trains_and_collectors_act_with_published_policies(fleet):
   def trainer_steps():
     replay, trainer = exec_json("trainer", "replay:8001", "localhost:8010")
-    return trainer["counters"]["train_steps"] > 0 and replay["replay_size"] >= 300 and trainer
+    return trainer["counters"]["train_steps"] > 0 and replay["replay_size"] >= MIN_SIZE and trainer
 
   first = wait_until(trainer_steps, 600, "the trainer to train", interval=5)
   # Versions are train steps, published every 50 (DQNFLEET_PUBLISH_EVERY).
@@ -133,6 +225,20 @@ def test_the_fleet_trains_and_collectors_act_with_published_policies(fleet):
 
 
 @pytest.mark.slow
+def test_the_collectors_fill_every_replay_shard(fleet):
+  """Each shard is a server of its own, and each fills past its min size: the
+  collectors spread their writes over both."""
+
+  def filled():
+    statuses = shard_statuses()
+    return all(s["replay_size"] >= MIN_SIZE for s in statuses) and statuses
+
+  statuses = wait_until(filled, 600, f"{MIN_SIZE} items in each of {', '.join(SHARDS)}", interval=5)
+  assert [s["role"] for s in statuses] == ["replay"] * len(SHARDS)
+  assert all(s["counters"]["items_inserted"] >= MIN_SIZE for s in statuses), statuses
+
+
+@pytest.mark.slow
 def test_a_third_collector_reaches_the_replay_table(fleet):
   before = set(collectors())
   compose("up", "-d", "--no-recreate", "--scale", "collector=3", timeout=600)
@@ -145,10 +251,12 @@ def test_a_third_collector_reaches_the_replay_table(fleet):
     "the new collector to start",
     interval=5,
   )
+  # Whichever shards its environments write to.
   probe = (
-    "import reverb; from dqnfleet.core.rl import specs; c = reverb.Client('replay:8000'); "
-    "print(sorted({int(specs.unpack_step(s.data['step'])['collector']) for s in "
-    "c.sample('transitions', 2000, emit_timesteps=False, unpack_as_table_signature=True)}))"
+    "import reverb; from dqnfleet.core.rl import specs; print(sorted({"
+    "int(specs.unpack_step(s.data['step'])['collector']) for shard in "
+    f"{[f'{name}:8000' for name in SHARDS]!r} for s in reverb.Client(shard).sample("
+    "'transitions', 2000, emit_timesteps=False, unpack_as_table_signature=True)}))"
   )
 
   def sampled_sources():
@@ -210,7 +318,7 @@ def test_prometheus_finds_every_collector_on_the_compose_network(fleet):
 
 @pytest.mark.slow
 def test_services_run_as_a_non_root_user(fleet):
-  for service in ("replay", "trainer", "collector"):
+  for service in (*SHARDS, "trainer", "collector"):
     uid = compose("exec", "-T", service, "id", "-u").stdout.strip()
     assert uid == "10001", f"{service} runs as uid {uid}"
 
@@ -218,7 +326,9 @@ def test_services_run_as_a_non_root_user(fleet):
 @pytest.mark.slow
 def test_down_removes_everything(fleet):
   """Last in this module: `down -v` leaves no container, volume or network behind."""
-  compose("down", "-v", "--remove-orphans", timeout=300)
+  # Naming the profile, as docker-compose.yml says: with more than one file,
+  # Compose v2 (2.26) leaves the containers of profiles not named.
+  compose("--profile", "tensorboard", "down", "-v", "--remove-orphans", timeout=300)
   label = f"label=com.docker.compose.project={PROJECT}"
   for kind in ("container", "volume", "network"):
     extra = ["-a"] if kind == "container" else []

@@ -128,6 +128,20 @@ def test_compose_tensorboard_reads_the_trainers_volume_where_it_writes_all_summa
   assert "evaluator-data" in compose_file()["volumes"]
 
 
+def test_compose_clients_reach_every_replay_service_by_default():
+  """Without docker-compose.shards.yml one replay service runs, and the trainer's and
+  collectors' default address list is exactly it (tests/test_compose.py checks the
+  override's two). An address flag would win over the variable the override sets."""
+  services = compose_file()["services"]
+  shards = [name for name, s in services.items() if (s.get("command") or [])[:1] == ["replay"]]
+  assert shards == ["replay"]
+  port = flag_values(services["replay"]["command"])["--port"]
+  for role in ("trainer", "collector"):
+    assert "--replay-addresses" not in flag_values(services[role]["command"]), role
+    addresses = compose_default(services[role]["environment"]["DQNFLEET_REPLAY_ADDRESSES"])
+    assert addresses.split(",") == [f"{name}:{port}" for name in shards], role
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_settings_are_compose_variables_and_real_settings(rendered, variant, monkeypatch):
   objects, _ = rendered[variant]
@@ -142,7 +156,7 @@ def test_settings_are_compose_variables_and_real_settings(rendered, variant, mon
     c = container(objects, role)
     # Generated with a content hash, so a changed setting rolls the pods.
     for source in c["envFrom"]:
-      assert re.fullmatch(r"dqnfleet-[a-z]+-[a-z0-9]{10}", source["configMapRef"]["name"])
+      assert re.fullmatch(r"dqnfleet-[a-z-]+-[a-z0-9]{10}", source["configMapRef"]["name"])
     keys = set(configmap_data(objects, c))
     # Exactly the variables compose passes to this role: the same names, and
     # every setting compose exposes can be set here too.

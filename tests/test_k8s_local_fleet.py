@@ -1,7 +1,8 @@
 """The dev overlay of the Kubernetes manifests (deploy/k8s/overlays/dev), run:
 its pods as local processes, with the args and settings read from the rendered
-manifests, train as a fleet, the evaluator evaluates, every pod serves its
-metrics where its annotations say, and each stops within its grace period.
+manifests, train as a fleet with replay in two shards that both fill, the
+evaluator evaluates, every pod serves its metrics where its annotations say,
+and each stops within its grace period.
 
 The manifests are rendered with `kubectl kustomize` (the `rendered` fixture,
 conftest.py); outside CI the test is skipped without it, in CI (CI=true) it fails.
@@ -19,6 +20,7 @@ from dqnfleet.core.settings.flags import ENV_PREFIX
 from dqnfleet.core.transport import rpc
 from support import (
   METRICS,
+  REPLAY_SHARDS,
   ROLES,
   by_kind,
   configmap_data,
@@ -73,10 +75,20 @@ def local_pods(objects: list[dict], root: pathlib.Path) -> list[LocalPod]:
   return pods
 
 
-def service_address(objects: list[dict], pods: list[LocalPod], host: str, port: int) -> str:
-  """What `host:port` reaches in the cluster (Service -> its one pod), on loopback."""
-  service = by_kind(objects, "Service")[host]["spec"]
-  (target,) = [p for p in pods if service["selector"].items() <= p.labels.items()]
+def local_address(objects: list[dict], pods: list[LocalPod], value: str) -> str | None:
+  """What `service:port` (the Service's one pod) or `pod.service:port` (that pod,
+  behind a headless Service: a replay shard) reaches in the cluster, on
+  loopback; None if `value` names no Service."""
+  address = re.fullmatch(r"(?:([a-z0-9-]+)\.)?([a-z0-9-]+):(\d+)", value)
+  services = by_kind(objects, "Service")
+  if not address or address[2] not in services:
+    return None
+  pod_name, service, port = address[1], services[address[2]]["spec"], int(address[3])
+  (target,) = [
+    p
+    for p in pods
+    if service["selector"].items() <= p.labels.items() and pod_name in (None, p.name)
+  ]
   (entry,) = [e for e in service["ports"] if e["port"] == port]
   named = {p["name"]: p["containerPort"] for p in target.container["ports"]}
   return f"localhost:{target.ports[named.get(entry['targetPort'], entry['targetPort'])]}"
@@ -90,13 +102,12 @@ def local_args(objects: list[dict], pods: list[LocalPod], pod: LocalPod) -> list
   port (two collectors cannot both listen on 8020 here); a path under a volume
   mount -> the pod's local directory for that volume.
   """
-  services = by_kind(objects, "Service")
   args = [pod.container["args"][0]]
   for flag, value in flag_values(pod.container["args"]).items():
-    address = re.fullmatch(r"([a-z0-9-]+):(\d+)", value)
+    address = local_address(objects, pods, value)
     mount = next((m for m in pod.mounts if value == m or value.startswith(m + "/")), None)
-    if address and address[1] in services:
-      value = service_address(objects, pods, address[1], int(address[2]))
+    if address:
+      value = address
     elif flag.endswith("port") and int(value) in pod.ports:
       value = str(pod.ports[int(value)])
     elif mount:
@@ -105,9 +116,12 @@ def local_args(objects: list[dict], pods: list[LocalPod], pod: LocalPod) -> list
   return args
 
 
-def local_env(objects: list[dict], pod: LocalPod) -> dict[str, str]:
+def local_env(objects: list[dict], pods: list[LocalPod], pod: LocalPod) -> dict[str, str]:
+  """The pod's environment, its address lists (the replay shards') made local."""
   env = {name: "" for name in os.environ if name.startswith(ENV_PREFIX)}  # empty = default
-  env.update(pod_env(objects, pod.container, pod.name))
+  for name, value in pod_env(objects, pod.container, pod.name).items():
+    addresses = [local_address(objects, pods, part) for part in value.split(",")]
+    env[name] = ",".join(addresses) if value and all(addresses) else value
   if "/tmp" in pod.mounts:  # the image's TMPDIR, an emptyDir per pod
     env["TMPDIR"] = str(pod.mounts["/tmp"])
   return env
@@ -127,9 +141,14 @@ def test_the_dev_overlay_runs_as_a_fleet_that_trains(rendered, services, tmp_pat
   for pod in pods:
     args = local_args(objects, pods, pod)
     print(pod.name, "dqnfleet", *args)
-    started[pod.name] = services(pod.name, *args, env=local_env(objects, pod))
+    env = local_env(objects, pods, pod)
+    if "DQNFLEET_REPLAY_ADDRESSES" in env:
+      print(" ", "DQNFLEET_REPLAY_ADDRESSES", env["DQNFLEET_REPLAY_ADDRESSES"])
+    started[pod.name] = services(pod.name, *args, env=env)
   by_role = {role: [p for p in pods if p.role == role] for role in ROLES}
-  (replay,), (trainer,), (evaluator,) = by_role["replay"], by_role["trainer"], by_role["evaluator"]
+  (trainer,), (evaluator,) = by_role["trainer"], by_role["evaluator"]
+  shards = by_role["replay"]
+  assert [p.name for p in shards] == [f"replay-{i}" for i in range(REPLAY_SHARDS["dev"])]
   peak_rss = {p.name: 0 for p in pods}
 
   def status(pod: LocalPod):
@@ -153,13 +172,15 @@ def test_the_dev_overlay_runs_as_a_fleet_that_trains(rendered, services, tmp_pat
       f"{pod.name} to answer its health probe",
       interval=2,
     )
-  min_size = int(configmap_data(objects, replay.container)["DQNFLEET_MIN_SIZE"])
-  wait_until(
-    lambda: alive() and status(replay).replay_size >= min_size,
-    180,
-    "replay to fill to the dev overlay's min size",
-    interval=2,
-  )
+  # The collectors spread their writes over every shard: each fills to its own min size.
+  min_size = int(configmap_data(objects, shards[0].container)["DQNFLEET_MIN_SIZE"])
+  for shard in shards:
+    wait_until(
+      lambda: alive() and status(shard).replay_size >= min_size,
+      180,
+      f"{shard.name} to fill to the dev overlay's min size",
+      interval=2,
+    )
   wait_until(
     lambda: alive() and status(trainer).counters.train_steps > 0,
     180,
@@ -225,9 +246,10 @@ def test_the_dev_overlay_runs_as_a_fleet_that_trains(rendered, services, tmp_pat
     for pod in by_role[role]:
       grace = pod.spec.get("terminationGracePeriodSeconds", 30)
       assert started[pod.name].stop(timeout=grace) == 0, started[pod.name].log()[-3000:]
-  (replay_dir,) = [d for m, d in replay.mounts.items() if m != "/tmp"]
+  for shard in shards:
+    (replay_dir,) = [d for m, d in shard.mounts.items() if m != "/tmp"]
+    assert any(replay_dir.iterdir()), f"no replay checkpoint on {shard.name}'s volume"
   (trainer_dir,) = [d for m, d in trainer.mounts.items() if m != "/tmp"]
-  assert any(replay_dir.iterdir()), "no replay checkpoint on the replay volume"
   assert any((trainer_dir / "checkpoints").iterdir()) and any((trainer_dir / "policies").iterdir())
   # The evaluator's results are on its own (standalone) claim.
   (evaluator_dir,) = [d for m, d in evaluator.mounts.items() if m != "/tmp"]

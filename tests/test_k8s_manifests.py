@@ -1,7 +1,7 @@
 """The Kubernetes manifests (deploy/k8s) as such: every overlay renders with
 current kustomize fields into valid objects, and the Services, policies,
-budgets, pods, the gpu overlay and the hpa, service-monitor and tensorboard
-components are what the fleet needs.
+budgets, pods, replay shards, the gpu overlay and the hpa, service-monitor,
+tensorboard and replay-shards components are what the fleet needs.
 
 Every overlay is rendered with `kubectl kustomize` (the `rendered` fixture,
 conftest.py) and validated offline, strictly, against the Kubernetes OpenAPI
@@ -24,6 +24,7 @@ from support import (
   DEFAULT_METRICS_PORTS,
   K8S,
   PROBES,
+  REPLAY_SHARDS,
   ROLES,
   ROOT,
   VARIANTS,
@@ -35,6 +36,7 @@ from support import (
   flag_values,
   opened_ports,
   quantity,
+  replay_addresses,
   required,
   tensorboard,
   tensorboard_logdir,
@@ -161,7 +163,8 @@ MONITOR_SCHEMAS = {
 
 def test_kustomizations_use_current_fields_only(rendered):
   files = sorted(K8S.rglob("kustomization.yaml"))
-  assert len(files) == 6  # base, dev, gpu, the HPA, tensorboard and service-monitor components
+  # base, dev, gpu, the HPA, tensorboard, service-monitor and replay-shards components
+  assert len(files) == 7
   for path in files:
     fields = set(yaml.safe_load(path.read_text()))
     assert not fields & DEPRECATED_FIELDS, f"{path.relative_to(ROOT)}: {fields & DEPRECATED_FIELDS}"
@@ -234,11 +237,24 @@ def test_services_policies_and_budgets_select_the_right_pods(rendered, variant):
     assert ports == [p["port"] for p in service["spec"]["ports"]]
     # Every port the pod opens, metrics included (the ServiceMonitor scrapes through it).
     assert sorted(ports) == sorted(listens(name)), name
-  # Every host:port in the args names a Service port: `replay:8000`, `trainer:8010`.
+  # Every host:port in the args and address settings names a Service port:
+  # `trainer:8010`, or a pod of the StatefulSet behind a headless Service,
+  # `replay-1.replay:8000`.
+  statefulsets = {s["spec"]["serviceName"]: s for s in by_kind(objects, "StatefulSet").values()}
   for role in ROLES:
-    for value in flag_values(container(objects, role)["args"]).values():
-      if m := re.fullmatch(r"([a-z0-9-]+):(\d+)", value):
-        assert int(m[2]) in {p["port"] for p in services[m[1]]["spec"]["ports"]}, value
+    c = container(objects, role)
+    values = list(flag_values(c["args"]).values())
+    if role in ("trainer", "collector"):
+      values += replay_addresses(objects, c)
+    for value in values:
+      if m := re.fullmatch(r"(?:([a-z0-9-]+)\.)?([a-z0-9-]+):(\d+)", value):
+        pod, service, port = m[1], m[2], int(m[3])
+        assert port in {p["port"] for p in services[service]["spec"]["ports"]}, value
+        if pod:
+          assert services[service]["spec"].get("clusterIP") == "None", value  # per-pod DNS
+          owner = statefulsets[service]
+          ordinals = range(owner["spec"]["replicas"])
+          assert pod in {f"{owner['metadata']['name']}-{i}" for i in ordinals}, value
 
   policies = {n: p["spec"] for n, p in by_kind(objects, "NetworkPolicy").items()}
   # (target, port) -> who may connect: roles, None for any pod of the namespace,
@@ -276,11 +292,60 @@ def test_services_policies_and_budgets_select_the_right_pods(rendered, variant):
   assert set(budgets) == set(ROLES)  # TensorBoard is disposable: drains may always evict it
   for role in ROLES:
     assert selected(budgets[role]["selector"]["matchLabels"]) == {role}
-  # Singletons: drains may evict them (0 would block drains forever).
-  for role in ("replay", "trainer", "evaluator"):
+  # Singletons: drains may evict them (0 would block drains forever). Replay
+  # shards too, one at a time: the others carry on.
+  for role in ("trainer", "evaluator"):
     assert workload(objects, role)["spec"]["replicas"] == 1, role
+  for role in ("replay", "trainer", "evaluator"):
     assert budgets[role]["maxUnavailable"] == 1, role
   assert budgets["collector"]["maxUnavailable"] == "50%"
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, *COMPOSED])
+def test_replay_shards_are_the_replicas_and_clients_name_each_one(rendered, variant):
+  """N replicas of the replay StatefulSet, each a shard with its own claim and
+  DNS name behind the headless Service; the trainer and collectors list
+  exactly those names, at Reverb's port, from one ConfigMap."""
+  objects, _ = rendered[variant]
+  replay = workload(objects, "replay")
+  spec = replay["spec"]
+  shards = spec["replicas"]
+  assert shards == REPLAY_SHARDS[variant]
+  service = by_kind(objects, "Service")[spec["serviceName"]]["spec"]
+  # Headless: a DNS record per pod, and none that balances over the shards.
+  assert service["clusterIP"] == "None" and service["publishNotReadyAddresses"] is True
+  # Started and restored at once, none waiting for another to be ready.
+  assert spec["podManagementPolicy"] == "Parallel"
+  reverb = int(flag_values(container(objects, "replay")["args"])["--port"])
+  assert reverb in {p["port"] for p in service["ports"]}
+  expected = [
+    f"{replay['metadata']['name']}-{i}.{spec['serviceName']}:{reverb}" for i in range(shards)
+  ]
+  sources = set()
+  for role in ("trainer", "collector"):
+    c = container(objects, role)
+    assert replay_addresses(objects, c) == expected, role
+    configmaps = by_kind(objects, "ConfigMap")
+    sources |= {
+      s["configMapRef"]["name"]
+      for s in c["envFrom"]
+      if "DQNFLEET_REPLAY_ADDRESSES" in configmaps[s["configMapRef"]["name"]].get("data", {})
+    }
+  # One place for the list: the trainer cannot sample other shards than collectors fill.
+  (source,) = sources
+  assert source.startswith("dqnfleet-replay-addresses-")
+  # Each shard restores its own table: one claim per pod, from the template.
+  (claim,) = spec["volumeClaimTemplates"]
+  assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+  mounts = {m["name"]: m["mountPath"] for m in container(objects, "replay")["volumeMounts"]}
+  checkpoints = flag_values(container(objects, "replay")["args"])["--checkpoint-dir"]
+  assert checkpoints == mounts[claim["metadata"]["name"]]
+  # Spread over nodes where it can be, never refused a node for it.
+  (term,) = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+    "preferredDuringSchedulingIgnoredDuringExecution"
+  ]
+  assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+  assert selects(term["podAffinityTerm"]["labelSelector"], spec["template"]["metadata"]["labels"])
 
 
 def assert_locked_down_and_sized(pod: dict, c: dict, name: str) -> None:
@@ -436,6 +501,10 @@ def test_the_monitors_scrape_every_role_once_at_its_metrics_port(rendered):
     (role, port, "/metrics", "service" if role in services else "pod")
     for role, port in DEFAULT_METRICS_PORTS.items()
   )
+  # Through a Service, Prometheus scrapes each of its endpoints: every replay
+  # shard is a target of its own, not-ready ones included (restoring shards).
+  assert REPLAY_SHARDS["monitoring"] > 1
+  assert services["replay"]["spec"]["publishNotReadyAddresses"] is True
   for monitor in [
     *by_kind(objects, "ServiceMonitor").values(),
     *by_kind(objects, "PodMonitor").values(),

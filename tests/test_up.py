@@ -1,9 +1,11 @@
 """`dqnfleet up`: the embedded default. CartPole learns within a bounded budget,
-a service killed with SIGKILL is restarted and the fleet recovers, and Ctrl-C
-stops the whole fleet cleanly."""
+a service killed with SIGKILL is restarted and the fleet recovers, Ctrl-C
+stops the whole fleet cleanly, and --replay-shards runs replay as several
+servers that all fill."""
 
 import contextlib
 import json
+import pathlib
 import re
 import signal
 import subprocess
@@ -219,6 +221,113 @@ def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(t
   assert up.returncode == 0, "".join(lines)
 
 
+@pytest.mark.slow
+def test_two_replay_shards_fill_and_the_progress_line_names_one_that_does_not_answer(tmp_path):
+  run_dir = tmp_path / "run"
+  up = start_up(
+    env_id="CartPole-v1", replay_shards=2, collectors=1, run_dir=run_dir, progress_every_s=1
+  )
+  lines: list[str] = []
+  threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True).start()
+  paused = []
+  try:
+    header = wait_until(
+      lambda: next((line for line in lines if line.startswith("dqnfleet up:")), None),
+      60,
+      "up's first line",
+    )
+    shards = re.findall(r"(replay-\d+) :\d+ \(status :(\d+)\)", header)
+    assert [name for name, _ in shards] == ["replay-0", "replay-1"], header
+    addresses = [f"localhost:{port}" for _, port in shards]
+    # Two replay servers, each with a checkpoint directory of its own.
+    replays = {
+      pathlib.Path(arg.partition("=")[2]).name: c
+      for c in psutil.Process(up.pid).children()
+      if c.cmdline()[3:4] == ["replay"]
+      for arg in c.cmdline()
+      if arg.startswith("--checkpoint-dir=")
+    }
+    assert sorted(replays) == ["replay-0_checkpoints", "replay-1_checkpoints"]
+
+    def trained():
+      steps = [re.search(r"train steps ([\d,]+)", line) for line in lines]
+      return any(m and int(m[1].replace(",", "")) > 0 for m in steps)
+
+    wait_until(trained, 300, "the trainer to train")
+
+    def both_filled():
+      result = dqnfleet("status", "--json", *addresses, timeout=60)
+      entries = json.loads(result.stdout)
+      return result.returncode == 0 and all(e["replay_size"] > 0 for e in entries) and entries
+
+    # The collector writes to both shards (its environments spread over them).
+    entries = wait_until(both_filled, 180, "items in both replay shards", interval=2)
+    assert [e["role"] for e in entries] == ["replay", "replay"]
+    text = dqnfleet("status", *addresses, timeout=60)
+    assert text.returncode == 0 and "replay, 2 shards answering: replay size" in text.stdout
+
+    # Progress sums the shards; a shard that does not answer is named.
+    wait_until(
+      lambda: any(re.search(r"replay [\d,]+ in 2 shards \|", line) for line in lines),
+      60,
+      "a progress line over both shards",
+    )
+    replays["replay-1_checkpoints"].suspend()
+    paused.append(replays["replay-1_checkpoints"])
+    since = len(lines)
+    wait_until(
+      lambda: any(re.search(r"in 2 shards, down: replay-1 \|", line) for line in lines[since:]),
+      60,
+      "a progress line naming replay-1 as down",
+    )
+    paused.pop().resume()
+    assert up.poll() is None, "".join(lines)
+  finally:
+    for shard in paused:  # a failed check above left it paused
+      with contextlib.suppress(psutil.NoSuchProcess):
+        shard.resume()
+    up.send_signal(signal.SIGINT)
+    up.wait(180)
+  assert up.returncode == 0, "".join(lines)
+  for name, _ in shards:
+    assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0, name
+    # Each checkpointed its own table at shutdown.
+    assert any((run_dir / f"{name}_checkpoints").iterdir()), name
+  assert not (run_dir / "replay_checkpoints").exists()
+
+
+@pytest.mark.parametrize("shards", [1, 16])
+def test_up_plans_one_replay_server_per_shard_and_gives_every_client_all(tmp_path, shards):
+  """One shard keeps the names of a run directory from before shards; each shard of
+  several has its own ports and checkpoint directory, and the trainer and every
+  collector are given every shard's address, in order."""
+  from dqnfleet.cli import up
+  from dqnfleet.cli.commands import COMMANDS
+  from dqnfleet.cli.main import build_configs, build_parser
+  from dqnfleet.core.settings.config import CollectorConfig, ReplayConfig, TrainerConfig
+
+  argv = ["up", "--replay-shards", str(shards), "--collectors", "2", "--run-dir", str(tmp_path)]
+  launches = up.plan(build_configs(COMMANDS["up"], build_parser().parse_args(argv)))
+  names = ["replay"] if shards == 1 else [f"replay-{i}" for i in range(shards)]
+  assert list(launches) == [*names, "trainer", "collector-0", "collector-1", "evaluator"]
+  replays = [launches[name].configs[ReplayConfig] for name in names]
+  assert [r.checkpoint_dir for r in replays] == [
+    str(tmp_path.resolve() / f"{name}_checkpoints") for name in names
+  ]
+  ports = []
+  for one in launches.values():
+    service = one.configs[one.command.service]
+    # Each service's own (the trainer's status is on its policy port).
+    ports += {
+      getattr(service, n) for n in ("port", "status_port", "metrics_port") if hasattr(service, n)
+    }
+  assert len(set(ports)) == len(ports)  # each service its own, however many shards
+  addresses = tuple(f"localhost:{r.port}" for r in replays)
+  assert launches["trainer"].configs[TrainerConfig].replay_addresses == addresses
+  for name in ("collector-0", "collector-1"):
+    assert launches[name].configs[CollectorConfig].replay_addresses == addresses
+
+
 def test_the_progress_line_copes_with_services_that_do_not_answer_yet():
   from dqnfleet.cli.up import Progress
   from dqnfleet.core.api import fleet_pb2
@@ -232,3 +341,10 @@ def test_the_progress_line_copes_with_services_that_do_not_answer_yet():
   line = Progress().line({"replay": None, "trainer": None, "collector-0": collector}, 12.0)
   assert "env steps 1,200" in line and "replay - |" in line and "acting v3" in line
   assert "return 3.0 (last 2 episodes)" in line
+  # Several shards: the answering ones' sizes summed, the others named.
+  replay = decode(fleet_pb2.ServiceStatus(role="replay", replay_size=1500))
+  shards = {"replay-0": replay, "replay-1": None, "replay-2": replay, "collector-0": collector}
+  line = Progress().line(shards, 13.0)
+  assert "replay 3,000 in 3 shards, down: replay-1 |" in line, line
+  shards["replay-1"] = replay
+  assert "replay 4,500 in 3 shards |" in Progress().line(shards, 14.0)

@@ -11,11 +11,14 @@ from dqnfleet.core.transport.status import Status
 
 
 def run(addresses: list[str], as_json: bool, timeout: float, security: Security) -> int:
-  results, failed = [], False
+  results, shards, failed = [], [], False
   for address in addresses:
     try:
-      entry = as_dict(rpc.get_status(address, timeout, security))
+      status = rpc.get_status(address, timeout, security)
+      entry = as_dict(status)
       entry["address"] = address
+      if status.role == "replay":
+        shards.append(status)
     except grpc.RpcError as e:
       failed = True
       entry = {"address": address, "error": f"{e.code().name}: {e.details()}"}
@@ -25,12 +28,29 @@ def run(addresses: list[str], as_json: bool, timeout: float, security: Security)
   else:
     for entry in results:
       print(format_entry(entry))
+    if len(shards) > 1:
+      print(shards_total(shards))
   return 1 if failed else 0
 
 
 def as_dict(status: Status) -> dict:
   """A status as plain JSON types (protobuf's own JSON quotes int64s)."""
   return dataclasses.asdict(status)
+
+
+def shards_total(shards: list[Status]) -> str:
+  """The table over several replay shards: what the trainer samples from, the collectors fill."""
+  return (
+    f"replay, {len(shards)} shards answering: replay size "
+    f"{_known_sum(s.replay_size for s in shards)}, items inserted "
+    f"{_known_sum(s.counters.items_inserted for s in shards)}, items sampled "
+    f"{_known_sum(s.counters.items_sampled for s in shards)}"
+  )
+
+
+def _known_sum(counts) -> int:
+  # -1 is a count a shard does not know (yet): it adds nothing.
+  return sum(c for c in counts if c >= 0)
 
 
 def format_entry(entry: dict) -> str:

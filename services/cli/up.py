@@ -1,11 +1,11 @@
 """`dqnfleet up`: the whole fleet as local processes, with live progress.
 
-Replay, trainer and N collectors run as separate OS processes on loopback
-ports, exactly as they would on separate machines; `up` only starts them,
-polls their status RPCs, restarts one that dies (as Kubernetes or compose
-would: each recovers from its checkpoints and peers reconnect), and stops
-them (collectors, trainer, replay) on Ctrl-C, when the trainer reaches
---max-train-steps, or when one died more often than MAX_RESTARTS.
+Replay (one server per shard), trainer and N collectors run as separate OS
+processes on loopback ports, exactly as they would on separate machines; `up`
+only starts them, polls their status RPCs, restarts one that dies (as
+Kubernetes or compose would: each recovers from its checkpoints and peers
+reconnect), and stops them (collectors, trainer, replay) on Ctrl-C, when the
+trainer reaches --max-train-steps, or when one died more often than MAX_RESTARTS.
 """
 
 import collections
@@ -44,11 +44,26 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+class FreePorts:
+  """Free loopback ports, none given twice: the OS may offer again a port it
+  just offered, since none of them is bound until its service starts."""
+
+  def __init__(self):
+    self._given: set[int] = set()
+
+  def __call__(self) -> int:
+    port = free_port()
+    while port in self._given:
+      port = free_port()
+    self._given.add(port)
+    return port
+
+
 @dataclasses.dataclass(frozen=True)
 class Launch:
   """One process of the fleet: the command it runs and all its settings."""
 
-  name: str  # replay, trainer, collector-<i>, evaluator: its log, status and progress
+  name: str  # replay or replay-<i>, trainer, collector-<i>, evaluator: its log, status, progress
   command: Command
   configs: Configs  # the command's groups, with what `up` sets itself
 
@@ -79,43 +94,59 @@ def launch(name: str, command: str, configs: Configs, **sets) -> Launch:
   return Launch(name, spec, Configs(own))
 
 
+def replay_names(shards: int) -> list[str]:
+  """The replay processes' names: one shard keeps the name (and so the log and
+  checkpoint directory) of the days before shards, so its run directories resume."""
+  return ["replay"] if shards == 1 else [f"replay-{i}" for i in range(shards)]
+
+
+def is_replay(name: str) -> bool:
+  return name == "replay" or name.startswith("replay-")
+
+
 def plan(configs: Configs) -> dict[str, Launch]:
   """The processes `up` starts, by name, in start order, on free loopback ports."""
   up = configs[UpConfig]
   run_dir = pathlib.Path(up.run_dir).resolve()
-  replay = launch(
-    "replay",
-    "replay",
-    configs,
-    port=free_port(),
-    status_port=free_port(),
-    metrics_port=free_port(),
-    checkpoint_dir=str(run_dir / "replay_checkpoints"),
+  ports = FreePorts()
+  launches = {}
+  for name in replay_names(up.replay_shards):
+    launches[name] = launch(
+      name,
+      "replay",
+      configs,
+      port=ports(),
+      status_port=ports(),
+      metrics_port=ports(),
+      # Named like its log: a shard restores its own table, never another's.
+      checkpoint_dir=str(run_dir / f"{name}_checkpoints"),
+    )
+  replay_addresses = tuple(
+    f"localhost:{one.configs[ReplayConfig].port}" for one in launches.values()
   )
-  replay_address = f"localhost:{replay.configs[ReplayConfig].port}"
   trainer = launch(
     "trainer",
     "trainer",
     configs,
-    replay_addresses=(replay_address,),
-    port=free_port(),
-    metrics_port=free_port(),
+    replay_addresses=replay_addresses,
+    port=ports(),
+    metrics_port=ports(),
     run_dir=str(run_dir),
   )
   trainer_address = f"localhost:{trainer.configs[TrainerConfig].port}"
-  launches = {"replay": replay, "trainer": trainer}
+  launches["trainer"] = trainer
   for i in range(up.collectors):
     name = f"collector-{i}"
     launches[name] = launch(
       name,
       "collector",
       configs,
-      replay_addresses=(replay_address,),
+      replay_addresses=replay_addresses,
       trainer_address=trainer_address,
       collector_id=name,
       seed=1000 * up.seed + i,
-      status_port=free_port(),
-      metrics_port=free_port(),
+      status_port=ports(),
+      metrics_port=ports(),
     )
   if up.evaluator:
     # Its TensorBoard summaries reach the run's logdir through the trainer.
@@ -124,8 +155,8 @@ def plan(configs: Configs) -> dict[str, Launch]:
       "evaluator",
       configs,
       trainer_address=trainer_address,
-      status_port=free_port(),
-      metrics_port=free_port(),
+      status_port=ports(),
+      metrics_port=ports(),
       out_dir=str(run_dir / "eval"),
     )
   return launches
@@ -191,7 +222,6 @@ class Progress:
 
   def line(self, statuses: dict, elapsed: float) -> str:
     trainer = statuses.get("trainer")
-    replay = statuses.get("replay")
     collectors = [s for n, s in statuses.items() if n.startswith("collector") and s]
     env_steps = sum(c.counters.env_steps for c in collectors)
     train_steps = trainer.counters.train_steps if trainer else 0
@@ -210,11 +240,22 @@ class Progress:
     return (
       f"[{elapsed:6.0f}s] env steps {env_steps:,.0f} ({env_rate:,.0f}/s) | "
       f"train steps {train_steps:,.0f} ({train_rate:,.1f}/s) | "
-      f"replay {f'{replay.replay_size:,}' if replay else '-'} | "
+      f"replay {replay_summary(statuses)} | "
       f"policy published v{trainer.policy_version if trainer else '-'} acting {acting} | "
       f"return {np.mean(returns) if returns else float('nan'):.1f} "
       f"(last {len(returns)} episodes){evaluation}"
     )
+
+
+def replay_summary(statuses: dict) -> str:
+  """Items in replay over every shard that answers, and which shards do not."""
+  shards = {name: status for name, status in statuses.items() if is_replay(name)}
+  answering = [status for status in shards.values() if status]
+  size = f"{sum(s.replay_size for s in answering):,}" if answering else "-"
+  if len(shards) == 1:
+    return size
+  down = [name for name, status in shards.items() if not status]
+  return f"{size} in {len(shards)} shards" + (f", down: {', '.join(down)}" if down else "")
 
 
 def restart_dead(fleet: Fleet, dead: list[str]) -> bool:
@@ -243,11 +284,14 @@ def run(configs: Configs, *, security: Security) -> int:
   launches = plan(configs)
   for one in launches.values():
     fleet.start(one)
-  replay, trainer = launches["replay"], launches["trainer"]
+  shards = ", ".join(
+    f"{name} :{one.configs[ReplayConfig].port} (status :{one.status_port})"
+    for name, one in launches.items()
+    if is_replay(name)
+  )
   print(
-    f"dqnfleet up: {configs[EnvConfig].env_id}, replay :{replay.configs[ReplayConfig].port} "
-    f"(status :{replay.status_port}), trainer :{trainer.status_port}, {up.collectors} "
-    f"collectors; run dir {run_dir}",
+    f"dqnfleet up: {configs[EnvConfig].env_id}, {shards}, trainer "
+    f":{launches['trainer'].status_port}, {up.collectors} collectors; run dir {run_dir}",
     flush=True,
   )
   if "evaluator" in launches:
@@ -301,6 +345,6 @@ def run(configs: Configs, *, security: Security) -> int:
     collectors = [n for n in fleet.procs if n.startswith(("collector", "evaluator"))]
     fleet.stop(collectors)
     fleet.stop(["trainer"])
-    fleet.stop(["replay"])
+    fleet.stop([n for n in fleet.procs if is_replay(n)])
     print(f"stopped; policies in {run_dir / 'policies'}", flush=True)
   return code
