@@ -46,6 +46,7 @@ from replay_scale import ENV, LIMITER_FLAGS
 
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import specs
+from dqnfleet.core.rl.priorities import TdTarget
 
 POLL_S = 0.02
 # A full 1-step-per-row Breakout table (docs/performance.md: 1,413 bytes per
@@ -75,17 +76,18 @@ def run_inserter(address: str, recorded: str, rate: float, out: str) -> None:
   client = reverb.Client(address)
   source = replay_scale.RecordedTransitions(recorded)
   observer = ReplayObserver(
-    client,
+    [client],
     specs.env_specs(ENV),
     replay_scale.NUM_ENVS,
     lambda: 0,
     threading.Event(),
     specs.source_id("bench-inserter"),
   )
+  observer.td_target = TdTarget(gamma=0.99, reward_scale=1.0)  # priorities as in a fleet
   print("ready", flush=True)
   done = []
   for _ in paced(rate / replay_scale.NUM_ENVS, stop_on_stdin()):
-    observer(source.next())
+    observer(source.next(), source.q_values)
     done.append(time.monotonic())
   np.save(out, np.array(done))
   observer.close()

@@ -36,6 +36,7 @@ from dqnfleet.core.settings.config import EnvConfig
 from dqnfleet.core.transport import rpc
 
 ENV = EnvConfig(env_id="ALE/Breakout-v5")
+NUM_ACTIONS = 4  # Breakout's
 
 
 class NaiveObserver:
@@ -63,6 +64,21 @@ class NaiveObserver:
 
   def close(self):
     self._writer.close()
+
+
+def acting(observer: ReplayObserver):
+  """The observer as a TF-Agents transition observer of a random policy: the collect
+  policy's Q-values and epsilons (collector.Collector.act), zeros here, added."""
+
+  def observe(transition):
+    time_step, action_step, next_time_step = transition
+    num_envs = len(time_step.step_type)
+    q_values = np.zeros((num_envs, NUM_ACTIONS))
+    info = {"q_values": q_values, "epsilon": np.zeros(num_envs, np.float32)}
+    observer((time_step, action_step._replace(info=info), next_time_step), q_values)
+
+  observe.close = observer.close
+  return observe
 
 
 def run_naive_server(port):
@@ -102,7 +118,7 @@ def measure(layout: str, transitions: int, num_envs: int) -> dict:
   env = envs.BatchedEnvironment(ENV, num_envs, seed=1)
   env_specs = specs.env_specs(ENV)
   observer = (
-    ReplayObserver(client, env_specs, num_envs, lambda: 0, threading.Event(), 1)
+    acting(ReplayObserver([client], env_specs, num_envs, lambda: 0, threading.Event(), 1))
     if layout == "dqnfleet"
     else NaiveObserver(client, num_envs)
   )

@@ -49,6 +49,7 @@ from tf_agents.trajectories import time_step as ts
 from dqnfleet.cli.up import free_port
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import envs, specs
+from dqnfleet.core.rl.priorities import TdTarget
 from dqnfleet.core.settings.config import EnvConfig
 from dqnfleet.core.transport import rpc
 
@@ -108,6 +109,11 @@ class RecordedTransitions:
     self._discounts, self._actions = steps["discounts"], steps["actions"]
     self._t = 0
     self._obs = self._stack(None, 0)
+    # What the collect policy adds to its actions: the Q-values and epsilons
+    # acted with (their values do not change what is written, only priorities).
+    num_actions = specs.env_specs(ENV).num_actions
+    self.q_values = np.zeros((NUM_ENVS, num_actions))
+    self._info = {"q_values": self.q_values, "epsilon": np.zeros(NUM_ENVS, np.float32)}
 
   def _stack(self, previous, t):
     frame = np.asarray(self._frames[t])[..., None]
@@ -128,7 +134,7 @@ class RecordedTransitions:
     next_obs = self._stack(self._obs, t + 1)
     transition = (
       self._time_step(t, self._obs),
-      policy_step.PolicyStep(self._actions[t]),
+      policy_step.PolicyStep(self._actions[t], (), self._info),
       self._time_step(t + 1, next_obs),
     )
     self._t, self._obs = t + 1, next_obs
@@ -140,13 +146,14 @@ def run_writer(address: str, recorded: str, index: int, warmup_s: float, seconds
   client = reverb.Client(address)
   source = RecordedTransitions(recorded)
   observer = ReplayObserver(
-    client,
+    [client],
     specs.env_specs(ENV),
     NUM_ENVS,
     lambda: 0,
     threading.Event(),
     specs.source_id(f"bench-{index}"),
   )
+  observer.td_target = TdTarget(gamma=0.99, reward_scale=1.0)  # priorities as in a fleet
   print("ready", flush=True)
   sys.stdin.readline()  # go
   measure_at = time.monotonic() + warmup_s
@@ -155,7 +162,7 @@ def run_writer(address: str, recorded: str, index: int, warmup_s: float, seconds
   while (now := time.monotonic()) < end:
     if cpu0 is None and now >= measure_at:
       cpu0, items0 = time.process_time(), observer.items_written
-    observer(source.next())
+    observer(source.next(), source.q_values)
   cpu, items = time.process_time() - cpu0, observer.items_written - items0
   observer.close()
   return {"items_written": items, "cpu_s": cpu}
