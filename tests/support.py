@@ -73,6 +73,8 @@ METRICS = {
     "dqnfleet_trainer_policy_fetches",
     "dqnfleet_trainer_bad_items_dropped_total",
     "dqnfleet_trainer_unreadable_items_skipped_total",
+    "dqnfleet_trainer_replay_shards",
+    "dqnfleet_trainer_replay_shards_up",
   },
   "evaluator": {
     "dqnfleet_evaluator_evaluations_total",

@@ -2,9 +2,13 @@
 
 Items come in the replay layout of core/rl/specs.py (frames stored once),
 are decoded by core/rl/replay_io.py, and leave as the [batch, n+1]
-`Trajectory` that TF-Agents' DqnAgent trains on, with the keys of the invalid
-items the batch left out. trainer/replay_source.py owns the dataset built here.
+`Trajectory` that TF-Agents' DqnAgent trains on, with a row per item saying
+where it came from and what is wrong with it. Several replay servers (shards)
+are mixed item by item before batching. trainer/replay_source.py owns the
+dataset built here.
 """
+
+from collections.abc import Mapping
 
 import reverb
 import tensorflow as tf
@@ -16,6 +20,17 @@ from dqnfleet.core.rl import replay_io, specs
 # After this long without a sample, the dataset ends so the trainer can say
 # why (table below its minimum, or the rate limiter waiting for collectors).
 SAMPLE_TIMEOUT_MS = 5_000
+# Each item's row of the dataset's `items` [B, ITEM_COLUMNS] int64: its key's
+# bits, a PROBLEMS code (0: valid), the index of the shard that holds it.
+KEY, PROBLEM, SHARD = 0, 1, 2
+ITEM_COLUMNS = 3
+# Shard choices drawn per read of the weights. One categorical draw per item,
+# what Dataset.sample_from_datasets does, cost 115 us an item mixing three
+# trivial datasets on the 2-core machine, against 3 us drawn in blocks;
+# receiving and decoding a sampled item costs 170-204 us (docs/replay.md).
+# The weights move every few seconds, so a block drawn from older ones does
+# not matter.
+CHOICES_PER_READ = 128
 
 WRONG_SHAPE = 5
 PROBLEMS = {
@@ -105,12 +120,14 @@ def item_problems(sample: reverb.ReplaySample, env_specs: specs.EnvSpecs) -> tf.
 
 
 def without_bad_items(
-  sample: reverb.ReplaySample, shape_codes: tf.Tensor, env_specs: specs.EnvSpecs
+  sample: reverb.ReplaySample, shape_codes: tf.Tensor, shards: tf.Tensor, env_specs: specs.EnvSpecs
 ) -> tuple[reverb.ReplaySample, tf.Tensor]:
-  """(The batch with each invalid item replaced by a valid one, [B] (key, problem) pairs).
+  """(The batch with each invalid item replaced by a valid one, its [B] item rows).
 
-  The problems travel inside the dataset's element, so the trainer deletes
-  what it saw without a Python callback inside tf.data. A batch with no
+  A row is (key, problem, shard) of the item sampled there (KEY, PROBLEM,
+  SHARD), so the trainer deletes what it saw from the shard that holds it,
+  without a Python callback inside tf.data. A replaced row still names the
+  invalid item; its data (and info) are the valid one's. A batch with no
   valid item at all is all problems; the trainer does not train on it.
   """
   codes = tf.where(shape_codes > 0, shape_codes, item_problems(sample, env_specs))
@@ -125,31 +142,71 @@ def without_bad_items(
   # Keys are uint64, the problems int64 to sit beside them: the bits travel
   # unchanged and the trainer reads them back as uint64.
   return replaced, tf.stack(
-    [tf.bitcast(sample.info.key, tf.int64), tf.cast(codes, tf.int64)], axis=1
+    [tf.bitcast(sample.info.key, tf.int64), tf.cast(codes, tf.int64), tf.cast(shards, tf.int64)],
+    axis=1,
   )
 
 
-def make_dataset(
-  replay_address: str, env_specs: specs.EnvSpecs, batch_size: int, prefetch_batches: int
-) -> tf.data.Dataset:
-  """(experience, policy versions, info, problems) per batch; see without_bad_items."""
-  signature = specs.replay_signature(env_specs)
+def shard_items(address: str, signature, batch_size: int, shard: int) -> tf.data.Dataset:
+  """One server's items, one at a time: (sample, shape code, shard); see conform."""
   dataset = reverb.TrajectoryDataset(
-    server_address=replay_address,
+    server_address=address,
     table=specs.TABLE,
     dtypes=tf.nest.map_structure(lambda s: s.dtype, signature),
     shapes=tf.nest.map_structure(lambda s: tf.TensorShape(None), signature),
     max_in_flight_samples_per_worker=2 * batch_size,
     rate_limiter_timeout_ms=SAMPLE_TIMEOUT_MS,
   )
+  return dataset.map(lambda sample: (*conform(sample, signature), tf.constant(shard, tf.int32)))
 
-  def to_batch(sample, shape_codes):
-    sample, problems = without_bad_items(sample, shape_codes, env_specs)
-    return (*to_experience(sample, env_specs.stack), problems)
+
+def mix(items: list[tf.data.Dataset], shards: list[int], weights: tf.Variable) -> tf.data.Dataset:
+  """Items of several shards, each drawn from shard i with probability ~ weights[shards[i]].
+
+  `weights` is read as the dataset runs, so a trainer that refreshes it
+  moves the mix without a new iterator. All zero (no shard can be sampled
+  yet) draws equally, so that sampling waits and the trainer says why.
+  One shard that times out ends the whole dataset, as one server does.
+  """
+  if len(items) == 1:
+    return items[0]
+  mixed = tf.constant(shards, tf.int64)
+
+  def choices(_):
+    w = tf.gather(weights, mixed)
+    w = tf.where(tf.reduce_sum(w) > 0, w, tf.ones_like(w))
+    return tf.random.categorical(tf.math.log(w)[None], CHOICES_PER_READ)[0]
+
+  chosen = tf.data.Dataset.from_tensors(0).repeat().map(choices).unbatch()
+  return tf.data.Dataset.choose_from_datasets(items, chosen, stop_on_empty_dataset=True)
+
+
+def make_sharded_dataset(
+  addresses: Mapping[int, str],
+  weights: tf.Variable | None,
+  env_specs: specs.EnvSpecs,
+  batch_size: int,
+  prefetch_batches: int,
+) -> tf.data.Dataset:
+  """(experience, policy versions, info, items) per batch, mixed from the shards `addresses`
+  ({shard index: host:port}) by `weights` (see mix; unused for one shard)."""
+  signature = specs.replay_signature(env_specs)
+  items = [shard_items(a, signature, batch_size, i) for i, a in addresses.items()]
+
+  def to_batch(sample, shape_codes, shards):
+    sample, rows = without_bad_items(sample, shape_codes, shards, env_specs)
+    return (*to_experience(sample, env_specs.stack), rows)
 
   return (
-    dataset.map(lambda sample: conform(sample, signature))
+    mix(items, list(addresses), weights)
     .batch(batch_size, drop_remainder=True)
     .map(to_batch, num_parallel_calls=tf.data.AUTOTUNE)
     .prefetch(prefetch_batches)
   )
+
+
+def make_dataset(
+  replay_address: str, env_specs: specs.EnvSpecs, batch_size: int, prefetch_batches: int
+) -> tf.data.Dataset:
+  """One server's batches (its items are shard 0); see make_sharded_dataset."""
+  return make_sharded_dataset({0: replay_address}, None, env_specs, batch_size, prefetch_batches)

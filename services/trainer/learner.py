@@ -17,6 +17,7 @@ from tf_agents.utils import common
 from dqnfleet.core.rl import networks
 from dqnfleet.core.rl.specs import EnvSpecs
 from dqnfleet.core.settings.config import AgentConfig, NetworkConfig
+from dqnfleet.trainer.dataset import ITEM_COLUMNS, KEY, PROBLEM, SHARD
 
 # Train steps per call into TensorFlow: one graph runs several steps, which
 # gives about 1.5x the steps/s of small networks (see docs/performance.md).
@@ -91,10 +92,12 @@ class StepResult(NamedTuple):
   mean_q: float  # mean greedy Q-value of the call's last step's batch (0.0 if the
   # call ended early: it costs a forward pass, so once per call)
   policy_versions: np.ndarray  # [B] the versions that collected the newest sampled batch
-  keys: np.ndarray  # [B] uint64: the replay keys of the newest batch trained on
+  keys: np.ndarray  # [B] uint64: the replay keys of the newest batch trained on (a row
+  # standing in for an invalid item names that item)
+  shards: np.ndarray  # [B] int64: the replay shard that holds each of them
   td_errors: np.ndarray  # [B] its TD errors; prioritized replay received |td| + floor
-  problems: np.ndarray  # [P, 2] int64: (key bits, dataset.PROBLEMS code) of every invalid
-  # item left out; the replay source deletes them
+  problems: np.ndarray  # [P, 3] int64: (key bits, dataset.PROBLEMS code, shard) of every
+  # invalid item left out; the replay source deletes them
 
 
 class Learner:
@@ -103,8 +106,8 @@ class Learner:
   `replay` is the trainer's replay source: `iterator` (the dataset's
   current iterator, which it rebuilds after a timeout or an error),
   `prioritized` (read once the source has connected, before the first
-  step traces the graph) and `update_priorities(keys, priorities)`, called
-  inside the graph.
+  step traces the graph) and `update_priorities(keys, priorities, shards)`,
+  called inside the graph with the shard each item came from.
   """
 
   def __init__(self, env_specs: EnvSpecs, net: NetworkConfig, config: AgentConfig, replay):
@@ -135,9 +138,10 @@ class Learner:
 
     Errors of sampling (an unreadable item, a lost server) propagate: the
     replay source tells them apart. Steps that ran before one still moved
-    the train step.
+    the train step. So does a call the replay source cancels (it waited on
+    a lost shard), which may end within a step, after some of its updates.
     """
-    done, timed_out, loss, mean_q, versions, keys, td_errors, problems = self._graph(
+    done, timed_out, loss, mean_q, versions, keys, shards, td_errors, problems = self._graph(
       self._replay.iterator, tf.constant(steps)
     )
     return StepResult(
@@ -147,6 +151,7 @@ class Learner:
       mean_q=float(mean_q),
       policy_versions=versions.numpy(),
       keys=keys.numpy(),
+      shards=shards.numpy(),
       td_errors=td_errors.numpy(),
       problems=problems.numpy(),
     )
@@ -164,36 +169,44 @@ class Learner:
     mean_q = tf.constant(0.0)
     versions = tf.zeros([self.batch_size], tf.int64)
     keys = tf.zeros([self.batch_size], tf.uint64)
+    shards = tf.zeros([self.batch_size], tf.int64)
     td_errors = tf.zeros([self.batch_size], tf.float32)
-    problems = tf.zeros([0, 2], tf.int64)  # (key, problem) of the invalid items left out
+    problems = tf.zeros([0, ITEM_COLUMNS], tf.int64)  # rows of the invalid items left out
     timed_out = tf.constant(False)
     for i in tf.range(steps):
       tf.autograph.experimental.set_loop_options(
-        shape_invariants=[(problems, tf.TensorShape([None, 2]))]
+        shape_invariants=[(problems, tf.TensorShape([None, ITEM_COLUMNS]))]
       )
       batch = iterator.get_next_as_optional()
       if not batch.has_value():
         timed_out = tf.constant(True)
         break
-      experience, versions, info, found = batch.get_value()
-      bad = found[:, 1] > 0
-      problems = tf.concat([problems, tf.boolean_mask(found, bad)], axis=0)
+      experience, versions, info, items = batch.get_value()
+      bad = items[:, PROBLEM] > 0
+      problems = tf.concat([problems, tf.boolean_mask(items, bad)], axis=0)
       if tf.reduce_all(bad):
         continue
       if self._replay.prioritized:
         loss_info = self.agent.train(
           experience, weights=importance_weights(info, self.importance_exponent)
         )
-        # Priorities of the sampled items become their new |TD error|.
+        # Priorities of the sampled items become their new |TD error|. A row
+        # standing in for an invalid item repeats a valid one, which has its own.
         priorities = tf.abs(tf.cast(loss_info.extra.td_error, tf.float64)) + PRIORITY_FLOOR
-        self._replay.update_priorities(info.key, priorities)
+        valid = tf.logical_not(bad)
+        self._replay.update_priorities(
+          tf.boolean_mask(info.key, valid),
+          tf.boolean_mask(priorities, valid),
+          tf.boolean_mask(items[:, SHARD], valid),
+        )
       else:
         loss_info = self.agent.train(experience)
       loss = loss_info.loss
-      keys = info.key
+      keys = tf.bitcast(items[:, KEY], tf.uint64)
+      shards = items[:, SHARD]
       td_errors = loss_info.extra.td_error
       done += 1
       if i == steps - 1:  # once per call, not per step: it costs a forward pass
         q_values, _ = self.q_network(experience.observation[:, 0])
         mean_q = tf.reduce_mean(tf.reduce_max(q_values, axis=-1))
-    return done, timed_out, loss, mean_q, versions, keys, td_errors, problems
+    return done, timed_out, loss, mean_q, versions, keys, shards, td_errors, problems

@@ -1,7 +1,8 @@
 """The trainer service: replay -> learner -> published policy.
 
 The loop: a `Learner` (trainer/learner.py) takes train steps on batches from
-a `ReplaySource` (trainer/replay_source.py), and triggers (trainer/triggers.py)
+a `ReplaySource` over the replay shards (trainer/replay_source.py, which
+also says how it mixes them and what a lost one changes), and triggers (trainer/triggers.py)
 publish the policy every `publish_every` train steps as version = train
 step, checkpoint it every `checkpoint_every` (trainer/checkpoints.py; a
 restart resumes from the newest), and report every `log_every_s` seconds:
@@ -32,6 +33,9 @@ from dqnfleet.trainer.triggers import Trigger
 
 log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 25  # under up's and Kubernetes' 30 s grace
+# Health service name: SERVING while every replay shard is sampled from,
+# NOT_SERVING while one is lost (the trainer trains on from the others).
+SHARDS_HEALTH = "replay-shards"
 
 TRAIN_STEPS = metrics.counter(
   "trainer_train_steps",
@@ -64,7 +68,7 @@ class Trainer:
     self.env, self.config, self._stop = env, config, stop
     self.specs = specs.env_specs(env)
     self.replay = ReplaySource(
-      config.replay_addresses[0],
+      config.replay_addresses,
       self.specs,
       env.env_id,
       agent_config.batch_size,
@@ -109,6 +113,8 @@ class Trainer:
         fleet_env_steps=self.replay.fleet_env_steps,
         bad_items_dropped=self.replay.bad_items_dropped,
         unreadable_items_skipped=self.replay.unreadable_items_skipped,
+        replay_shards=len(self.replay.shards),
+        replay_shards_up=self.replay.shards_up,
       ),
       policy_version=self.publisher.latest_version,
       replay_size=self.replay.replay_size,
@@ -127,6 +133,12 @@ class Trainer:
     if self._stop.is_set():
       return
     self.replay.start()
+    try:
+      self._train()
+    finally:
+      self.replay.close()
+
+  def _train(self) -> None:
     self.learner.trace()
     if self.publisher.latest_version != self.step:
       self.publish()
@@ -145,14 +157,15 @@ class Trainer:
     log.info(
       "training %s from replay %s; policy API on the trainer port",
       self.env.env_id,
-      self.config.replay_addresses[0],
+      self.replay.where,
     )
     while not self._stop.is_set() and not (max_steps and self.step >= max_steps):
       steps = (
         self.steps_per_call if not max_steps else min(self.steps_per_call, max_steps - self.step)
       )
       try:
-        result = self.learner.step(steps)
+        with self.replay.sampling():
+          result = self.learner.step(steps)
         TRAIN_STEPS.inc(result.steps)
         self.replay.after_step(result)
         if not result.steps:
@@ -188,19 +201,17 @@ class Trainer:
     LOSS.set(self.last_loss)
     MEAN_Q.set(self.mean_q)
     POLICY_LAG.set(self.policy_lag)
-    try:
-      self.replay.info()
-    except Exception:  # reported by the sampling path if it persists
-      pass
-    self._summarize(step)
+    self._summarize(step)  # replay's sizes are the shard watcher's, a few seconds old at most
+    shards = len(self.replay.shards)
     log.info(
-      "train step %d (%.1f/s), loss %.4f, replay %d, published v%d, policy lag %.0f",
+      "train step %d (%.1f/s), loss %.4f, replay %d, published v%d, policy lag %.0f%s",
       step,
       self.steps_per_s,
       self.last_loss,
       self.replay.replay_size,
       self.publisher.latest_version,
       self.policy_lag,
+      f", replay shards {self.replay.shards_up}/{shards} up" if shards > 1 else "",
     )
     self._reported_step = step
 
@@ -241,8 +252,10 @@ def serve(
     security=security,
     extra=services,
     stop=stop,
-    # Ready once it has reached replay and published a policy collectors can load.
-    ready=lambda: trainer.replay.replay_size >= 0 and trainer.publisher.latest_version >= 0,
+    # Ready once it has reached replay and published a policy collectors can load;
+    # it stays ready without replay, since collectors still load its policies.
+    ready=lambda: trainer.replay.reached() and trainer.publisher.latest_version >= 0,
+    health={SHARDS_HEALTH: trainer.replay.all_up},
   )
   log.info("policy API, summaries, health and status on port %d", port)
   # Once the service is asked to stop it has SHUTDOWN_TIMEOUT_S to finish.

@@ -6,7 +6,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from typing import TypeVar
 
@@ -126,6 +126,7 @@ class Server:
     # Health checks run on the loop itself: they answer while the pool is busy.
     self.health = health.aio.HealthServicer()
     self._readiness = None
+    self._health: dict[str, Callable[[], bool]] = {}  # start_server's `health`
     self._stopping = False
     self._pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
     # grpc.aio binds a server to the loop it is created on.
@@ -141,30 +142,39 @@ class Server:
     """Runs `coroutine` on the server's loop; returns its result."""
     return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-  async def _start(self, ready: Callable[[], bool], stop: threading.Event) -> None:
+  async def _start(
+    self, ready: Callable[[], bool], stop: threading.Event, health: Mapping[str, Callable[[], bool]]
+  ) -> None:
+    self._health = dict(health)
     await self.aio.start()
     for name in ("", "dqnfleet.v1.StatusService"):
       await self.health.set(name, SERVING)
-    await self.health.set(READINESS, NOT_SERVING)
+    for name in (READINESS, *self._health):
+      await self.health.set(name, NOT_SERVING)
     self._readiness = asyncio.create_task(self._follow_readiness(ready, stop))
 
   async def _follow_readiness(self, ready: Callable[[], bool], stop: threading.Event) -> None:
     # ready() runs on the loop: the services' checks only read a few attributes.
     while not stop.is_set():
-      try:
-        is_ready = ready()
-      except Exception:  # a half-built service is not ready
-        is_ready = False
-      await self.health.set(READINESS, SERVING if is_ready and not stop.is_set() else NOT_SERVING)
+      for name, check in {READINESS: ready, **self._health}.items():
+        try:
+          ok = check()
+        except Exception:  # a half-built service is not ready
+          ok = False
+        await self.health.set(name, SERVING if ok and not stop.is_set() else NOT_SERVING)
       # A thread of the default executor waits, so that stop turns readiness
       # off at once rather than at the next poll.
       await self.loop.run_in_executor(None, stop.wait, READINESS_POLL_S)
-    await self.health.set(READINESS, NOT_SERVING)
+    await self._not_serving()
+
+  async def _not_serving(self) -> None:
+    for name in (READINESS, *self._health):
+      await self.health.set(name, NOT_SERVING)
 
   async def _stop(self, grace: float | None) -> None:
     if self._readiness:
       self._readiness.cancel()
-    await self.health.set(READINESS, NOT_SERVING)
+    await self._not_serving()
     # Calls in flight get `grace` seconds; open streams are cancelled after it.
     await self.aio.stop(grace)
 
@@ -197,6 +207,7 @@ def start_server(
   max_workers: int = 16,
   ready: Callable[[], bool] = lambda: True,
   stop: threading.Event | None = None,
+  health: Mapping[str, Callable[[], bool]] | None = None,
 ) -> tuple[Server, int]:
   """Starts a server with health, status and `extra` services; returns it and its port.
 
@@ -204,7 +215,9 @@ def start_server(
   caller forgot it) gives the listen address, TLS and token. `extra` adds
   services to the grpc.aio server: `async def` methods run on its event
   loop, plain ones in its thread pool. Readiness follows `ready()` (polled
-  every second) until `stop` is set.
+  every second) until `stop` is set, and so does each further health service
+  name of `health` ({name: check}), e.g. a state that still lets the service
+  work but that a health check should see.
   """
   server = Server(max_workers, security)
   try:
@@ -227,7 +240,7 @@ def start_server(
         f"{security.listen_host} is not an address of this machine; give the service "
         "another port (0: any free one) or listen host"
       )
-    server.call(server._start(ready, stop or threading.Event()))
+    server.call(server._start(ready, stop or threading.Event(), health or {}))
   except BaseException:
     server.stop(grace=0)
     raise

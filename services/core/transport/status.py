@@ -53,6 +53,8 @@ class TrainerCounters:
   fleet_env_steps: int = 0  # agent steps of the whole fleet (replay's insert count)
   bad_items_dropped: int = 0  # replay items with impossible values or shapes, deleted
   unreadable_items_skipped: int = 0  # replay items of another dtype, skipped
+  replay_shards: int = 0  # replay servers it was given (0: an older trainer)
+  replay_shards_up: int = 0  # of them, those it samples from now (they answer, their table fits)
 
 
 @dataclasses.dataclass
