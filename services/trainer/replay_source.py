@@ -24,7 +24,9 @@ Python inside tf.data), and a shard that stops answering is lost. Reverb's
 sampler waits for a lost server without an error, so a learner call waiting
 on one is cancelled (`sampling`) and sampling goes on from the shards that
 answer; a lost shard that answers again rejoins the same way. With every
-shard lost the source waits with backoff, as it does for one server.
+shard lost the source waits with backoff, as it does for one server. With
+several shards, each one's priority updates and deletions are sent by a
+`Sender` of its own, so that a lost shard holds up none of the others.
 
 The learner only sees `iterator`, `prioritized` and
 `update_priorities(keys, priorities, shards)`.
@@ -233,7 +235,9 @@ class ReplaySource:
         addresses, self._weights, self.specs, self._batch_size, self._prefetch_batches
       )
       self._mixed = mix
+    old = [self.iterator] if self.iterator is not None else []
     self.iterator = iter(self._dataset)
+    _discard(old)
 
   @contextlib.contextmanager
   def sampling(self):
@@ -541,6 +545,8 @@ class Sender:
 
   def _run(self) -> None:
     while not self._closed.wait(SEND_EVERY_S):
+      if not self._shard.up:  # kept for when it answers: sent now, it would wait for it
+        continue
       while not self._deletes.empty():
         _delete(self._shard, self._deletes.get())
       # The only reader: what size() counts is there to take.
@@ -558,6 +564,17 @@ class Sender:
             self._shard.address,
             _first_line(e),
           )
+
+
+def _discard(held: list) -> None:
+  """Lets go of the iterators in `held`, its only references, in a thread of its own.
+
+  Destroying a tf.data iterator waits for its autotuning thread, which was
+  seen to keep the trainer's loop waiting for seconds after a shard
+  rejoined (in RootDataset::Iterator's destructor, under TF 2.15).
+  """
+  if held:
+    threading.Thread(target=held.clear, name="iterator-discard", daemon=True).start()
 
 
 def _delete(shard: Shard, keys: list[int]) -> None:
