@@ -17,6 +17,7 @@ import pytest
 import reverb
 
 from dqnfleet.core.rl import replay_io, specs
+from dqnfleet.core.rl.priorities import PRIORITY_FLOOR
 from dqnfleet.core.settings.config import (
   AgentConfig,
   EnvConfig,
@@ -26,7 +27,6 @@ from dqnfleet.core.settings.config import (
 )
 from dqnfleet.core.transport import rpc
 from dqnfleet.replay.server import make_table
-from dqnfleet.trainer.learner import PRIORITY_FLOOR
 from dqnfleet.trainer.trainer import SHARDS_HEALTH, Trainer
 from support import free_port, scrape, service_args, wait_until
 

@@ -15,6 +15,7 @@ from tf_agents.agents.dqn import dqn_agent
 from tf_agents.utils import common
 
 from dqnfleet.core.rl import networks
+from dqnfleet.core.rl.priorities import PRIORITY_FLOOR  # the collectors' too
 from dqnfleet.core.rl.specs import EnvSpecs
 from dqnfleet.core.settings.config import AgentConfig, NetworkConfig
 from dqnfleet.trainer.dataset import ITEM_COLUMNS, KEY, PROBLEM, SHARD
@@ -22,8 +23,6 @@ from dqnfleet.trainer.dataset import ITEM_COLUMNS, KEY, PROBLEM, SHARD
 # Train steps per call into TensorFlow: one graph runs several steps, which
 # gives about 1.5x the steps/s of small networks (see docs/performance.md).
 STEPS_PER_CALL = 10
-# Keeps every item sampleable under prioritized replay.
-PRIORITY_FLOOR = 1e-3
 
 
 def make_optimizer(config: AgentConfig) -> tf.keras.optimizers.Optimizer:
