@@ -56,6 +56,12 @@ PRIVATE_API = {
     "(self: reverb.libpybind.ConstantChunkerOptions, max_chunk_length: int, "
     "num_keep_alive_refs: int) -> None",
   ),
+  "TrajectoryWriter.ConfigureChunker": (
+    pybind.TrajectoryWriter,
+    "ConfigureChunker",
+    "(self: reverb.libpybind.TrajectoryWriter, arg0: int, "
+    "arg1: reverb.libpybind.ChunkerOptions) -> Status",
+  ),
   "TrajectoryWriter.Append": (
     pybind.TrajectoryWriter,
     "Append",

@@ -84,9 +84,11 @@ class ReplayObserver:
     *,
     addresses: list[str] | None = None,
     up: list[bool] | None = None,
+    layout: replay_io.ItemLayout | None = None,
   ):
     """`up`: which of `clients` answered (default all); the others are tried again by
-    `shard_back`."""
+    `shard_back`. `layout`: the rows' chunking (default the environment's own; benchmarks
+    try others)."""
     self._clients, self._stop = clients, stop
     self._addresses = addresses or [f"shard {s}" for s in range(len(clients))]
     self._up = list(up) if up is not None else [True] * len(clients)
@@ -95,7 +97,7 @@ class ReplayObserver:
     self._source = source
     self._specs = env_specs
     self._policy_version = policy_version  # callable: version acting right now
-    self._layout = replay_io.ItemLayout.of(env_specs)
+    self._layout = layout or replay_io.ItemLayout.of(env_specs)
     self._home = [(i + source) % len(clients) for i in range(num_envs)]
     self._shard = [self._live_shard(i) for i in range(num_envs)]
     self._writers = [self._writer(s) for s in self._shard]

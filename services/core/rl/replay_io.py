@@ -35,12 +35,17 @@ from dqnfleet.core.rl import specs
 
 # Long enough for any item (k+n rows) and for chunks that compress well.
 KEEP_ALIVE_ROWS = 32
-# Both row columns go to the server in chunks of this many rows, compressed
-# together: longer chunks compress consecutive, similar frames better, and
-# the `step` column, which Reverb's auto-tuning would send as one chunk per
-# row, costs one chunk per 32 rows (see docs/performance.md). Items wait for
-# their chunks to fill, or for the flush that keeps in-flight items low.
+# Row columns go to the server in chunks of rows, each compressed on its
+# own. The `step` column, which Reverb's auto-tuning would send as one chunk
+# per row, costs one chunk per 32 rows (see docs/performance.md). Items wait
+# for their chunks to fill, or for the flush that keeps in-flight items low.
 CHUNK_ROWS = 32
+# The `frame` column's chunks are shorter: a sampler decompresses every
+# chunk an item touches, whole, so an item of k+n = 7 frames costs the
+# trainer (C + 6) frames of decompression and copies with chunks of C rows
+# (bench/sample_throughput.py), while Reverb's snappy compresses in 64 KB
+# blocks (9 Breakout frames) however long the chunk is.
+FRAME_CHUNK_ROWS = 32
 # How the C++ writer words a deadline that passed (Flush, EndEpisode);
 # Reverb's own Python writer matches the same text.
 TIMEOUT_TEXT = "Timeout exceeded"
@@ -52,6 +57,7 @@ class ItemLayout:
 
   stack: int  # frames per observation (1: state vectors)
   n_step: int  # transitions per item
+  frame_chunk_rows: int = FRAME_CHUNK_ROWS  # rows per chunk of the frame column
 
   @classmethod
   def of(cls, env_specs: specs.EnvSpecs) -> "ItemLayout":
@@ -83,11 +89,15 @@ class RowWriter:
 
   def __init__(self, client: reverb.Client, layout: ItemLayout, *, validate: bool = True):
     keep_alive = max(KEEP_ALIVE_ROWS, layout.frame_rows)
-    # The same chunking for both columns (see CHUNK_ROWS).
     options = pybind.ConstantChunkerOptions(
       max_chunk_length=CHUNK_ROWS, num_keep_alive_refs=keep_alive
     )
     self._writer = client._client.NewTrajectoryWriter(options, validate)
+    if layout.frame_chunk_rows != CHUNK_ROWS:
+      frames = pybind.ConstantChunkerOptions(
+        max_chunk_length=layout.frame_chunk_rows, num_keep_alive_refs=keep_alive
+      )
+      self._writer.ConfigureChunker(specs.ROW_COLUMNS.index("frame"), frames)
     # The references of the newest rows, as many as an item takes: an item
     # is all of them (ItemLayout).
     self._frames = collections.deque(maxlen=layout.frame_rows)
