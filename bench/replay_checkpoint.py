@@ -97,7 +97,9 @@ def run_sampler(address: str, rate: float, out: str) -> None:
   """The trainer's dataset at `rate` items/s; the time each batch arrived."""
   from dqnfleet.trainer.dataset import make_dataset
 
-  dataset = iter(make_dataset(address, specs.env_specs(ENV), replay_scale.SAMPLER_BATCH, 4))
+  dataset = iter(
+    make_dataset(address, specs.env_specs(ENV), replay_scale.SAMPLER_BATCH, 4, replay_scale.GAMMA)
+  )
   next(dataset)
   print("ready", flush=True)
   done = []

@@ -50,12 +50,13 @@ from dqnfleet.cli.up import free_port
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import envs, specs
 from dqnfleet.core.rl.priorities import TdTarget
-from dqnfleet.core.settings.config import EnvConfig
+from dqnfleet.core.settings.config import AgentConfig, EnvConfig
 from dqnfleet.core.transport import rpc
 
 ENV = EnvConfig(env_id="ALE/Breakout-v5")
 NUM_ENVS = 8  # a collector's default
 SAMPLER_BATCH = 32  # the trainer's default
+GAMMA = AgentConfig().gamma  # the trainer's default
 TICKS = os.sysconf("SC_CLK_TCK")
 # Inserts are never held back and samples never wait (see the docstring).
 MIN_SIZE = 50_000
@@ -172,7 +173,7 @@ def run_sampler(address: str, warmup_s: float, seconds: float) -> dict:
   """The trainer's dataset at full speed, nothing trained."""
   from dqnfleet.trainer.dataset import make_dataset
 
-  dataset = iter(make_dataset(address, specs.env_specs(ENV), SAMPLER_BATCH, 4))
+  dataset = iter(make_dataset(address, specs.env_specs(ENV), SAMPLER_BATCH, 4, GAMMA))
   next(dataset)
   print("ready", flush=True)
   sys.stdin.readline()

@@ -17,7 +17,7 @@ or 2 workers as local processes; the trainer receives finished batches).
 Ratios within one run are what to compare; the machine is shared and noisy.
 
     .venv/bin/python bench/sample_throughput.py [--seconds 8] [--transitions 20000] [--service]
-        [--only chunk,shards,batch,workers,service]
+        [--only default,chunk,pipeline,shards]
 
 Prints one JSON object.
 """
@@ -219,6 +219,8 @@ def main():
     finally:
       stop([p for p, _ in tables] + [c for children, _ in services.values() for c in children])
 
+  if "default" in groups:  # the trainer's defaults only: for before/after runs
+    run("default", 1, args.chunk_rows)
   if "chunk" in groups:
     for chunk in (32, 16, 8, 4):
       run("chunk", 1, chunk)

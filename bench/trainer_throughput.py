@@ -78,7 +78,7 @@ def main():
   agent = make_agent(
     env_specs, networks.q_net(env_specs, net), agent_config, tf.Variable(0, dtype=tf.int64)
   )
-  iterator = iter(make_dataset(f"localhost:{server.port}", env_specs, batch, 4))
+  iterator = iter(make_dataset(f"localhost:{server.port}", env_specs, batch, 4, agent_config.gamma))
 
   k = STEPS_PER_CALL
 

@@ -1,7 +1,6 @@
 """n-step targets on a hand-made trajectory: the real observer writes it into a real
-Reverb table, the trainer's dataset reads it back, and TF-Agents' own n-step
-conversion (what DqnAgent(n_step_update=n) trains on) gives the targets computed here
-by hand."""
+Reverb table, and the trainer's dataset turns its items into the n-step transitions
+DqnAgent(n_step_update=n) trains on, with the targets computed here by hand."""
 
 import threading
 
@@ -10,12 +9,11 @@ import pytest
 import reverb
 import tensorflow as tf
 from tf_agents.trajectories import time_step as ts
-from tf_agents.trajectories import trajectory
 
 from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import specs
 from dqnfleet.core.settings.config import EnvConfig
-from dqnfleet.trainer.dataset import to_experience
+from dqnfleet.trainer.dataset import to_transition
 from support import acted, free_port, replay_table
 
 GAMMA = 0.9
@@ -62,19 +60,18 @@ def n_step_items(rewards, discounts, n):
   )
   server.stop()
   batch = tf.nest.map_structure(lambda *x: tf.stack(x), *[s.data for s in samples])
-  experience, versions, _ = to_experience(reverb.ReplaySample(info=None, data=batch), 1)
+  transition, versions, _ = to_transition(reverb.ReplaySample(info=None, data=batch), 1, GAMMA)
   assert versions.numpy().tolist() == [7] * count
-  return experience, trajectory.to_n_step_transition(experience, gamma=GAMMA)
+  return transition
 
 
 def test_three_step_targets_bootstrap_from_the_third_next_state():
   rewards, discounts = [1, 2, 3, 4, 5, 6], [1, 1, 1, 1, 1, 0]
-  experience, transition = n_step_items(rewards, discounts, 3)
-  first, _, last = transition
-  assert experience.observation.shape == (6, 4, 4)  # every transition got its item
+  first, action, last = n_step_items(rewards, discounts, 3)
+  assert first.observation.shape == (6, 4)  # every transition got its item
   # Item t: s_t, a_t, then r_t + g r_t+1 + g^2 r_t+2 and a bootstrap from s_t+3.
   np.testing.assert_array_equal(first.observation[:, 0], [0, 1, 2, 3, 4, 5])
-  np.testing.assert_array_equal(experience.action[:, 0], [0, 1, 0, 1, 0, 1])
+  np.testing.assert_array_equal(action.action, [0, 1, 0, 1, 0, 1])
   expected_returns = [
     1 + 0.9 * 2 + 0.81 * 3,
     2 + 0.9 * 3 + 0.81 * 4,
@@ -92,7 +89,7 @@ def test_three_step_targets_bootstrap_from_the_third_next_state():
 def test_a_lost_life_inside_the_window_stops_the_sum_and_the_bootstrap():
   # discount 0 at t=1 (a lost life): nothing after it counts for items 0 and 1.
   rewards, discounts = [1, 2, 3, 4, 5], [1, 0, 1, 1, 0]
-  _, (_, _, last) = n_step_items(rewards, discounts, 3)
+  _, _, last = n_step_items(rewards, discounts, 3)
   np.testing.assert_allclose(
     last.reward, [1 + 0.9 * 2, 2, 3 + 0.9 * 4 + 0.81 * 5, 4 + 0.9 * 5, 5], rtol=1e-6
   )
@@ -102,8 +99,8 @@ def test_a_lost_life_inside_the_window_stops_the_sum_and_the_bootstrap():
 @pytest.mark.parametrize("n", [1, 2])
 def test_episodes_shorter_than_n_and_one_step_items(n):
   rewards, discounts = [1, 2, 3], [1, 1, 0]
-  experience, (first, _, last) = n_step_items(rewards, discounts, n)
-  assert experience.observation.shape[:2] == (3, n + 1)
+  first, _, last = n_step_items(rewards, discounts, n)
+  assert first.observation.shape == last.observation.shape == (3, 4)
   if n == 1:  # plain DQN: r_t and the bootstrap from s_t+1
     np.testing.assert_allclose(last.reward, [1, 2, 3])
     np.testing.assert_allclose(last.discount * GAMMA, [0.9, 0.9, 0], rtol=1e-6)

@@ -27,20 +27,13 @@ from support import acted, free_port, replay_table
 
 REVERB = importlib.metadata.version("dm-reverb")
 TESTED_WITH = "0.14.0"  # requirements.lock's pin
-# State vectors (k=1, n=1) and small "Atari" frames (k=4, n=3), built without an environment.
+# State vectors (k=1, n=1), built without an environment.
 STATES = specs.EnvSpecs(
   array_spec.ArraySpec((4,), np.float32),
   array_spec.BoundedArraySpec((), np.int64, 0, 1),
   array_spec.ArraySpec((4,), np.float32),
   stack=1,
   n_step=1,
-)
-FRAMES = specs.EnvSpecs(
-  array_spec.ArraySpec((3, 2, 4), np.uint8),
-  array_spec.BoundedArraySpec((), np.int64, 0, 3),
-  array_spec.ArraySpec((3, 2), np.uint8),
-  stack=4,
-  n_step=3,
 )
 # The pybind signatures RowWriter calls, as pybind11 documents them.
 PRIVATE_API = {
@@ -145,44 +138,6 @@ def test_the_private_writer_api_has_the_signatures_row_writer_calls():
   )
 
 
-@pytest.mark.parametrize("env_specs", [STATES, FRAMES], ids=["state-vectors", "frame-stacks"])
-def test_the_writers_items_decode_to_the_rows_it_was_given(replay, env_specs):
-  """The layout's oracle is the production writer: an item is the k+n frames and the n steps
-  ending at its row, and the trainer's dataset reads s_t ... s_t+n and the steps back."""
-  _, client, address = replay(table(env_specs))
-  layout = replay_io.ItemLayout.of(env_specs)
-  writer = replay_io.RowWriter(client, layout)
-  rows = 40
-  write(writer, env_specs, rows)
-  writer.end_episode(timeout_ms=10_000)
-  writer.close()
-  assert client.server_info()[specs.TABLE].current_size == rows - layout.frame_rows + 1
-  k, n, batch = env_specs.stack, env_specs.n_step, 16
-  frame = lambda r: np.full(env_specs.frame.shape, r, env_specs.frame.dtype)
-  experience, versions, _, problems = next(iter(make_dataset(address, env_specs, batch, 1)))
-  assert not problems.numpy()[:, 1].any(), broken("the writer's items fail the trainer's checks")
-  for b in range(batch):
-    last = int(experience.reward[b, n - 1])  # the item's row: its newest step's reward
-    first = last - n + 1  # the row of a_t, whose frame is s_t+1's newest
-    for j in range(n + 1):
-      # s_t+j is the frames of rows first-k+j ... first-1+j, stacked last.
-      newest = first - 1 + j
-      expected = (
-        frame(newest)
-        if k == 1
-        else np.stack([frame(newest - k + 1 + i) for i in range(k)], axis=-1)
-      )
-      np.testing.assert_array_equal(
-        experience.observation[b, j].numpy(), expected, err_msg=f"the item of row {last}: s_t+{j}"
-      )
-    np.testing.assert_array_equal(experience.reward[b, :n].numpy(), np.arange(first, last + 1))
-    np.testing.assert_array_equal(
-      experience.action[b, :n].numpy(), np.arange(first, last + 1) % env_specs.num_actions
-    )
-    np.testing.assert_allclose(experience.discount[b, :n].numpy(), 0.5)
-    assert int(versions[b]) == 1000 + first
-
-
 def test_a_flush_the_rate_limiter_holds_back_is_a_timeout(replay):
   """Back-pressure: a table that nobody samples takes a few items, then holds inserts back."""
   limiter = reverb.rate_limiters.SampleToInsertRatio(
@@ -220,7 +175,7 @@ def test_an_item_of_another_dtype_makes_the_samplers_error_unreadable(replay):
   write(rogue, STATES, 2, dtype=np.float64)  # the table holds float32 frames
   rogue.end_episode(timeout_ms=10_000)
   rogue.close()
-  iterator = iter(make_dataset(address, STATES, 1, 1))
+  iterator = iter(make_dataset(address, STATES, 1, 1, gamma=0.9))
 
   @tf.function
   def sample(it):  # inside a graph, as the learner samples

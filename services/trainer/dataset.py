@@ -1,8 +1,8 @@
 """Replay -> agent: batches of transitions sampled from Reverb over gRPC.
 
 Items come in the replay layout of core/rl/specs.py (frames stored once),
-are decoded by core/rl/replay_io.py, and leave as the [batch, n+1]
-`Trajectory` that TF-Agents' DqnAgent trains on, with a row per item saying
+are decoded by core/rl/replay_io.py, and leave as the n-step `Transition`
+that TF-Agents' DqnAgent trains on, with a row per item saying
 where it came from and what is wrong with it. Several replay servers (shards)
 are mixed item by item before batching. trainer/replay_source.py owns the
 dataset built here.
@@ -12,8 +12,9 @@ from collections.abc import Mapping
 
 import reverb
 import tensorflow as tf
+from tf_agents.trajectories import policy_step, trajectory
 from tf_agents.trajectories import time_step as ts
-from tf_agents.trajectories import trajectory
+from tf_agents.utils import value_ops
 
 from dqnfleet.core.rl import replay_io, specs
 
@@ -42,26 +43,34 @@ PROBLEMS = {
 }
 
 
-def to_experience(sample: reverb.ReplaySample, stack: int):
-  """A batch of n-step replay items -> (Trajectory [B, n+1], policy versions [B], info).
+def to_transition(sample: reverb.ReplaySample, stack: int, gamma: float):
+  """A batch of n-step replay items -> (n-step Transition [B], policy versions [B], info).
 
-  DqnAgent(n_step_update=n) reads the first observation and action, the last
-  observation, and the n rewards and discounts between them; the last
-  column's reward, discount and action are placeholders it ignores.
+  The Transition is what DqnAgent(n_step_update=n) makes of a [B, n+1]
+  Trajectory (trajectory.to_n_step_transition, the same arithmetic): s_t and
+  a_t, s_t+n, the discounted sum of the n rewards and the product of their
+  discounts times gamma^(n-1); the agent multiplies in the last gamma. Built
+  here, in the dataset's threads, the n-1 observations between s_t and s_t+n
+  are never assembled (replay_io.decode).
   """
-  observations, data = replay_io.decode(sample.data, stack)  # data: each field [B, n]
-  mid = tf.fill(tf.shape(observations)[:2], ts.StepType.MID)
-  extend = lambda x, value: tf.concat([x, tf.fill([tf.shape(x)[0], 1], value)], axis=1)
-  experience = trajectory.Trajectory(
-    step_type=mid,
-    observation=observations,
-    action=extend(data["action"], tf.constant(0, data["action"].dtype)),
-    policy_info=(),
-    next_step_type=mid,
-    reward=extend(data["reward"], 0.0),
-    discount=extend(data["discount"], 1.0),
+  items = replay_io.decode(sample.data, stack)
+  reward, discount = items.step["reward"], items.step["discount"]  # [B, n]
+  n = reward.shape[1]
+  mid = tf.fill(tf.shape(reward)[:1], ts.StepType.MID)
+  unknown = tf.fill(tf.shape(reward)[:1], float("nan"))  # as to_n_step_transition leaves them
+  transition = trajectory.Transition(
+    time_step=ts.TimeStep(mid, unknown, unknown, items.first),
+    action_step=policy_step.PolicyStep(items.step["action"][:, 0], (), ()),
+    next_time_step=ts.TimeStep(
+      mid,
+      value_ops.discounted_return(
+        reward, gamma * discount, time_major=False, provide_all_returns=False
+      ),
+      gamma ** (n - 1) * tf.reduce_prod(discount, axis=1),
+      items.last,
+    ),
   )
-  return experience, data["policy_version"][:, 0], sample.info
+  return transition, items.step["policy_version"][:, 0], sample.info
 
 
 def conform(sample: reverb.ReplaySample, signature) -> tuple[reverb.ReplaySample, tf.Tensor]:
@@ -76,23 +85,18 @@ def conform(sample: reverb.ReplaySample, signature) -> tuple[reverb.ReplaySample
   """
 
   def fits(x, shape):
-    return tf.cond(
-      tf.equal(tf.rank(x), shape.rank),
-      lambda: tf.reduce_all(tf.equal(tf.shape(x), shape.as_list())),
-      lambda: tf.constant(False),
-    )
+    # Without a cond (each costs the per-item map as much as the rest of it,
+    # bench/sample_throughput.py): x's dims + 1, then zeros, cut at rank + 1,
+    # equal the expected dims + 1 and a zero only if rank and dims agree.
+    got = tf.concat([tf.shape(x) + 1, tf.zeros([shape.rank + 1], tf.int32)], 0)
+    return tf.reduce_all(tf.equal(got[: shape.rank + 1], [d + 1 for d in shape.as_list()] + [0]))
 
-  ok = tf.reduce_all(
-    tf.stack([fits(sample.data[name], spec.shape) for name, spec in signature.items()])
+  ok = tf.reduce_all([fits(sample.data[name], spec.shape) for name, spec in signature.items()])
+  data = tf.cond(
+    ok,
+    lambda: {name: tf.reshape(sample.data[name], s.shape) for name, s in signature.items()},
+    lambda: {name: tf.zeros(s.shape, s.dtype) for name, s in signature.items()},
   )
-  data = {
-    name: tf.cond(
-      ok,
-      lambda x=sample.data[name], s=spec.shape: tf.reshape(x, s),
-      lambda s=spec: tf.zeros(s.shape, s.dtype),
-    )
-    for name, spec in signature.items()
-  }
   return sample._replace(data=data), tf.where(ok, 0, WRONG_SHAPE)
 
 
@@ -104,7 +108,7 @@ def item_problems(sample: reverb.ReplaySample, env_specs: specs.EnvSpecs) -> tf.
   network has no output for, and one such item would crash every train
   step that samples it.
   """
-  step = sample.data["step"]  # [B, n, 5]
+  step = sample.data["step"]  # [B, n, len(specs.STEP_FIELDS)]
   every = lambda x: tf.reduce_all(tf.reshape(x, [tf.shape(x)[0], -1]), axis=1)
   action, discount = step[..., 0], step[..., 2]
   checks = [
@@ -147,7 +151,9 @@ def without_bad_items(
   )
 
 
-def shard_items(address: str, signature, batch_size: int, shard: int) -> tf.data.Dataset:
+def shard_items(
+  address: str, signature, batch_size: int, shard: int, workers: int
+) -> tf.data.Dataset:
   """One server's items, one at a time: (sample, shape code, shard); see conform."""
   dataset = reverb.TrajectoryDataset(
     server_address=address,
@@ -155,6 +161,7 @@ def shard_items(address: str, signature, batch_size: int, shard: int) -> tf.data
     dtypes=tf.nest.map_structure(lambda s: s.dtype, signature),
     shapes=tf.nest.map_structure(lambda s: tf.TensorShape(None), signature),
     max_in_flight_samples_per_worker=2 * batch_size,
+    num_workers_per_iterator=workers,
     rate_limiter_timeout_ms=SAMPLE_TIMEOUT_MS,
   )
   return dataset.map(lambda sample: (*conform(sample, signature), tf.constant(shard, tf.int32)))
@@ -187,15 +194,21 @@ def make_sharded_dataset(
   env_specs: specs.EnvSpecs,
   batch_size: int,
   prefetch_batches: int,
+  gamma: float,
+  workers_per_shard: int = 1,
 ) -> tf.data.Dataset:
-  """(experience, policy versions, info, items) per batch, mixed from the shards `addresses`
-  ({shard index: host:port}) by `weights` (see mix; unused for one shard)."""
+  """(n-step transitions, policy versions, info, items) per batch, mixed from the shards
+  `addresses` ({shard index: host:port}) by `weights` (see mix; unused for one shard).
+  `workers_per_shard`: Reverb sampling workers (a gRPC stream and the thread that
+  decompresses what it receives) per shard."""
   signature = specs.replay_signature(env_specs)
-  items = [shard_items(a, signature, batch_size, i) for i, a in addresses.items()]
+  items = [
+    shard_items(a, signature, batch_size, i, workers_per_shard) for i, a in addresses.items()
+  ]
 
   def to_batch(sample, shape_codes, shards):
     sample, rows = without_bad_items(sample, shape_codes, shards, env_specs)
-    return (*to_experience(sample, env_specs.stack), rows)
+    return (*to_transition(sample, env_specs.stack, gamma), rows)
 
   return (
     mix(items, list(addresses), weights)
@@ -206,7 +219,14 @@ def make_sharded_dataset(
 
 
 def make_dataset(
-  replay_address: str, env_specs: specs.EnvSpecs, batch_size: int, prefetch_batches: int
+  replay_address: str,
+  env_specs: specs.EnvSpecs,
+  batch_size: int,
+  prefetch_batches: int,
+  gamma: float,
+  **options,
 ) -> tf.data.Dataset:
   """One server's batches (its items are shard 0); see make_sharded_dataset."""
-  return make_sharded_dataset({0: replay_address}, None, env_specs, batch_size, prefetch_batches)
+  return make_sharded_dataset(
+    {0: replay_address}, None, env_specs, batch_size, prefetch_batches, gamma, **options
+  )

@@ -66,8 +66,9 @@ def make_agent(
     ),
     reward_scale_factor=config.reward_scale,
     gamma=config.gamma,
-    # Items carry n transitions (core/rl/specs.py); the agent sums their
-    # discounted rewards and bootstraps from the n-th next observation.
+    # Items carry n transitions (core/rl/specs.py); the dataset hands each to
+    # the agent as one n-step Transition (trainer/dataset.py), which it
+    # bootstraps from the n-th next observation.
     n_step_update=env_specs.n_step,
     gradient_clipping=config.gradient_clipping or None,
     train_step_counter=train_step,
@@ -180,14 +181,14 @@ class Learner:
       if not batch.has_value():
         timed_out = tf.constant(True)
         break
-      experience, versions, info, items = batch.get_value()
+      transitions, versions, info, items = batch.get_value()
       bad = items[:, PROBLEM] > 0
       problems = tf.concat([problems, tf.boolean_mask(items, bad)], axis=0)
       if tf.reduce_all(bad):
         continue
       if self._replay.prioritized:
         loss_info = self.agent.train(
-          experience, weights=importance_weights(info, self.importance_exponent)
+          transitions, weights=importance_weights(info, self.importance_exponent)
         )
         # Priorities of the sampled items become their new |TD error|. A row
         # standing in for an invalid item repeats a valid one, which has its own.
@@ -199,13 +200,13 @@ class Learner:
           tf.boolean_mask(items[:, SHARD], valid),
         )
       else:
-        loss_info = self.agent.train(experience)
+        loss_info = self.agent.train(transitions)
       loss = loss_info.loss
       keys = tf.bitcast(items[:, KEY], tf.uint64)
       shards = items[:, SHARD]
       td_errors = loss_info.extra.td_error
       done += 1
       if i == steps - 1:  # once per call, not per step: it costs a forward pass
-        q_values, _ = self.q_network(experience.observation[:, 0])
+        q_values, _ = self.q_network(transitions.time_step.observation)
         mean_q = tf.reduce_mean(tf.reduce_max(q_values, axis=-1))
     return done, timed_out, loss, mean_q, versions, keys, shards, td_errors, problems

@@ -120,10 +120,14 @@ class ReplaySource:
     env_id: str,
     batch_size: int,
     prefetch_batches: int,
+    gamma: float,
+    sampling_workers: int,
     stop: threading.Event,
   ):
     self.specs, self._env_id = env_specs, env_id
     self._batch_size, self._prefetch_batches = batch_size, prefetch_batches
+    self._gamma = gamma  # the n-step targets' discount, applied as items are batched
+    self._sampling_workers = sampling_workers
     self._stop = stop
     self.shards = [Shard(i, a, reverb.Client(a)) for i, a in enumerate(addresses)]
     self.where = ", ".join(addresses)  # for log lines: one address, as before shards
@@ -232,7 +236,13 @@ class ReplaySource:
     if self._dataset is None or mix != self._mixed:
       addresses = {i: self.shards[i].address for i in mix}
       self._dataset = make_sharded_dataset(
-        addresses, self._weights, self.specs, self._batch_size, self._prefetch_batches
+        addresses,
+        self._weights,
+        self.specs,
+        self._batch_size,
+        self._prefetch_batches,
+        self._gamma,
+        self._sampling_workers,
       )
       self._mixed = mix
     old = [self.iterator] if self.iterator is not None else []

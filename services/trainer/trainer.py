@@ -73,6 +73,8 @@ class Trainer:
       env.env_id,
       agent_config.batch_size,
       config.prefetch_batches,
+      agent_config.gamma,
+      config.sampling_workers,
       stop,
     )
     self.learner = Learner(self.specs, net, agent_config, self.replay)

@@ -9,7 +9,7 @@ collector, the trainer, the tests and the benchmarks:
           the newest n steps). The tests write through this writer too, so
           their oracle is the production writer.
   decode  `decode`: a sampled item's frames and packed steps -> the
-          observations s_t ... s_t+n and each step scalar in its own dtype.
+          observations s_t and s_t+n and each step scalar in its own dtype.
   errors  `is_timeout`, `is_lost_server`, `is_sampler_unavailable`,
           `is_unreadable_item`: what a Reverb error means. dm-reverb 0.14
           raises RuntimeError for most failed gRPC statuses and says which
@@ -138,26 +138,33 @@ class RowWriter:
 
 
 class Transitions(NamedTuple):
-  """A batch of sampled items, decoded."""
+  """A batch of sampled items, decoded: what an n-step target reads, nothing more."""
 
-  observations: tf.Tensor  # [B, n+1, *observation]: s_t ... s_t+n
+  first: tf.Tensor  # [B, *observation]: s_t
+  last: tf.Tensor  # [B, *observation]: s_t+n
   step: dict[str, tf.Tensor]  # each of specs.STEP_FIELDS, [B, n], in its own dtype
 
 
-def observations(frames: tf.Tensor, stack: int) -> tf.Tensor:
-  """[B, k+n, *frame] -> the observations s_t ... s_t+n, [B, n+1, *obs]."""
-  steps = frames.shape[1] - stack + 1
+def observation(frames: tf.Tensor, stack: int, start: int) -> tf.Tensor:
+  """[B, k+n, *frame] -> the observation whose oldest frame is row `start`, [B, *obs]."""
   if stack == 1:
-    return frames
+    return frames[:, start]
   # [B, k, H, W] -> [B, H, W, k]: frames are stacked on the channel axis.
   rank = len(frames.shape)
-  perm = [0] + list(range(2, rank)) + [1]
-  return tf.stack([tf.transpose(frames[:, i : i + stack], perm) for i in range(steps)], axis=1)
+  return tf.transpose(frames[:, start : start + stack], [0] + list(range(2, rank)) + [1])
 
 
 def decode(data: dict, stack: int) -> Transitions:
-  """A batch of items as sampled (`frames`, `step` columns) -> observations and step scalars."""
-  return Transitions(observations(data["frames"], stack), specs.unpack_step(data["step"]))
+  """A batch of items as sampled (`frames`, `step` columns) -> s_t, s_t+n and the step scalars.
+
+  Only the two observations an n-step target reads are assembled: the n-1
+  between them would cost a copy of k frames each and never be read.
+  """
+  frames = data["frames"]
+  n = frames.shape[1] - stack
+  return Transitions(
+    observation(frames, stack, 0), observation(frames, stack, n), specs.unpack_step(data["step"])
+  )
 
 
 def is_timeout(e: BaseException) -> bool:

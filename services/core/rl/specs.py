@@ -40,7 +40,7 @@ derives it without waiting for a collector or the trainer.
 
 This module declares the layout; core/rl/replay_io.py writes it (RowWriter:
 which rows an item references) and reads it back (decode: the observations
-s_t ... s_t+n and the step scalars), for collectors, trainer and tests alike.
+s_t and s_t+n and the step scalars), for collectors, trainer and tests alike.
 """
 
 import dataclasses

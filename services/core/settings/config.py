@@ -421,6 +421,12 @@ class TrainerConfig:
   )
   # Sampling ahead overlaps replay's gRPC with the train step's compute.
   prefetch_batches: int = setting(4, "Batches prefetched from replay.", minimum=1, maximum=1024)
+  # Each worker is a gRPC stream and the thread that decompresses what it
+  # receives: more of them feed a learner faster than one core can
+  # (docs/scale.md), at the price of the cores they take.
+  sampling_workers: int = setting(
+    1, "Reverb sampling workers per replay shard.", minimum=1, maximum=64
+  )
   log_every_s: float = setting(10.0, "Seconds between progress log lines.", minimum=0.1)
 
 
