@@ -431,3 +431,23 @@ def acted(actions, num_actions: int, q_values=None, epsilons=None):
     "epsilon": np.zeros(len(actions), np.float32) if epsilons is None else epsilons,
   }
   return policy_step.PolicyStep(actions, (), info)
+
+
+def tiny_specs(kind: str):
+  """Environment specs built without an environment: "states" (4 floats, k=1, n=1, 2 actions)
+  or "frames" (3x2 uint8 frames, k=4, n=3, 4 actions: an Atari layout in miniature)."""
+  import numpy as np
+  from tf_agents.specs import array_spec
+
+  from dqnfleet.core.rl import specs
+
+  if kind == "states":
+    vector = array_spec.ArraySpec((4,), np.float32)
+    return specs.EnvSpecs(vector, array_spec.BoundedArraySpec((), np.int64, 0, 1), vector, 1, 1)
+  return specs.EnvSpecs(
+    array_spec.ArraySpec((3, 2, 4), np.uint8),
+    array_spec.BoundedArraySpec((), np.int64, 0, 3),
+    array_spec.ArraySpec((3, 2), np.uint8),
+    stack=4,
+    n_step=3,
+  )

@@ -17,24 +17,16 @@ import pytest
 import reverb
 import tensorflow as tf
 from reverb import pybind
-from tf_agents.specs import array_spec
 from tf_agents.trajectories import time_step as ts
 
 from dqnfleet.collector import observer as observer_lib
 from dqnfleet.core.rl import replay_io, specs
 from dqnfleet.trainer.dataset import make_dataset
-from support import acted, free_port, replay_table
+from support import acted, free_port, replay_table, tiny_specs
 
 REVERB = importlib.metadata.version("dm-reverb")
 TESTED_WITH = "0.14.0"  # requirements.lock's pin
-# State vectors (k=1, n=1), built without an environment.
-STATES = specs.EnvSpecs(
-  array_spec.ArraySpec((4,), np.float32),
-  array_spec.BoundedArraySpec((), np.int64, 0, 1),
-  array_spec.ArraySpec((4,), np.float32),
-  stack=1,
-  n_step=1,
-)
+STATES = tiny_specs("states")  # state vectors, k=1, n=1
 # The pybind signatures RowWriter calls, as pybind11 documents them.
 PRIVATE_API = {
   "Client.NewTrajectoryWriter": (

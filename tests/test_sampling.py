@@ -14,30 +14,15 @@ import numpy as np
 import pytest
 import reverb
 import tensorflow as tf
-from tf_agents.specs import array_spec
 from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories import trajectory
 
 from dqnfleet.core.rl import replay_io, specs
 from dqnfleet.trainer.dataset import KEY, PROBLEM, SHARD, make_sharded_dataset
-from support import free_port, replay_table
+from support import free_port, replay_table, tiny_specs
 
 GAMMA = 0.9
-# Small "Atari" frames (k=4, n=3) and state vectors (k=1, n=1), without an environment.
-FRAMES = specs.EnvSpecs(
-  array_spec.ArraySpec((3, 2, 4), np.uint8),
-  array_spec.BoundedArraySpec((), np.int64, 0, 3),
-  array_spec.ArraySpec((3, 2), np.uint8),
-  stack=4,
-  n_step=3,
-)
-STATES = specs.EnvSpecs(
-  array_spec.ArraySpec((4,), np.float32),
-  array_spec.BoundedArraySpec((), np.int64, 0, 1),
-  array_spec.ArraySpec((4,), np.float32),
-  stack=1,
-  n_step=1,
-)
+FRAMES, STATES = tiny_specs("frames"), tiny_specs("states")
 ROWS = 40
 SHARD_BASE = 100  # shard s's row r holds the values SHARD_BASE * s + r
 
