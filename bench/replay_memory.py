@@ -81,6 +81,23 @@ def acting(observer: ReplayObserver):
   return observe
 
 
+def write_random_play(observer, transitions: int, num_envs: int) -> float:
+  """`transitions` agent steps of real Breakout environments under a random policy, each
+  batch handed to `observer`, which is closed after; the seconds it took."""
+  env = envs.BatchedEnvironment(ENV, num_envs, seed=1)
+  policy = random_py_policy.RandomPyPolicy(
+    env.time_step_spec(), env.action_spec(), outer_dims=(num_envs,)
+  )
+  started = time.monotonic()
+  py_driver.PyDriver(env, policy, [], transition_observers=[observer], max_steps=transitions).run(
+    env.reset()
+  )
+  observer.close()
+  elapsed = time.monotonic() - started
+  env.close()
+  return elapsed
+
+
 def run_naive_server(port):
   """A Reverb server process with a signature-less table for the naive layout."""
   code = (
@@ -115,23 +132,13 @@ def measure(layout: str, transitions: int, num_envs: int) -> dict:
   rpc.retry(lambda: client.server_info(timeout=5), "connecting to the benchmark's replay")
   time.sleep(1.0)
   before = psutil.Process(server.pid).memory_info().rss
-  env = envs.BatchedEnvironment(ENV, num_envs, seed=1)
   env_specs = specs.env_specs(ENV)
   observer = (
     acting(ReplayObserver([client], env_specs, num_envs, lambda: 0, threading.Event(), 1))
     if layout == "dqnfleet"
     else NaiveObserver(client, num_envs)
   )
-  policy = random_py_policy.RandomPyPolicy(
-    env.time_step_spec(), env.action_spec(), outer_dims=(num_envs,)
-  )
-  started = time.monotonic()
-  py_driver.PyDriver(env, policy, [], transition_observers=[observer], max_steps=transitions).run(
-    env.reset()
-  )
-  observer.close()
-  elapsed = time.monotonic() - started
-  env.close()
+  elapsed = write_random_play(observer, transitions, num_envs)
   size = sum(t.current_size for t in client.server_info().values())
   time.sleep(1.0)
   after = psutil.Process(server.pid).memory_info().rss

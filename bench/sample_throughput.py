@@ -38,19 +38,17 @@ import psutil
 import replay_scale  # bench/, next to this file
 import reverb
 import tensorflow as tf
-from replay_memory import acting
+from replay_memory import acting, write_random_play
 from replay_scale import ENV, LIMITER_FLAGS, NUM_ENVS, process_cpu_s
-from tf_agents.drivers import py_driver
-from tf_agents.policies import random_py_policy
 
 from dqnfleet.cli.up import free_port
 from dqnfleet.collector.observer import ReplayObserver
-from dqnfleet.core.rl import envs, replay_io, specs
-from dqnfleet.core.settings.config import AgentConfig
+from dqnfleet.core.rl import replay_io, specs
+from dqnfleet.core.settings.config import AgentConfig, TrainerConfig
 from dqnfleet.trainer import dataset as trainer_dataset
 
 GAMMA = AgentConfig().gamma
-PREFETCH = 4  # the trainer's default prefetch_batches
+PREFETCH = TrainerConfig().prefetch_batches  # the trainer's default
 
 
 def start_shards(count: int, transitions: int) -> list[tuple[subprocess.Popen, str]]:
@@ -65,20 +63,12 @@ def fill(shards, transitions: int, frame_chunk_rows: int) -> float:
   rss = lambda: sum(psutil.Process(p.pid).memory_info().rss for p, _ in shards)
   time.sleep(1.0)
   before = rss()
-  env = envs.BatchedEnvironment(ENV, NUM_ENVS, seed=1)
   env_specs = specs.env_specs(ENV)
   layout = replay_io.ItemLayout(env_specs.stack, env_specs.n_step, frame_chunk_rows)
   observer = acting(
     ReplayObserver(clients, env_specs, NUM_ENVS, lambda: 0, threading.Event(), 1, layout=layout)
   )
-  policy = random_py_policy.RandomPyPolicy(
-    env.time_step_spec(), env.action_spec(), outer_dims=(NUM_ENVS,)
-  )
-  py_driver.PyDriver(env, policy, [], transition_observers=[observer], max_steps=transitions).run(
-    env.reset()
-  )
-  observer.close()
-  env.close()
+  write_random_play(observer, transitions, NUM_ENVS)
   items = sum(c.server_info()[specs.TABLE].current_size for c in clients)
   time.sleep(1.0)
   return (rss() - before) / items
