@@ -112,6 +112,15 @@ def recorded_checkpoint_steps(checkpoints) -> list[int]:
 
 
 @pytest.mark.slow
+def resume_and_stop(up: subprocess.Popen, paused: list[psutil.Process]) -> None:
+  """Resumes the services a failed check left paused (SIGSTOP), then Ctrl-C to `up`."""
+  for process in paused:
+    with contextlib.suppress(psutil.NoSuchProcess):
+      process.resume()
+  up.send_signal(signal.SIGINT)
+  up.wait(180)
+
+
 def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(tmp_path):
   """...and each resumes from its newest checkpoint: replay with every item that
   checkpoint held, the trainer at least at that checkpoint's train step."""
@@ -213,11 +222,7 @@ def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(t
       )
     assert up.poll() is None, "".join(lines)
   finally:
-    for collector in paused:  # a failed check above left it paused
-      with contextlib.suppress(psutil.NoSuchProcess):
-        collector.resume()
-    up.send_signal(signal.SIGINT)
-    up.wait(180)
+    resume_and_stop(up, paused)
   assert up.returncode == 0, "".join(lines)
 
 
@@ -283,11 +288,7 @@ def test_two_replay_shards_fill_and_the_progress_line_names_one_that_does_not_an
     paused.pop().resume()
     assert up.poll() is None, "".join(lines)
   finally:
-    for shard in paused:  # a failed check above left it paused
-      with contextlib.suppress(psutil.NoSuchProcess):
-        shard.resume()
-    up.send_signal(signal.SIGINT)
-    up.wait(180)
+    resume_and_stop(up, paused)
   assert up.returncode == 0, "".join(lines)
   for name, _ in shards:
     assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0, name
