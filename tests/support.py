@@ -282,6 +282,18 @@ def compose_file(name: str = "docker-compose.yml") -> dict:
   return yaml.safe_load((ROOT / name).read_text())  # resolves the x-* anchors and `<<:` merges
 
 
+def compose_config(command: list[str], *args: str) -> dict:
+  """What `command` (a Compose of either flavour) resolves with `args` (project, files,
+  profiles) and `config`, without pulling anything: the DQNFLEET_ variables of this
+  environment left out, so that the files' own defaults are what is read."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("DQNFLEET_")}
+  rendered = subprocess.run(
+    [*command, *args, "config"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+  )
+  assert rendered.returncode == 0, rendered.stderr
+  return yaml.safe_load(rendered.stdout)
+
+
 def compose_default(value: str) -> str:
   """`${VAR:-default}` -> default, as compose resolves it with VAR unset."""
   return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)

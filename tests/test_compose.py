@@ -18,7 +18,7 @@ import time
 import pytest
 import yaml
 
-from support import ROOT, compose_default, flag_values, wait_until
+from support import ROOT, compose_config, compose_default, flag_values, wait_until
 
 PROJECT = f"dqnfleettest{os.getpid()}"
 # The fleet of these tests: two replay shards, replay and replay-1.
@@ -124,17 +124,9 @@ def test_the_shards_override_adds_a_shard_every_client_and_prometheus_know(comma
     if os.environ.get("CI"):
       pytest.fail(f"{' '.join(command)} is required in CI (../shared/tools/docker-engine)")
     pytest.skip(f"no {' '.join(command)}")
-  env = {k: v for k, v in os.environ.items() if not k.startswith("DQNFLEET_")}
-  rendered = subprocess.run(
-    [*command, "-p", "dqnfleetshards", *FILES, "--profile", "monitoring", "config"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env=env,
-  )
-  assert rendered.returncode == 0, rendered.stderr
-  services = yaml.safe_load(rendered.stdout)["services"]
+  services = compose_config(command, "-p", "dqnfleetshards", *FILES, "--profile", "monitoring")[
+    "services"
+  ]
   shards = [name for name, s in services.items() if (s.get("command") or [])[:1] == ["replay"]]
   assert sorted(shards) == sorted(SHARDS)
 

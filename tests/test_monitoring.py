@@ -20,7 +20,15 @@ import subprocess
 import pytest
 import yaml
 
-from support import DEFAULT_METRICS_PORTS, METRICS, ROLES, ROOT, compose_file, flag_values
+from support import (
+  DEFAULT_METRICS_PORTS,
+  METRICS,
+  ROLES,
+  ROOT,
+  compose_config,
+  compose_file,
+  flag_values,
+)
 
 MONITORING = ROOT / "deploy" / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "dqnfleet.json"
@@ -204,26 +212,9 @@ def test_the_monitoring_profile_renders_in_compose(flavour, command):
   major = version.stdout.strip().lstrip("v").split(".")[0]
   if major != {"v2": "2", "v1": "1"}[flavour]:
     pytest.skip(f"{' '.join(command)} is Compose {version.stdout.strip()}, not {flavour}")
-  env = {k: v for k, v in os.environ.items() if not k.startswith("DQNFLEET_")}
-  result = subprocess.run(
-    [
-      *command,
-      "-p",
-      "dqnfleetmonitoring",
-      "--profile",
-      "monitoring",
-      "--profile",
-      "evaluator",
-      "config",
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env=env,
-  )
-  assert result.returncode == 0, result.stderr
-  services = yaml.safe_load(result.stdout)["services"]
+  services = compose_config(
+    command, "-p", "dqnfleetmonitoring", "--profile", "monitoring", "--profile", "evaluator"
+  )["services"]
   assert {"prometheus", "grafana", *ROLES} <= set(services)
 
   def published(service: dict) -> set[str]:
