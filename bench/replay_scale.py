@@ -81,7 +81,7 @@ def record_transitions(path: str, batched_steps: int, seed: int = 1) -> None:
   actions = rng.integers(0, specs.env_specs(ENV).num_actions, (batched_steps, NUM_ENVS))
   time_step = env.reset()
   for t in range(batched_steps + 1):
-    frames[t] = time_step.observation[..., -1]
+    frames[t] = time_step.observation[:, -1]
     step_types[t], rewards[t], discounts[t] = (
       time_step.step_type,
       time_step.reward,

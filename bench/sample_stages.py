@@ -5,9 +5,10 @@ servers; this times its stages alone, in this process, on synthetic items of
 the Breakout layout (7 frames of 84x84 uint8 per 3-step item, batch 32), so
 each can be compared with the others as a ratio within one run:
 
-- assembling observations from an item's frames (the channel interleave
-  [k, H, W] -> [H, W, k] of TF's transpose): all n+1 of them, as before issue
-  #19, and only s_t and s_t+n, as now;
+- assembling observations from an item's frames (replay_io.observation):
+  all n+1 of them, as before issue #19, and only s_t and s_t+n, as now; and
+  the channel interleave [k, H, W] -> [H, W, k] (TF's transpose) that
+  assembling them cost while observations stacked their frames last;
 - the per-item map the dataset runs on every sampled item (the shape check
   of trainer/dataset.py's `conform`), against a map that does nothing and
   against batching alone.
@@ -89,6 +90,9 @@ def main():
   ends = tf.function(
     lambda f: (replay_io.observation(f, STACK, 0), replay_io.observation(f, STACK, N))
   )
+  interleave = tf.function(
+    lambda f: [tf.transpose(f[:, j : j + STACK], [0, 2, 3, 1]) for j in (0, N)]
+  )
   copy = tf.function(lambda f: tf.identity(f) + 0)
   signature = specs.replay_signature(ENV_SPECS)
   items = 10 * args.batches * BATCH
@@ -102,6 +106,9 @@ def main():
           "observations_all_n_plus_1": cpu_us_per_item(lambda: every(frames).numpy(), args.batches),
           "observations_s_t_and_s_t_plus_n": cpu_us_per_item(
             lambda: [x.numpy() for x in ends(frames)], args.batches
+          ),
+          "interleave_s_t_and_s_t_plus_n_channels_last": cpu_us_per_item(
+            lambda: [x.numpy() for x in interleave(frames)], args.batches
           ),
           "touch_the_frames_once": cpu_us_per_item(lambda: copy(frames).numpy(), args.batches),
           "batching_alone": per_item_map_us(items, None),

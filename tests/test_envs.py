@@ -19,21 +19,21 @@ def run_random(env, steps, seed=0):
 def test_breakout_is_preprocessed_for_dqn_and_batched():
   env = envs.BatchedEnvironment(EnvConfig(env_id="ALE/Breakout-v5"), num_envs=2, seed=3)
   assert env.batched and env.batch_size == 2
-  assert env.observation_spec().shape == (84, 84, 4) and env.observation_spec().dtype == np.uint8
+  assert env.observation_spec().shape == (4, 84, 84) and env.observation_spec().dtype == np.uint8
   assert env.action_spec().maximum == 3
   steps = run_random(env, 600)
   env.close()
   first = steps[0]
   assert (first.step_type == ts.StepType.FIRST).all()
   # A reset observation: the first screen newest, black padding before it
-  # (ale-py's native frame stack), channels last.
-  assert first.observation[0, ..., 3].any() and not first.observation[0, ..., :3].any()
+  # (ale-py's native frame stack), frames stacked first.
+  assert first.observation[0, 3].any() and not first.observation[0, :3].any()
   # Consecutive observations of an episode share 3 of their 4 frames: every
   # MID step's with the step before it (FIRST or MID), in both environments.
   shared = 0
   for before, after in zip(steps, steps[1:]):
     for i in np.nonzero(after.step_type == ts.StepType.MID)[0]:
-      np.testing.assert_array_equal(before.observation[i, ..., 1:], after.observation[i, ..., :3])
+      np.testing.assert_array_equal(before.observation[i, 1:], after.observation[i, :3])
       shared += 1
   assert shared >= 0.9 * 600 * env.batch_size, shared  # episodes last hundreds of steps
   rewards = np.concatenate([s.reward for s in steps])
@@ -88,7 +88,7 @@ def test_native_atari_frames_match_gymnasiums_preprocessing_and_the_replay_layou
   assert type(native._vec).__name__ == "AtariVectorEnv"
   assert native.observation_spec() == python.observation_spec()
   env_specs = specs.env_specs(config)
-  assert env_specs.frame.shape == native.observation_spec().shape[:-1] == (84, 84)
+  assert env_specs.frame.shape == native.observation_spec().shape[1:] == (84, 84)
   rng = np.random.default_rng(4)
   a, b = native.reset(), python.reset()
   compared = 0
@@ -101,7 +101,7 @@ def test_native_atari_frames_match_gymnasiums_preprocessing_and_the_replay_layou
       np.testing.assert_array_equal(a.observation, b.observation)
       compared += 1
     # What the observer stores per row is the newest frame of the observation.
-    np.testing.assert_array_equal(env_specs.newest_frames(a.observation), a.observation[..., -1])
+    np.testing.assert_array_equal(env_specs.newest_frames(a.observation), a.observation[:, -1])
   native.close()
   python.close()
   assert compared > 100

@@ -124,7 +124,7 @@ def test_a_breakout_export_acts_on_the_projects_own_observations(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "ALE/Breakout-v5" in result.stdout
   info = json.loads((out / "dqnfleet_export.json").read_text())
-  assert info["observation_shape"] == [84, 84, 4] and info["observation_dtype"] == "uint8"
+  assert info["observation_shape"] == [4, 84, 84] and info["observation_dtype"] == "uint8"
   assert info["num_actions"] == 4 and info["frame_stack"] == 4
 
   env = envs.BatchedEnvironment(
@@ -137,8 +137,8 @@ def test_a_breakout_export_acts_on_the_projects_own_observations(tmp_path):
   finally:
     env.close()
   observations = time_step.observation
-  assert observations.shape == (2, 84, 84, 4) and observations.dtype == np.uint8
-  assert observations[..., 0].any()
+  assert observations.shape == (2, 4, 84, 84) and observations.dtype == np.uint8
+  assert observations[:, 0].any()
   acted = act_with_plain_tensorflow(out, observations, tmp_path)
   assert all(0 <= a < 4 for a in acted["actions"]) and len(acted["actions"]) == 2
   np.testing.assert_array_equal(acted["actions"], greedy_actions(version_dir, observations))
@@ -181,3 +181,26 @@ def test_export_fetches_the_latest_policy_from_a_trainer(services, tmp_path):
   acted = act_with_plain_tensorflow(out, observations, tmp_path)
   published = store.version_dir(run_dir / "policies", 0)
   np.testing.assert_array_equal(acted["actions"], greedy_actions(published, observations))
+
+
+def test_the_stacked_frames_convolution_is_the_channels_last_convolution():
+  """Frames stacked first through StackedFramesConv give what the Nature CNN's first layer
+  gives the same frames interleaved into channels-last pixels, with the same kernel."""
+  frames = np.random.default_rng(3).integers(0, 256, (2, 4, 84, 84), dtype=np.uint8)
+  layer = networks.StackedFramesConv(*networks.NATURE_CONV_LAYERS[0])
+  got = layer(tf.constant(frames)).numpy()
+  pixels = np.moveaxis(frames, 1, -1).astype(np.float32) / 255.0
+  expected = tf.nn.relu(tf.nn.conv2d(pixels, layer.kernel, 4, "VALID") + layer.bias).numpy()
+  assert got.shape == expected.shape == (2, 20, 20, 32)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+  assert layer.kernel.shape == (8, 8, 4, 32)  # Conv2D's kernel shape (and initialisation)
+
+
+def test_a_policy_of_a_channels_last_atari_network_is_refused_by_name(tmp_path):
+  version_dir = publish_untrained(tmp_path / "run", "ALE/Breakout-v5", 7, NetworkConfig())
+  manifest = json.loads((version_dir / "manifest.json").read_text())
+  assert manifest["observation_shape"] == [4, 84, 84]
+  del manifest["observation_shape"]  # what dqnfleet wrote before frames were stacked first
+  with pytest.raises(ValueError, match=r"policy v7 .*stacked last \(\[84, 84, 4\]\)"):
+    store.configs_of(manifest)
+  assert store.configs_of(json.loads((version_dir / "manifest.json").read_text()))

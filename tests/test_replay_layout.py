@@ -130,14 +130,14 @@ def test_a_frame_stack_is_not_stored_twice():
   signature = specs.replay_signature(env_specs)
   assert signature["frames"].shape == (4 + 3, 84, 84)  # s_t ... s_t+3 share their frames
   assert set(signature) == {"frames", "step"}  # every column costs bookkeeping per item
-  assert env_specs.observation.shape == (84, 84, 4)
-  obs = np.arange(84 * 84 * 4, dtype=np.int64).reshape(1, 84, 84, 4) % 251
+  assert env_specs.observation.shape == (4, 84, 84)  # frames stacked first, as stored
+  obs = np.arange(84 * 84 * 4, dtype=np.int64).reshape(1, 4, 84, 84) % 251
   frames = np.stack(env_specs.frames_of(obs[0]) + [np.full((84, 84), 7)])[None].astype(np.uint8)
   first = replay_io.observation(tf.constant(frames), 4, 0).numpy()
   second = replay_io.observation(tf.constant(frames), 4, 1).numpy()
   np.testing.assert_array_equal(first, obs.astype(np.uint8))
-  np.testing.assert_array_equal(second[0, ..., :3], obs[0, ..., 1:].astype(np.uint8))
-  np.testing.assert_array_equal(second[0, ..., 3], np.full((84, 84), 7, np.uint8))
+  np.testing.assert_array_equal(second[0, :3], obs[0, 1:].astype(np.uint8))
+  np.testing.assert_array_equal(second[0, 3], np.full((84, 84), 7, np.uint8))
 
 
 def test_the_table_signature_declares_dtypes_and_still_names_its_layout():

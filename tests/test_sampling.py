@@ -55,9 +55,9 @@ def expected_item(env_specs, shard: int, last: int) -> trajectory.Transition:
   k, n = env_specs.stack, env_specs.n_step
   first = last - n + 1  # the row of a_t, whose frame is s_t+1's newest
 
-  def obs(j):  # s_t+j: the frames of rows first-k+j ... first-1+j, stacked last
+  def obs(j):  # s_t+j: the frames of rows first-k+j ... first-1+j, stacked first
     frames = [np.full(env_specs.frame.shape, value(shard, first - k + j + i)) for i in range(k)]
-    return frames[0] if k == 1 else np.stack(frames, axis=-1)
+    return frames[0] if k == 1 else np.stack(frames)
 
   steps = range(first, last + 1)
   mid = np.full([1, n + 1], ts.StepType.MID, np.int32)

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from dqnfleet.core.rl import networks, specs
 from dqnfleet.core.rl.priorities import TdTarget
-from dqnfleet.core.settings.config import EnvConfig, NetworkConfig
+from dqnfleet.core.settings.config import EnvConfig, NetworkConfig, is_atari
 
 FORMAT = "dqnfleet-policy-v1"
 MANIFEST = "manifest.json"
@@ -75,6 +75,7 @@ def publish(
     "published_unix_ms": int(time.time() * 1000),
     "env": dataclasses.asdict(env),
     "network": dataclasses.asdict(net),
+    "observation_shape": list(network.input_tensor_spec.shape),
     **({"td_target": dataclasses.asdict(td_target)} if td_target else {}),
     "files": {name: {"size": size, "sha256": digest} for name, size, digest in file_digests(tmp)},
   }
@@ -174,6 +175,14 @@ def file_digests(path: str | os.PathLike) -> list[tuple[str, int, str]]:
 
 
 def configs_of(manifest: dict) -> tuple[EnvConfig, NetworkConfig]:
+  """The settings that rebuild a version's network; ValueError if this code cannot."""
+  if "observation_shape" not in manifest and is_atari(manifest["env"]["env_id"]):
+    raise ValueError(
+      f"policy v{manifest['version']} was published by a dqnfleet whose Atari network read "
+      "observations with their frames stacked last ([84, 84, 4]); this one reads them stacked "
+      "first ([4, 84, 84]), so its weights do not fit: evaluate or export it with the dqnfleet "
+      "that trained it, or train a new run"
+    )
   net = dict(manifest["network"])
   net["fc_layers"] = tuple(net["fc_layers"])
   return EnvConfig(**manifest["env"]), NetworkConfig(**net)

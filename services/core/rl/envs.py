@@ -156,8 +156,10 @@ class BatchedEnvironment(py_environment.PyEnvironment):
     single_obs = self._vec.single_observation_space
     n_actions = int(self._vec.single_action_space.n)
     if self._pixels:
+      # [k, H, W]: frames stacked first, as ALE renders them and replay stores them
+      # (networks.StackedFramesConv reads them so, without interleaving them into pixels).
       self._observation_spec = array_spec.BoundedArraySpec(
-        single_obs.shape[1:] + single_obs.shape[:1], np.uint8, 0, 255, name="observation"
+        single_obs.shape, np.uint8, 0, 255, name="observation"
       )
     else:
       self._observation_spec = array_spec.ArraySpec(single_obs.shape, np.float32, "observation")
@@ -184,8 +186,7 @@ class BatchedEnvironment(py_environment.PyEnvironment):
     return self._action_spec
 
   def _observe(self, obs: np.ndarray) -> np.ndarray:
-    # Frames come stacked on the first axis; the CNN wants channels last.
-    return np.moveaxis(obs, 1, -1) if self._pixels else obs.astype(np.float32)
+    return obs if self._pixels else obs.astype(np.float32)
 
   def _reset(self) -> ts.TimeStep:
     obs, info = self._vec.reset(seed=self._seed)

@@ -148,11 +148,8 @@ class Transitions(NamedTuple):
 
 def observation(frames: tf.Tensor, stack: int, start: int) -> tf.Tensor:
   """[B, k+n, *frame] -> the observation whose oldest frame is row `start`, [B, *obs]."""
-  if stack == 1:
-    return frames[:, start]
-  # [B, k, H, W] -> [B, H, W, k]: frames are stacked on the channel axis.
-  rank = len(frames.shape)
-  return tf.transpose(frames[:, start : start + stack], [0] + list(range(2, rank)) + [1])
+  # Observations stack their frames first, as the rows hold them: a slice, no interleave.
+  return frames[:, start] if stack == 1 else frames[:, start : start + stack]
 
 
 def decode(data: dict, stack: int) -> Transitions:

@@ -74,7 +74,7 @@ ROW_COLUMNS = ("frame", "step")
 class EnvSpecs:
   """What every service needs to know about the environment."""
 
-  observation: array_spec.ArraySpec  # what the policy sees (frames stacked last)
+  observation: array_spec.ArraySpec  # what the policy sees: [k, H, W], frames stacked first
   action: array_spec.BoundedArraySpec
   frame: array_spec.ArraySpec  # one row's slice of an observation
   stack: int  # frames per observation (1: state vectors)
@@ -90,13 +90,13 @@ class EnvSpecs:
 
   def newest_frames(self, observations: np.ndarray) -> np.ndarray:
     """The newest frame of each of a batch of observations, [E, *frame], contiguous."""
-    return np.ascontiguousarray(observations[..., -1] if self.stack > 1 else observations)
+    return np.ascontiguousarray(observations[:, -1] if self.stack > 1 else observations)
 
   def frames_of(self, observation: np.ndarray) -> list[np.ndarray]:
     """The frames of one (unbatched) observation, oldest first."""
     if self.stack == 1:
       return [observation]
-    return [observation[..., i] for i in range(self.stack)]
+    return list(observation)
 
 
 @functools.cache
@@ -109,7 +109,7 @@ def _specs_for(env_id: str, frame_stack: int, noop_max: int, n_step: int) -> Env
   finally:
     env.close()
   if is_atari(env_id):
-    frame = array_spec.ArraySpec(obs.shape[:-1], obs.dtype, "frame")
+    frame = array_spec.ArraySpec(obs.shape[1:], obs.dtype, "frame")
     return EnvSpecs(obs, act, frame, frame_stack, n_step)
   return EnvSpecs(obs, act, array_spec.ArraySpec(obs.shape, obs.dtype, "frame"), 1, n_step)
 
