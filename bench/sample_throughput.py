@@ -17,7 +17,7 @@ or 2 workers as local processes; the trainer receives finished batches).
 Ratios within one run are what to compare; the machine is shared and noisy.
 
     .venv/bin/python bench/sample_throughput.py [--seconds 8] [--transitions 20000] [--service]
-        [--only default,chunk,pipeline,shards]
+        [--only default,reverb,chunk,pipeline,shards]
 
 Prints one JSON object.
 """
@@ -89,6 +89,21 @@ def make_dataset(addresses: list[str], batch: int, workers: int | None):
     PREFETCH,
     **{k: v for k, v in knobs.items() if k in accepted and v is not None},
   )
+
+
+def reverb_alone(addresses: list[str], batch: int):
+  """Reverb's own part of the path, the floor under any dataset code: its sampler's items
+  (received, decompressed, the item's tensors cut from its chunks), batched, nothing else."""
+  signature = specs.replay_signature(specs.env_specs(ENV))
+  dataset = reverb.TrajectoryDataset(
+    server_address=addresses[0],
+    table=specs.TABLE,
+    dtypes=tf.nest.map_structure(lambda s: s.dtype, signature),
+    shapes=tf.nest.map_structure(lambda s: s.shape, signature),
+    max_in_flight_samples_per_worker=2 * batch,
+    rate_limiter_timeout_ms=trainer_dataset.SAMPLE_TIMEOUT_MS,
+  )
+  return dataset.batch(batch).map(lambda s: (s.data["frames"], s.info.key)).prefetch(PREFETCH)
 
 
 def item_count(batch) -> tf.Tensor:
@@ -184,7 +199,11 @@ def main():
     try:
       bytes_per_transition = fill(tables, args.transitions, chunk)
       for batch, workers, service_workers in variants:
-        dataset = make_dataset([a for _, a in tables], batch, workers)
+        addresses = [a for _, a in tables]
+        if workers == "reverb":
+          dataset, workers = reverb_alone(addresses, batch), None
+        else:
+          dataset = make_dataset(addresses, batch, workers)
         children = ()
         if service_workers:
           children, address = services[service_workers]
@@ -209,6 +228,9 @@ def main():
     finally:
       stop([p for p, _ in tables] + [c for children, _ in services.values() for c in children])
 
+  if "reverb" in groups:  # Reverb's sampler alone at the longest and shortest frame chunks
+    for chunk in (32, 4):
+      run("reverb", 1, chunk, ((32, "reverb", 0),))
   if "default" in groups:  # the trainer's defaults only: for before/after runs
     run("default", 1, args.chunk_rows)
   if "chunk" in groups:
