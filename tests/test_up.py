@@ -4,6 +4,7 @@ stops the whole fleet cleanly, and --replay-shards runs replay as several
 servers that all fill."""
 
 import contextlib
+import functools
 import json
 import pathlib
 import re
@@ -15,6 +16,7 @@ import threading
 import psutil
 import pytest
 
+from dqnfleet.cli.up import MAX_RESTARTS
 from support import dqnfleet, start_up, wait_until
 
 RANDOM_POLICY_RETURN = 22  # CartPole-v1's mean return when acting at random
@@ -70,10 +72,8 @@ def test_cartpole_learns_within_a_bounded_budget(tmp_path):
   assert report["mean_return"] >= 3 * RANDOM_POLICY_RETURN, report
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_every_service(tmp_path):
-  up = start_up(env_id="CartPole-v1", collectors=1, run_dir=tmp_path / "run", progress_every_s=1)
-  lines = []
+def wait_for_progress(up: subprocess.Popen, lines: list[str]) -> None:
+  """Reads `up`'s output into `lines` until its first progress line with live services."""
 
   def progressed():
     line = up.stdout.readline()
@@ -81,6 +81,13 @@ def test_ctrl_c_stops_every_service(tmp_path):
     return "env steps" in line and "starting" not in line
 
   wait_until(progressed, 240, "the first progress line", interval=0)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_service(tmp_path):
+  up = start_up(env_id="CartPole-v1", collectors=1, run_dir=tmp_path / "run", progress_every_s=1)
+  lines: list[str] = []
+  wait_for_progress(up, lines)
   children = psutil.Process(up.pid).children(recursive=True)
   assert len(children) >= 3  # replay, trainer, collector
   up.send_signal(signal.SIGINT)
@@ -88,6 +95,108 @@ def test_ctrl_c_stops_every_service(tmp_path):
   assert up.returncode == 0, "".join(lines) + output
   assert "stopped; policies in" in output
   assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+  running = []
+  for process in processes:
+    with contextlib.suppress(psutil.NoSuchProcess):
+      if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+        running.append(process)
+  return running
+
+
+@pytest.mark.slow
+def test_up_killed_by_sigkill_takes_its_fleet_along_and_a_run_directory_has_one_owner(tmp_path):
+  """While `up` runs, a second `up` or a trainer on its run directory is refused (exit 2,
+  naming the holder). `up` killed with SIGKILL (the OOM killer, a CI timeout) leaves no
+  service running, and the next `up` takes over the lock the killed one could not release."""
+  run_dir = tmp_path / "run"
+  up = start_up(env_id="CartPole-v1", collectors=1, run_dir=run_dir, progress_every_s=1)
+  try:
+    wait_for_progress(up, [])
+    children = psutil.Process(up.pid).children(recursive=True)
+    assert len(children) >= 3  # replay, trainer, collector
+    second = dqnfleet("up", "--env-id=CartPole-v1", f"--run-dir={run_dir}", timeout=120)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"another up (pid {up.pid} on host" in second.stderr, second.stderr
+    trainer = dqnfleet("trainer", "--env-id=CartPole-v1", f"--run-dir={run_dir}", timeout=120)
+    assert trainer.returncode == 2, trainer.stdout + trainer.stderr
+    fleet_trainer = next(c.pid for c in children if "trainer" in c.cmdline())
+    assert f"another trainer (pid {fleet_trainer} on host" in trainer.stderr, trainer.stderr
+  finally:
+    up.kill()
+    up.wait(30)
+  wait_until(lambda: not alive(children), 60, "the services of the killed up to stop")
+
+  again = start_up(env_id="CartPole-v1", collectors=1, run_dir=run_dir, progress_every_s=1)
+  lines: list[str] = []
+  try:
+    wait_for_progress(again, lines)
+  finally:
+    again.send_signal(signal.SIGINT)
+    output = "".join(lines) + again.communicate(timeout=180)[0]
+  assert again.returncode == 0, output
+  assert f"took over {run_dir / '.dqnfleet-up.lock'} from pid {up.pid}" in output, output
+
+
+def fleet_process(up: subprocess.Popen, role: str, not_pid: int = 0) -> psutil.Process | None:
+  """`up`'s running child of `role` ("trainer", "collector", ...), other than `not_pid`."""
+  for child in alive(psutil.Process(up.pid).children()):
+    with contextlib.suppress(psutil.NoSuchProcess):  # one just killed, reaped while we look
+      if child.pid != not_pid and child.cmdline()[3:4] == [role]:  # python -m dqnfleet <role>
+        return child
+  return None
+
+
+@pytest.mark.slow
+def test_a_service_that_keeps_dying_stops_the_fleet_after_three_restarts(tmp_path):
+  up = start_up(env_id="CartPole-v1", collectors=1, run_dir=tmp_path / "run", progress_every_s=1)
+  lines: list[str] = []
+  threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True).start()
+  try:
+    wait_until(lambda: "env steps" in "".join(lines), 240, "the first progress line")
+    others = [c for c in psutil.Process(up.pid).children() if "collector" not in c.cmdline()]
+    killed = 0
+    for _ in range(MAX_RESTARTS + 1):
+      collector = wait_until(
+        lambda: fleet_process(up, "collector", killed), 60, "a (restarted) collector"
+      )
+      killed = collector.pid
+      collector.kill()
+    assert up.wait(120) == 1, "".join(lines)
+  finally:
+    if up.poll() is None:
+      resume_and_stop(up, [])
+  output = "".join(lines)
+  assert output.count("restarting collector-0") == MAX_RESTARTS, output
+  assert f"collector-0 died {MAX_RESTARTS + 1} times; stopping the fleet" in output, output
+  assert not alive(others)  # replay and trainer were stopped with the fleet
+
+
+@pytest.mark.slow
+def test_a_service_that_refuses_its_settings_is_not_restarted(tmp_path):
+  """Exit 2 means restarting cannot help. Here the trainer `up` starts refuses its run
+  directory, which a trainer started by hand already writes (the directory lock)."""
+  run_dir = tmp_path / "run"
+  lone = subprocess.Popen(
+    [sys.executable, "-m", "dqnfleet", "trainer", "--env-id=CartPole-v1", f"--run-dir={run_dir}"]
+    + ["--port=0", "--metrics-port=-1", "--replay-addresses=localhost:9"],  # no replay answers
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  try:
+    lock = run_dir / ".dqnfleet-trainer.lock"
+    wait_until(lambda: lock.exists() and str(lone.pid) in lock.read_text(), 120, "the lock")
+    up = start_up(env_id="CartPole-v1", collectors=1, run_dir=run_dir, progress_every_s=1)
+    output = up.communicate(timeout=240)[0]
+  finally:
+    lone.terminate()
+    lone.wait(60)
+  assert up.returncode == 1, output
+  assert "trainer exited with code 2" in output and "restarting trainer" not in output, output
+  assert f"another trainer (pid {lone.pid} on host" in output, output
+  assert "trainer refused its settings; stopping the fleet" in output, output
 
 
 def log_since(path, offset: int) -> str:
@@ -111,7 +220,6 @@ def recorded_checkpoint_steps(checkpoints) -> list[int]:
   return sorted(written & recorded)
 
 
-@pytest.mark.slow
 def resume_and_stop(up: subprocess.Popen, paused: list[psutil.Process]) -> None:
   """Resumes the services a failed check left paused (SIGSTOP), then Ctrl-C to `up`."""
   for process in paused:
@@ -121,6 +229,7 @@ def resume_and_stop(up: subprocess.Popen, paused: list[psutil.Process]) -> None:
   up.wait(180)
 
 
+@pytest.mark.slow
 def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(tmp_path):
   """...and each resumes from its newest checkpoint: replay with every item that
   checkpoint held, the trainer at least at that checkpoint's train step."""
@@ -142,14 +251,7 @@ def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(t
     progress = [line for line in lines if "train steps" in line]
     return int(re.search(r"train steps ([\d,]+)", progress[-1]).group(1).replace(",", ""))
 
-  def child(role: str) -> psutil.Process | None:
-    for c in psutil.Process(up.pid).children():
-      try:
-        if c.is_running() and c.cmdline()[3:4] == [role]:
-          return c
-      except psutil.NoSuchProcess:  # the one just killed, reaped while we looked
-        pass
-    return None
+  child = functools.partial(fleet_process, up)
 
   paused = []
   try:
@@ -224,6 +326,98 @@ def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(t
   finally:
     resume_and_stop(up, paused)
   assert up.returncode == 0, "".join(lines)
+
+
+def numbers(pattern: str, text: str) -> list[int]:
+  return [int(n) for n in re.findall(pattern, text)]
+
+
+@pytest.mark.slow
+def test_a_power_cut_loses_only_what_was_not_yet_checkpointed(tmp_path):
+  """Every process of a fleet SIGKILLed at once, then `up` again on the same run directory:
+  the trainer resumes from its newest checkpoint, replay restores its newest checkpoint
+  (and with it the fleet's step count, so epsilon goes on decaying instead of starting at
+  1 again), no version announced before goes back, the evaluator's history is appended."""
+  run_dir, logs = tmp_path / "run", tmp_path / "run" / "logs"
+  settings = dict(
+    env_id="CartPole-v1",
+    collectors=1,
+    run_dir=run_dir,
+    progress_every_s=1,
+    checkpoint_every=200,
+    publish_every=100,
+    checkpoint_every_s=2,
+    epsilon_decay_steps=20_000,  # still decaying when the power goes
+    evaluator=True,
+    every_minutes=0.05,
+    episodes=2,
+  )
+  history = run_dir / "eval" / "history.jsonl"
+  up = start_up(**settings)
+  lines: list[str] = []
+  threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True).start()
+  read = lambda name: (logs / f"{name}.log").read_text(errors="replace")
+  try:
+    wait_until(
+      lambda: (
+        recorded_checkpoint_steps(run_dir / "checkpoints")[-1:] >= [600]
+        and len(numbers(r"checkpointed (\d+) items to", read("replay"))) >= 2
+        and history.exists()
+        and len(history.read_text().splitlines()) >= 2
+      ),
+      300,
+      "trainer and replay checkpoints and two evaluations",
+    )
+  finally:
+    fleet = psutil.Process(up.pid).children()
+    for process in [*fleet, psutil.Process(up.pid)]:  # the children first: `up` would stop them
+      process.kill()
+    up.wait(30)
+  wait_until(lambda: not alive(fleet), 30, "every process of the fleet to be gone")
+  checkpointed = recorded_checkpoint_steps(run_dir / "checkpoints")[-1]
+  replay_held = numbers(r"checkpointed (\d+) items to", read("replay"))[-1]
+  announced = max(numbers(r"acting with policy v(\d+)", read("collector-0")))
+  epsilon_then = float(re.findall(r"epsilon ([\d.]+)", read("collector-0"))[-1])
+  evaluated = history.read_text()
+  offsets = {name: len(read(name).encode()) for name in ("trainer", "replay", "collector-0")}
+  since = lambda name: log_since(logs / f"{name}.log", offsets[name])
+
+  again = start_up(**settings)
+  lines = []
+  threading.Thread(target=lambda: lines.extend(again.stdout), daemon=True).start()
+  try:
+    resumed = wait_until(
+      lambda: numbers(r"resumed from \S*ckpt-\d+ at train step (\d+)", since("trainer")),
+      180,
+      "the trainer to resume",
+    )[0]
+    restored = wait_until(
+      lambda: numbers(r"(\d+) items restored from", since("replay")), 180, "replay to restore"
+    )[0]
+    acting = wait_until(
+      lambda: re.search(
+        r"acting with policy v(\d+) \(was v-1\), epsilon ([\d.]+)", since("collector-0")
+      ),
+      180,
+      "the collector's first policy",
+    )
+    wait_until(
+      lambda: len(history.read_text().splitlines()) > len(evaluated.splitlines()),
+      180,
+      "an evaluation after the restart",
+    )
+  finally:
+    resume_and_stop(again, [])
+  assert resumed >= checkpointed, (resumed, checkpointed)
+  assert restored >= replay_held > 0, (restored, replay_held)
+  assert int(acting[1]) >= announced, (acting[0], announced)
+  # The checkpoint's step count, a few seconds behind the cut: not 1.0 again.
+  assert float(acting[2]) < 1.0 and abs(float(acting[2]) - epsilon_then) < 0.1, (
+    acting[0],
+    epsilon_then,
+  )
+  assert history.read_text().startswith(evaluated)
+  assert again.returncode == 0, "".join(lines)
 
 
 @pytest.mark.slow

@@ -97,6 +97,10 @@ class Command:
   # The directory for run.json, if it keeps one. Services log their record
   # in any case; a tool with a directory writes one there before it runs.
   record_dir: Setting | None = None
+  # The directory it writes that no other process of its kind may write at
+  # the same time: locked while it runs, a second one exits 2
+  # (core/transport/dir_lock.py). An empty setting: nothing to lock.
+  owns_dir: Setting | None = None
   # The settings `up` gives this service itself (None: `up` does not start it).
   up_sets: frozenset[str] | None = None
   # Per group, settings that get no flag because `up` sets them (up only).
@@ -130,6 +134,7 @@ def _up(services: Iterable[Command]) -> Command:
     groups=tuple(groups),
     tables=tables,
     record_dir=(UpConfig, "run_dir"),
+    owns_dir=(UpConfig, "run_dir"),
     no_flag={
       g: frozenset().union(*(r.up_sets for r in readers[g]))
       & {f.name for f in dataclasses.fields(g)}
@@ -253,6 +258,7 @@ _SERVICES = (
     # No run.json: the checkpoint directory belongs to Reverb, so the
     # record stays in the log.
     service=ReplayConfig,
+    owns_dir=(ReplayConfig, "checkpoint_dir"),
     up_sets=frozenset({"listen_host", "port", "status_port", "metrics_port", "checkpoint_dir"}),
   ),
   _command(
@@ -283,6 +289,7 @@ _SERVICES = (
     service=TrainerConfig,
     status_port="port",
     record_dir=(TrainerConfig, "run_dir"),
+    owns_dir=(TrainerConfig, "run_dir"),
     up_sets=frozenset({"listen_host", "replay_addresses", "port", "metrics_port", "run_dir"}),
   ),
   _command(
@@ -293,6 +300,7 @@ _SERVICES = (
     "every few minutes (history, TensorBoard, GIF of the best episode).",
     service=EvaluatorConfig,
     record_dir=(EvaluatorConfig, "out_dir"),
+    owns_dir=(EvaluatorConfig, "out_dir"),
     up_sets=frozenset({"listen_host", "trainer_address", "status_port", "metrics_port", "out_dir"}),
   ),
 )

@@ -110,15 +110,29 @@ def main(argv=None) -> int:
     return 2
 
 
-def record_directory(command: Command, configs: Configs) -> str:
-  if command.record_dir is None:
+def directory(setting, configs: Configs) -> str:
+  """The value of a command's directory setting (record_dir, owns_dir); "" if it has none."""
+  if setting is None:
     return ""
-  group, setting = command.record_dir
-  return getattr(configs[group], setting)
+  group, name = setting
+  return getattr(configs[group], name)
+
+
+def record_directory(command: Command, configs: Configs) -> str:
+  return directory(command.record_dir, configs)
+
+
+def lock_directory(command: Command, configs: Configs) -> None:
+  """Makes this process the only `command` writing its directory (ConfigError if not)."""
+  from dqnfleet.core.transport import dir_lock
+
+  owned = directory(command.owns_dir, configs)
+  if owned:
+    dir_lock.hold(owned, command.name)
 
 
 def run_command(command: Command, configs: Configs, args: argparse.Namespace) -> int:
-  from dqnfleet.core.transport import run_record, security
+  from dqnfleet.core.transport import dir_lock, run_record, security
 
   identity = security.from_config(configs[CommonConfig])  # for every server and channel
   if EnvConfig in configs:
@@ -127,18 +141,22 @@ def run_command(command: Command, configs: Configs, args: argparse.Namespace) ->
     envs.validate_env(configs[EnvConfig])
   if command.service is not None:
     return run_service(command, configs, args, identity)
-  if command.record_dir is not None:
-    path = run_record.publish(
-      run_record.create(command.name, command.name, configs.values()),
-      record_directory(command, configs),
-    )
-    print(f"settings, package versions and git revision of this run: {path}", flush=True)
-  return command.entry(Invocation(configs, args, identity))
+  lock_directory(command, configs)
+  try:
+    if command.record_dir is not None:
+      path = run_record.publish(
+        run_record.create(command.name, command.name, configs.values()),
+        record_directory(command, configs),
+      )
+      print(f"settings, package versions and git revision of this run: {path}", flush=True)
+    return command.entry(Invocation(configs, args, identity))
+  finally:
+    dir_lock.release_all()
 
 
 def run_service(command: Command, configs: Configs, args: argparse.Namespace, identity) -> int:
   """Runs a service until it is stopped, then ends the process with its exit code."""
-  from dqnfleet.core.transport import metrics, run_record, runtime
+  from dqnfleet.core.transport import dir_lock, metrics, run_record, runtime
   from dqnfleet.core.transport.rpc import PortUnavailable
 
   common, own = configs[CommonConfig], configs[command.service]
@@ -146,6 +164,7 @@ def run_service(command: Command, configs: Configs, args: argparse.Namespace, id
     command.name
   )
   runtime.setup_logging(command.name, service_id, common.log_level, common.log_format)
+  lock_directory(command, configs)
   record = run_record.create(command.name, service_id, configs.values())
   run_record.publish(record, record_directory(command, configs))
   try:
@@ -166,6 +185,7 @@ def run_service(command: Command, configs: Configs, args: argparse.Namespace, id
   # Everything is saved and every server stopped. Exit now: Reverb's sampling
   # threads inside tf.data can otherwise keep the interpreter alive after a
   # clean shutdown, and a stopped service must not linger.
+  dir_lock.release_all()
   logging.shutdown()
   sys.stdout.flush()
   sys.stderr.flush()

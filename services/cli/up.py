@@ -6,10 +6,16 @@ only starts them, polls their status RPCs, restarts one that dies (as
 Kubernetes or compose would: each recovers from its checkpoints and peers
 reconnect), and stops them (collectors, trainer, replay) on Ctrl-C, when the
 trainer reaches --max-train-steps, or when one died more often than MAX_RESTARTS.
+The fleet ends with `up` however `up` ends: each child gets SIGTERM when `up`
+dies, even by SIGKILL (Linux's parent-death signal), and stops as it would on
+Ctrl-C, so no fleet trains on as orphans holding the run directory.
 """
 
 import collections
+import ctypes
 import dataclasses
+import functools
+import os
 import pathlib
 import signal
 import socket
@@ -36,6 +42,19 @@ STOP_TIMEOUT_S = 30
 # and a fleet that goes on without it would hide that.
 MAX_RESTARTS = 3
 USAGE_ERROR = 2  # a service refused its settings: restarting cannot help
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)  # None: not Linux
+
+
+def end_with(parent: int) -> None:
+  """Run in a child of `up` before its program starts: SIGTERM when `up` (pid `parent`)
+  ends. The signal follows the thread that started the child: `up` starts every child
+  from its main thread, which lives as long as `up`."""
+  if _prctl is None:
+    return  # no parent-death signal here (macOS): children outlive a killed `up`
+  _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+  if os.getppid() != parent:  # `up` ended before the signal was armed
+    os._exit(1)
 
 
 def free_port() -> int:
@@ -188,7 +207,11 @@ class Fleet:
     # A session of its own: Ctrl-C reaches `up` alone, which then stops the
     # children in order instead of all at once.
     self.procs[name] = subprocess.Popen(
-      self._commands[name], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+      self._commands[name],
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+      preexec_fn=functools.partial(end_with, os.getpid()),
     )
     log.close()  # the child has its own copy
 
