@@ -149,9 +149,12 @@ def serve(
   log.info("health and status on port %d", side_port)
 
   def checkpoint():
+    # The size as the checkpoint begins, the one a restore can check against: collectors
+    # go on inserting while it is written, and a size read after it overstates it.
+    size = snapshot().replay_size
     path = client.checkpoint()
     CHECKPOINTS.inc()
-    log.info("checkpointed %d items to %s", snapshot().replay_size, path)
+    log.info("checkpointed %d items to %s", size, path)
 
   try:
     while not stop.wait(config.checkpoint_every_s or None):
