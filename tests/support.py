@@ -170,13 +170,16 @@ def start_up(**settings) -> subprocess.Popen:
   )
 
 
-def start_cartpole_trainer(services, replay_port: int, trainer_port: int, run_dir, **settings):
-  """A CartPole trainer on replay at `replay_port`, started with the `services` fixture."""
+def start_trainer(
+  services, replay_port: int, trainer_port: int, run_dir, env_id="CartPole-v1", **settings
+):
+  """A trainer (CartPole unless `env_id` says otherwise) on replay at `replay_port`,
+  started with the `services` fixture."""
   return services(
     "trainer",
     *service_args(
       "trainer",
-      env_id="CartPole-v1",
+      env_id=env_id,
       replay_addresses=(f"localhost:{replay_port}",),
       port=trainer_port,
       run_dir=run_dir,
@@ -197,18 +200,20 @@ def cartpole_collector_args(replay_port: int, trainer_port: int, status_port: in
   )
 
 
-def start_trainer_without_data(services, run_dir: pathlib.Path) -> tuple["Service", int]:
-  """A replay no collector writes to (--min-size 5000) and a CartPole trainer on it,
-  started with the `services` fixture: the trainer publishes its untrained network
-  (v0), then waits for data. Returns the trainer and its port."""
+def start_trainer_without_data(
+  services, run_dir: pathlib.Path, env_id: str = "CartPole-v1"
+) -> tuple["Service", int]:
+  """A replay no collector writes to (--min-size 5000) and a trainer on it (CartPole unless
+  `env_id` says otherwise), started with the `services` fixture: the trainer publishes its
+  untrained network (v0), then waits for data. Returns the trainer and its port."""
   replay_port, trainer_port = free_port(), free_port()
   services(
     "replay",
     *service_args(
-      "replay", env_id="CartPole-v1", port=replay_port, status_port=free_port(), min_size=5000
+      "replay", env_id=env_id, port=replay_port, status_port=free_port(), min_size=5000
     ),
   )
-  return start_cartpole_trainer(services, replay_port, trainer_port, run_dir), trainer_port
+  return start_trainer(services, replay_port, trainer_port, run_dir, env_id), trainer_port
 
 
 class Service:

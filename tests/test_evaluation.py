@@ -9,7 +9,7 @@ from dqnfleet.core.policy import store
 from dqnfleet.core.rl import envs, networks, specs
 from dqnfleet.core.settings.config import EnvConfig, NetworkConfig, ProtocolConfig
 from dqnfleet.evaluator import protocol
-from support import dqnfleet
+from support import dqnfleet, free_port, service_args, start_trainer_without_data, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,29 @@ def test_a_video_path_that_is_no_gif_is_refused(untrained_breakout, tmp_path):
   assert result.returncode == 2
   assert "--video" in result.stderr and "use a path ending in .gif" in result.stderr
   assert not (tmp_path / "play.mp4").exists()
+
+
+@pytest.mark.slow
+def test_the_evaluator_service_keeps_the_best_atari_game_as_a_gif(services, tmp_path):
+  """The evaluator `up` and the deployments run (not `evaluate --video`): it follows the
+  trainer, evaluates the untrained Breakout v0, records it and keeps its best game."""
+  _, trainer_port = start_trainer_without_data(services, tmp_path / "run", "ALE/Breakout-v5")
+  out = tmp_path / "eval"
+  services(
+    "evaluator",
+    *service_args(
+      "evaluator",
+      trainer_address=f"localhost:{trainer_port}",
+      out_dir=out,
+      status_port=free_port(),
+      metrics_port=-1,
+      episodes=2,
+      eval_num_envs=2,
+    ),
+  )
+  history = out / "history.jsonl"
+  wait_until(history.exists, 600, "the evaluator's first evaluation")
+  entry = json.loads(history.read_text().splitlines()[0])
+  assert entry["version"] == 0 and entry["episodes"] == 2, entry
+  with Image.open(out / "best_episode.gif") as gif:
+    assert gif.format == "GIF" and gif.size == (168, 168) and gif.n_frames > 10

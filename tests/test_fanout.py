@@ -18,7 +18,7 @@ import pytest
 
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 from dqnfleet.core.transport import rpc
-from support import free_port, scrape, service_args, start_cartpole_trainer, wait_until
+from support import free_port, scrape, service_args, start_trainer, wait_until
 
 WATCHERS = 1000
 STREAMS_PER_CHANNEL = 100  # one HTTP/2 connection per 100 watchers, as from many collectors
@@ -158,7 +158,7 @@ def test_a_thousand_watchers_all_hear_of_a_new_version_and_health_keeps_answerin
   address = f"localhost:{trainer_port}"
   # The trainer publishes its first version as soon as it reaches replay: replay starts
   # only once every watcher is waiting, so that version is new to all of them.
-  trainer = start_cartpole_trainer(
+  trainer = start_trainer(
     services, replay_port, trainer_port, tmp_path / "run", metrics_port=metrics_port
   )
   wait_until(lambda: rpc.check_health(address), 120, "the trainer's gRPC port")
