@@ -257,8 +257,9 @@ _SERVICES = (
     help="Run the replay service: a Reverb server with the replay table.",
     # No run.json: the checkpoint directory belongs to Reverb, so the
     # record stays in the log.
+    # Not locked either (owns_dir): Reverb's checkpointer deletes what it did not write
+    # in that directory, a lock file included; up's lock and the StatefulSet keep it single.
     service=ReplayConfig,
-    owns_dir=(ReplayConfig, "checkpoint_dir"),
     up_sets=frozenset({"listen_host", "port", "status_port", "metrics_port", "checkpoint_dir"}),
   ),
   _command(

@@ -106,6 +106,9 @@ def main(argv=None) -> int:
   try:
     return run_command(command, build_configs(command, args), args)
   except ConfigError as e:
+    from dqnfleet.core.transport import dir_lock
+
+    dir_lock.release_all()  # a refusal is a clean exit: no lock for the next one to take over
     print(f"dqnfleet {command.name}: error: {e}", file=sys.stderr)
     return 2
 

@@ -1,4 +1,4 @@
-"""One writer per directory: a run directory, replay's checkpoints, an evaluator's output.
+"""One writer per directory: a run directory, an evaluator's output.
 
 Two trainers on one run directory write each other's checkpoints and
 policies, and nothing in the files shows it. So a process that writes such a
