@@ -21,6 +21,9 @@ from support import dqnfleet, start_up, wait_until
 
 RANDOM_POLICY_RETURN = 22  # CartPole-v1's mean return when acting at random
 TRAIN_STEPS = 15_000
+# Trainer checkpoints and publications every few seconds of CartPole training, replay
+# checkpoints every 2 s: a restart has something recent to resume from.
+CHECKPOINT_OFTEN = dict(checkpoint_every=200, publish_every=100, checkpoint_every_s=2)
 
 
 @pytest.mark.slow
@@ -236,13 +239,7 @@ def test_each_service_killed_with_sigkill_is_restarted_and_the_fleet_trains_on(t
   run_dir = tmp_path / "run"
   logs = run_dir / "logs"
   up = start_up(
-    env_id="CartPole-v1",
-    collectors=1,
-    run_dir=run_dir,
-    progress_every_s=1,
-    checkpoint_every=200,
-    publish_every=100,
-    checkpoint_every_s=2,
+    env_id="CartPole-v1", collectors=1, run_dir=run_dir, progress_every_s=1, **CHECKPOINT_OFTEN
   )
   lines: list[str] = []
   threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True).start()
@@ -344,9 +341,7 @@ def test_a_power_cut_loses_only_what_was_not_yet_checkpointed(tmp_path):
     collectors=1,
     run_dir=run_dir,
     progress_every_s=1,
-    checkpoint_every=200,
-    publish_every=100,
-    checkpoint_every_s=2,
+    **CHECKPOINT_OFTEN,
     epsilon_decay_steps=20_000,  # still decaying when the power goes
     evaluator=True,
     every_minutes=0.05,
