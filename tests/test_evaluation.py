@@ -79,9 +79,10 @@ def test_the_evaluator_service_keeps_the_best_atari_game_as_a_gif(services, tmp_
       eval_num_envs=2,
     ),
   )
-  history = out / "history.jsonl"
-  wait_until(history.exists, 600, "the evaluator's first evaluation")
+  history, video = out / "history.jsonl", out / "best_episode.gif"
+  # The GIF is written after the history line: wait for both.
+  wait_until(lambda: history.exists() and video.exists(), 600, "the first evaluation's GIF")
   entry = json.loads(history.read_text().splitlines()[0])
   assert entry["version"] == 0 and entry["episodes"] == 2, entry
-  with Image.open(out / "best_episode.gif") as gif:
+  with Image.open(video) as gif:
     assert gif.format == "GIF" and gif.size == (168, 168) and gif.n_frames > 10
