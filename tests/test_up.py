@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from dqnfleet.cli.up import MAX_RESTARTS
-from support import dqnfleet, start_up, wait_until
+from support import dqnfleet, service_args, start_up, wait_until
 
 RANDOM_POLICY_RETURN = 22  # CartPole-v1's mean return when acting at random
 TRAIN_STEPS = 15_000
@@ -75,6 +75,15 @@ def test_cartpole_learns_within_a_bounded_budget(tmp_path):
   assert report["mean_return"] >= 3 * RANDOM_POLICY_RETURN, report
 
 
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+  running = []
+  for process in processes:
+    with contextlib.suppress(psutil.NoSuchProcess):
+      if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+        running.append(process)
+  return running
+
+
 def wait_for_progress(up: subprocess.Popen, lines: list[str]) -> None:
   """Reads `up`'s output into `lines` until its first progress line with live services."""
 
@@ -97,16 +106,7 @@ def test_ctrl_c_stops_every_service(tmp_path):
   output = up.communicate(timeout=180)[0]
   assert up.returncode == 0, "".join(lines) + output
   assert "stopped; policies in" in output
-  assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-
-
-def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-  running = []
-  for process in processes:
-    with contextlib.suppress(psutil.NoSuchProcess):
-      if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-        running.append(process)
-  return running
+  assert not alive(children)
 
 
 @pytest.mark.slow
@@ -125,7 +125,7 @@ def test_up_killed_by_sigkill_takes_its_fleet_along_and_a_run_directory_has_one_
     assert f"another up (pid {up.pid} on host" in second.stderr, second.stderr
     trainer = dqnfleet("trainer", "--env-id=CartPole-v1", f"--run-dir={run_dir}", timeout=120)
     assert trainer.returncode == 2, trainer.stdout + trainer.stderr
-    fleet_trainer = next(c.pid for c in children if "trainer" in c.cmdline())
+    fleet_trainer = fleet_process(up, "trainer").pid
     assert f"another trainer (pid {fleet_trainer} on host" in trainer.stderr, trainer.stderr
   finally:
     up.kill()
@@ -178,27 +178,28 @@ def test_a_service_that_keeps_dying_stops_the_fleet_after_three_restarts(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_service_that_refuses_its_settings_is_not_restarted(tmp_path):
+def test_a_service_that_refuses_its_settings_is_not_restarted(services, tmp_path):
   """Exit 2 means restarting cannot help. Here the trainer `up` starts refuses its run
   directory, which a trainer started by hand already writes (the directory lock)."""
   run_dir = tmp_path / "run"
-  lone = subprocess.Popen(
-    [sys.executable, "-m", "dqnfleet", "trainer", "--env-id=CartPole-v1", f"--run-dir={run_dir}"]
-    + ["--port=0", "--metrics-port=-1", "--replay-addresses=localhost:9"],  # no replay answers
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
+  lone = services(  # waits for a replay that never answers, holding the run directory
+    "trainer",
+    *service_args(
+      "trainer",
+      env_id="CartPole-v1",
+      run_dir=run_dir,
+      port=0,
+      metrics_port=-1,
+      replay_addresses=("localhost:9",),
+    ),
   )
-  try:
-    lock = run_dir / ".dqnfleet-trainer.lock"
-    wait_until(lambda: lock.exists() and str(lone.pid) in lock.read_text(), 120, "the lock")
-    up = start_up(env_id="CartPole-v1", collectors=1, run_dir=run_dir, progress_every_s=1)
-    output = up.communicate(timeout=240)[0]
-  finally:
-    lone.terminate()
-    lone.wait(60)
+  lock = run_dir / ".dqnfleet-trainer.lock"
+  wait_until(lambda: lock.exists() and str(lone.proc.pid) in lock.read_text(), 120, "the lock")
+  up = start_up(env_id="CartPole-v1", collectors=1, run_dir=run_dir, progress_every_s=1)
+  output = up.communicate(timeout=240)[0]
   assert up.returncode == 1, output
   assert "trainer exited with code 2" in output and "restarting trainer" not in output, output
-  assert f"another trainer (pid {lone.pid} on host" in output, output
+  assert f"another trainer (pid {lone.proc.pid} on host" in output, output
   assert "trainer refused its settings; stopping the fleet" in output, output
 
 
