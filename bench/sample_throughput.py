@@ -12,11 +12,12 @@ bytes per transition after the fill.
 
 Settings: the frame column's chunk length (written by the collectors, so each
 gets its own fill), shards, batch size, sampling workers per shard, and the
-same pipeline run by tf.data service workers (`--service`: a dispatcher and 1
-or 2 workers as local processes; the trainer receives finished batches).
+same pipeline run by input workers (tf.data service, trainer/input_service.py:
+the trainer's dispatcher in this process and 1 or 2 `dqnfleet input-worker`
+processes; the trainer receives finished batches).
 Ratios within one run are what to compare; the machine is shared and noisy.
 
-    .venv/bin/python bench/sample_throughput.py [--seconds 8] [--transitions 20000] [--service]
+    .venv/bin/python bench/sample_throughput.py [--seconds 8] [--transitions 20000]
         [--only default,reverb,chunk,pipeline,shards]
 
 Prints one JSON object.
@@ -46,6 +47,7 @@ from dqnfleet.collector.observer import ReplayObserver
 from dqnfleet.core.rl import replay_io, specs
 from dqnfleet.core.settings.config import AgentConfig, TrainerConfig
 from dqnfleet.trainer import dataset as trainer_dataset
+from dqnfleet.trainer.input_service import Dispatcher
 
 GAMMA = AgentConfig().gamma
 PREFETCH = TrainerConfig().prefetch_batches  # the trainer's default
@@ -74,12 +76,13 @@ def fill(shards, transitions: int, frame_chunk_rows: int) -> float:
   return (rss() - before) / items
 
 
-def make_dataset(addresses: list[str], batch: int, workers: int | None):
+def make_dataset(addresses: list[str], batch: int, workers: int | None, service: str = ""):
   """The trainer's dataset over `addresses`, mixed by their (equal) sizes. `workers` (sampling
-  workers per shard) only where this commit's dataset takes it."""
+  workers per shard) and `service` (its input workers' dispatcher) only where this commit's
+  dataset takes them."""
   env_specs = specs.env_specs(ENV)
   weights = tf.Variable(tf.ones([len(addresses)], tf.float64), trainable=False)
-  knobs = {"gamma": GAMMA, "workers_per_shard": workers}
+  knobs = {"gamma": GAMMA, "workers_per_shard": workers, "input_service": service or None}
   accepted = inspect.signature(trainer_dataset.make_sharded_dataset).parameters
   return trainer_dataset.make_sharded_dataset(
     dict(enumerate(addresses)),
@@ -143,27 +146,20 @@ def measure(dataset, seconds: float, shards, others=()) -> dict:
   return numbers
 
 
-def start_service(workers: int) -> tuple[list, str]:
-  """A tf.data service dispatcher and `workers` workers, each its own process (the workers
-  import Reverb, whose dataset ops they run)."""
-  port = free_port()
-  service = "tensorflow as tf; s = tf.data.experimental.service"
-  dispatcher = subprocess.Popen(
-    [
-      sys.executable,
-      "-c",
-      f"import {service}; d = s.DispatchServer(s.DispatcherConfig(port={port})); d.join()",
-    ],
-    stderr=subprocess.DEVNULL,
-  )
-  children = [dispatcher]
-  for _ in range(workers):
-    code = (
-      f"import reverb, {service}; w = s.WorkerServer(s.WorkerConfig("
-      f"dispatcher_address='localhost:{port}', port={free_port()})); w.join()"
+def start_service(workers: int) -> tuple[list, Dispatcher]:
+  """The trainer's tf.data service dispatcher, in this process as in the trainer, and
+  `workers` `dqnfleet input-worker` processes registered with it."""
+  dispatcher = Dispatcher(0)
+  children = [
+    subprocess.Popen(
+      [sys.executable, "-m", "dqnfleet", "input-worker", f"--port={free_port()}"]
+      + [f"--dispatcher-address=localhost:{dispatcher.port}", f"--status-port={free_port()}"]
+      + ["--metrics-port=-1"],
+      stderr=subprocess.DEVNULL,
     )
-    children.append(subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL))
-  return children, f"grpc://localhost:{port}"
+    for _ in range(workers)
+  ]
+  return children, dispatcher
 
 
 def stop(children) -> None:
@@ -200,18 +196,14 @@ def main():
       bytes_per_transition = fill(tables, args.transitions, chunk)
       for batch, workers, service_workers in variants:
         addresses = [a for _, a in tables]
+        children, dispatcher = services.get(service_workers, ((), None))
         if workers == "reverb":
           dataset, workers = reverb_alone(addresses, batch), None
-        else:
-          dataset = make_dataset(addresses, batch, workers)
-        children = ()
-        if service_workers:
-          children, address = services[service_workers]
-          dataset = dataset.apply(
-            tf.data.experimental.service.distribute(
-              "parallel_epochs", address, job_name="bench", compression=None
-            )
-          ).prefetch(PREFETCH)
+        else:  # the trainer's dataset, on the input workers if there are any
+          dataset = make_dataset(addresses, batch, workers, dispatcher and dispatcher.target)
+        if dispatcher:
+          while dispatcher.workers() < service_workers:  # they import TensorFlow
+            time.sleep(0.5)
         try:
           numbers = measure(dataset, args.seconds, tables, children)
         except tf.errors.OpError as e:  # recorded: whether the service runs this pipeline at all

@@ -340,14 +340,16 @@ COMPONENTS = K8S / "components"
 COMPOSED = {
   "hpa": ("dev", ["collector-hpa"]),
   "monitoring": ("gpu", ["tensorboard", "service-monitor", "replay-shards"]),
+  "input-workers": ("dev", ["input-workers"]),
 }
 # Replay shards (the replay StatefulSet's replicas) of each variant and of COMPOSED.
-REPLAY_SHARDS = {"base": 1, "gpu": 1, "dev": 2, "hpa": 2, "monitoring": 2}
+REPLAY_SHARDS = {"base": 1, "gpu": 1, "dev": 2, "hpa": 2, "monitoring": 2, "input-workers": 2}
 WORKLOAD_KIND = {
   "replay": "StatefulSet",
   "trainer": "StatefulSet",
   "collector": "Deployment",
   "evaluator": "Deployment",
+  "input-worker": "Deployment",
 }
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 

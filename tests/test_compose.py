@@ -107,6 +107,7 @@ def test_compose_file_is_valid_for_this_compose():
     ["-f", "docker-compose.yml"],
     ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"],
     [*FILES, "-f", "docker-compose.gpu.yml"],
+    ["-f", "docker-compose.yml", "-f", "docker-compose.input-workers.yml"],
   ):
     run("docker", "compose", "-p", PROJECT, *files, "config", "-q")
 
@@ -176,6 +177,34 @@ def test_the_shards_override_adds_a_shard_every_client_and_prometheus_know(comma
   assert compose_default(base["trainer"]["environment"]["DQNFLEET_REPLAY_ADDRESSES"]) == (
     f"replay:{port}"
   )
+
+
+@pytest.mark.parametrize(
+  "command", [["docker", "compose"], ["docker-compose"]], ids=["docker-compose-plugin", "v1"]
+)
+def test_the_input_workers_override_points_workers_at_the_trainers_dispatcher(command):
+  """docker-compose.input-workers.yml, merged as this compose merges it: the trainer opens
+  the dispatcher port the input workers register with, on the compose network only."""
+  if not shutil.which(command[0]) or (
+    subprocess.run([*command, "version"], capture_output=True, timeout=60).returncode != 0
+  ):
+    if os.environ.get("CI"):
+      pytest.fail(f"{' '.join(command)} is required in CI (../shared/tools/docker-engine)")
+    pytest.skip(f"no {' '.join(command)}")
+  files = ("-f", "docker-compose.yml", "-f", "docker-compose.input-workers.yml")
+  services = compose_config(command, "-p", "dqnfleetinput", *files)["services"]
+  worker, trainer = services["input-worker"], services["trainer"]
+  port = trainer["environment"]["DQNFLEET_INPUT_DISPATCHER_PORT"]
+  args = flag_values(worker["command"])
+  assert worker["command"][0] == "input-worker"
+  assert args["--dispatcher-address"] == f"trainer:{port}"
+  assert worker["healthcheck"]["test"][-1] == f"localhost:{args['--status-port']}"
+  assert worker["image"] == trainer["image"]
+  # The trainer keeps all it had (volumes, settings): the override only adds the port.
+  assert trainer["volumes"] and "DQNFLEET_BATCH_SIZE" in trainer["environment"]
+  assert not worker.get("ports") and not trainer.get("ports")  # nothing on the host
+  base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+  assert "DQNFLEET_INPUT_DISPATCHER_PORT" not in base["trainer"]["environment"]
 
 
 def shard_statuses() -> list[dict]:

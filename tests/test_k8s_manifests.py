@@ -14,6 +14,7 @@ package: outside CI the tests that need them are skipped without them, in CI
 (CI=true) they fail.
 """
 
+import os
 import re
 
 import pytest
@@ -163,8 +164,9 @@ MONITOR_SCHEMAS = {
 
 def test_kustomizations_use_current_fields_only(rendered):
   files = sorted(K8S.rglob("kustomization.yaml"))
-  # base, dev, gpu, the HPA, tensorboard, service-monitor and replay-shards components
-  assert len(files) == 7
+  # base, dev, gpu, the HPA, tensorboard, service-monitor, replay-shards and input-workers
+  # components
+  assert len(files) == 8
   for path in files:
     fields = set(yaml.safe_load(path.read_text()))
     assert not fields & DEPRECATED_FIELDS, f"{path.relative_to(ROOT)}: {fields & DEPRECATED_FIELDS}"
@@ -554,3 +556,51 @@ def test_the_tensorboard_component_reads_the_trainers_volume(rendered, variant):
   assert selected_pods(templates, term["labelSelector"]) == {"trainer"}
   # One pod, the old one gone before the new one mounts the claim.
   assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+
+
+def test_the_input_workers_component_connects_workers_trainer_and_replay(rendered, monkeypatch):
+  """Input workers register with the dispatcher port the trainer opens (its setting, its
+  Service and its NetworkPolicy), replay lets them sample, and only the trainer fetches
+  from them; every port they use is one they open, with valid settings."""
+  from dqnfleet.cli.commands import COMMANDS
+  from dqnfleet.cli.main import build_configs, build_parser
+  from dqnfleet.core.settings.config import InputWorkerConfig
+
+  objects, _ = rendered["input-workers"]
+  trainer = configmap_data(objects, container(objects, "trainer"))
+  port = int(trainer["DQNFLEET_INPUT_DISPATCHER_PORT"])
+  worker = container(objects, "input-worker")
+  for name in [n for n in os.environ if n.startswith("DQNFLEET_")]:
+    monkeypatch.delenv(name)
+  config = build_configs(COMMANDS["input-worker"], build_parser().parse_args(worker["args"]))[
+    InputWorkerConfig
+  ]
+  assert config.dispatcher_address == f"trainer:{port}"
+  assert not config.worker_address  # each pod tells its own IP
+  assert {p["containerPort"] for p in worker["ports"]} == {
+    config.port,
+    config.status_port,
+    config.metrics_port,
+  }
+  for probe in PROBES:
+    assert worker[probe]["grpc"]["port"] == config.status_port, probe
+  assert port in [p["port"] for p in by_kind(objects, "Service")["trainer"]["spec"]["ports"]]
+
+  def allowed(policy: str, port: int) -> list[str]:
+    """The components whose pods may reach `port` of the policy's pods."""
+    rules = by_kind(objects, "NetworkPolicy")[policy]["spec"]["ingress"]
+    return [
+      peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+      for rule in rules
+      if port in [p["port"] for p in rule["ports"]]
+      for peer in rule["from"]
+      if peer.get("podSelector", {}).get("matchLabels")
+    ]
+
+  assert allowed("trainer", port) == ["input-worker"]
+  assert "input-worker" in allowed("replay", 8000)
+  assert allowed("input-worker", config.port) == ["trainer"]
+  # Without the component the trainer samples itself and no worker runs.
+  base, _ = rendered["dev"]
+  assert not configmap_data(base, container(base, "trainer")).get("DQNFLEET_INPUT_DISPATCHER_PORT")
+  assert "input-worker" not in by_kind(base, "Deployment")

@@ -7,7 +7,8 @@ rows: s_t and s_t+n stacked from the right frames, a_t, the n-step reward
 and discount of the agent's target, the policy version, and the shard that
 holds it. The targets are TF-Agents' own: to_n_step_transition of the
 [n+1]-step trajectory the rows describe, which is what DqnAgent trained on
-before the dataset built n-step transitions itself.
+before the dataset built n-step transitions itself. The same, with the
+batches built by a `dqnfleet input-worker` process (tf.data service).
 """
 
 import numpy as np
@@ -19,7 +20,8 @@ from tf_agents.trajectories import trajectory
 
 from dqnfleet.core.rl import replay_io, specs
 from dqnfleet.trainer.dataset import KEY, PROBLEM, SHARD, make_sharded_dataset
-from support import free_port, replay_table, tiny_specs
+from dqnfleet.trainer.input_service import Dispatcher
+from support import free_port, replay_table, service_args, tiny_specs, wait_until
 
 GAMMA = 0.9
 FRAMES, STATES = tiny_specs("frames"), tiny_specs("states")
@@ -73,19 +75,48 @@ def expected_item(env_specs, shard: int, last: int) -> trajectory.Transition:
   return trajectory.to_n_step_transition(tf.nest.map_structure(tf.constant, experience), GAMMA)
 
 
+@pytest.fixture
+def input_worker(services):
+  """A dispatcher in this process, as in the trainer, and a real `dqnfleet input-worker`."""
+  dispatcher = Dispatcher(0)
+  services(
+    "input-worker",
+    *service_args(
+      "input-worker",
+      dispatcher_address=f"localhost:{dispatcher.port}",
+      port=free_port(),
+      status_port=free_port(),
+      metrics_port=-1,
+    ),
+  )
+  wait_until(lambda: dispatcher.workers() == 1, 120, "the input worker to register")
+  yield dispatcher.target  # the dispatcher lives as long as this reference
+
+
 @pytest.mark.parametrize(
-  "env_specs, shards, frame_chunk_rows",
+  "env_specs, shards, frame_chunk_rows, service",
   [
-    (FRAMES, 1, replay_io.FRAME_CHUNK_ROWS),
-    (FRAMES, 2, replay_io.FRAME_CHUNK_ROWS),
-    (FRAMES, 1, 5),  # items straddle chunks of a length that divides nothing
-    (STATES, 2, replay_io.FRAME_CHUNK_ROWS),
+    (FRAMES, 1, replay_io.FRAME_CHUNK_ROWS, False),
+    (FRAMES, 2, replay_io.FRAME_CHUNK_ROWS, False),
+    (FRAMES, 1, 5, False),  # items straddle chunks of a length that divides nothing
+    (STATES, 2, replay_io.FRAME_CHUNK_ROWS, False),
+    # Batches built by an input worker (tf.data service), mixed batch by batch.
+    (FRAMES, 1, replay_io.FRAME_CHUNK_ROWS, True),
+    (FRAMES, 2, replay_io.FRAME_CHUNK_ROWS, True),
   ],
-  ids=["frames-1-shard", "frames-2-shards", "frames-chunks-of-5", "states-2-shards"],
+  ids=[
+    "frames-1-shard",
+    "frames-2-shards",
+    "frames-chunks-of-5",
+    "states-2-shards",
+    "frames-1-shard-input-worker",
+    "frames-2-shards-input-worker",
+  ],
 )
 def test_every_sampled_item_is_the_n_step_transition_of_its_rows(
-  env_specs, shards, frame_chunk_rows
+  env_specs, shards, frame_chunk_rows, service, request
 ):
+  input_service = request.getfixturevalue("input_worker") if service else ""
   servers = [reverb.Server([replay_table(env_specs)], port=free_port()) for _ in range(shards)]
   try:
     addresses = [f"localhost:{server.port}" for server in servers]
@@ -95,8 +126,11 @@ def test_every_sampled_item_is_the_n_step_transition_of_its_rows(
       assert items == ROWS - env_specs.stack - env_specs.n_step + 1
     weights = tf.Variable(tf.ones([shards], tf.float64), trainable=False)
     batch, seen = 16, set()
-    dataset = make_sharded_dataset(dict(enumerate(addresses)), weights, env_specs, batch, 1, GAMMA)
-    for transitions, versions, info, rows in dataset.take(6):
+    dataset = make_sharded_dataset(
+      dict(enumerate(addresses)), weights, env_specs, batch, 1, GAMMA, input_service=input_service
+    )
+    # Mixed batch by batch, 2 shards leave one unsampled in 20 batches with probability 2^-19.
+    for transitions, versions, info, rows in dataset.take(20 if service else 6):
       assert not rows.numpy()[:, PROBLEM].any()  # the writer's items pass the trainer's checks
       np.testing.assert_array_equal(tf.bitcast(rows[:, KEY], tf.uint64).numpy(), info.key.numpy())
       for b in range(batch):

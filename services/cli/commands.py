@@ -27,6 +27,7 @@ from dqnfleet.core.settings.config import (
   EvaluateConfig,
   EvaluatorConfig,
   ExportConfig,
+  InputWorkerConfig,
   NetworkConfig,
   ProtocolConfig,
   ReplayConfig,
@@ -175,6 +176,12 @@ def _run_trainer(run: Invocation) -> None:
   )
 
 
+def _run_input_worker(run: Invocation) -> None:
+  from dqnfleet.trainer.input_service import serve
+
+  serve(run.configs[InputWorkerConfig], run.stop, run.security, run.service_id)
+
+
 def _run_evaluator(run: Invocation) -> None:
   from dqnfleet.evaluator.evaluator import serve
 
@@ -291,7 +298,17 @@ _SERVICES = (
     status_port="port",
     record_dir=(TrainerConfig, "run_dir"),
     owns_dir=(TrainerConfig, "run_dir"),
-    up_sets=frozenset({"listen_host", "replay_addresses", "port", "metrics_port", "run_dir"}),
+    # One machine's fleet samples in the trainer: input workers are for other hosts.
+    up_sets=frozenset(
+      {
+        "listen_host",
+        "replay_addresses",
+        "port",
+        "metrics_port",
+        "run_dir",
+        "input_dispatcher_port",
+      }
+    ),
   ),
   _command(
     "evaluator",
@@ -311,6 +328,14 @@ COMMANDS: dict[str, Command] = {
   for c in (
     *_SERVICES,
     _up(_SERVICES),
+    _command(
+      "input-worker",
+      (CommonConfig, InputWorkerConfig),
+      entry=_run_input_worker,
+      help="Run an input worker: sample replay and build batches for a trainer started with "
+      "--input-dispatcher-port (tf.data service), on a host of its own.",
+      service=InputWorkerConfig,
+    ),
     _command(
       "evaluate",
       (CommonConfig, ProtocolConfig, EvaluateConfig),

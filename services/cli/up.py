@@ -28,6 +28,7 @@ import numpy as np
 from dqnfleet.cli.commands import COMMANDS, Command, Configs
 from dqnfleet.core.settings import flags
 from dqnfleet.core.settings.config import (
+  INPUT_IN_PROCESS,
   EnvConfig,
   EvaluatorConfig,
   ReplayConfig,
@@ -151,6 +152,7 @@ def plan(configs: Configs) -> dict[str, Launch]:
     port=ports(),
     metrics_port=ports(),
     run_dir=str(run_dir),
+    input_dispatcher_port=INPUT_IN_PROCESS,
   )
   trainer_address = f"localhost:{trainer.configs[TrainerConfig].port}"
   launches["trainer"] = trainer

@@ -196,11 +196,19 @@ def make_sharded_dataset(
   prefetch_batches: int,
   gamma: float,
   workers_per_shard: int = 1,
+  input_service: str = "",
 ) -> tf.data.Dataset:
   """(n-step transitions, policy versions, info, items) per batch, mixed from the shards
   `addresses` ({shard index: host:port}) by `weights` (see mix; unused for one shard).
   `workers_per_shard`: Reverb sampling workers (a gRPC stream and the thread that
-  decompresses what it receives) per shard."""
+  decompresses what it receives) per shard.
+
+  `input_service` (a tf.data service dispatcher, grpc://host:port; see
+  trainer/input_service.py): its workers build each shard's batches and the
+  shards are mixed batch by batch here, by the same weights. Workers run a
+  serialized copy of the pipeline and cannot read this process's `weights`;
+  a batch from one shard has the same expectation as one mixed item by item.
+  """
   signature = specs.replay_signature(env_specs)
   items = [
     shard_items(a, signature, batch_size, i, workers_per_shard) for i, a in addresses.items()
@@ -210,12 +218,21 @@ def make_sharded_dataset(
     sample, rows = without_bad_items(sample, shape_codes, shards, env_specs)
     return (*to_transition(sample, env_specs.stack, gamma), rows)
 
-  return (
-    mix(items, list(addresses), weights)
-    .batch(batch_size, drop_remainder=True)
-    .map(to_batch, num_parallel_calls=tf.data.AUTOTUNE)
-    .prefetch(prefetch_batches)
-  )
+  def batches(items: tf.data.Dataset) -> tf.data.Dataset:
+    return items.batch(batch_size, drop_remainder=True).map(
+      to_batch, num_parallel_calls=tf.data.AUTOTUNE
+    )
+
+  if not input_service:
+    return batches(mix(items, list(addresses), weights)).prefetch(prefetch_batches)
+  remote = [
+    # Uncompressed: compressing costs workers and trainer more CPU than it saves on a LAN.
+    batches(one).apply(
+      tf.data.experimental.service.distribute("parallel_epochs", input_service, compression=None)
+    )
+    for one in items
+  ]
+  return mix(remote, list(addresses), weights).prefetch(prefetch_batches)
 
 
 def make_dataset(

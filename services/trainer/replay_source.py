@@ -28,6 +28,9 @@ shard lost the source waits with backoff, as it does for one server. With
 several shards, each one's priority updates and deletions are sent by a
 `Sender` of its own, so that a lost shard holds up none of the others.
 
+With an input service (trainer/input_service.py) the same dataset runs on
+its workers, which stream finished batches; nothing else here changes.
+
 The learner only sees `iterator`, `prioritized` and
 `update_priorities(keys, priorities, shards)`.
 """
@@ -53,6 +56,7 @@ from tensorflow.python.eager import cancellation
 from dqnfleet.core.rl import replay_io, specs
 from dqnfleet.core.transport import metrics, rpc
 from dqnfleet.trainer.dataset import KEY, PROBLEM, PROBLEMS, SHARD, make_sharded_dataset
+from dqnfleet.trainer.input_service import Dispatcher
 
 log = logging.getLogger(__name__)
 UNREADABLE_LOG_EVERY_S = 60
@@ -123,8 +127,10 @@ class ReplaySource:
     gamma: float,
     sampling_workers: int,
     stop: threading.Event,
+    input_service: Dispatcher | None = None,
   ):
     self.specs, self._env_id = env_specs, env_id
+    self.input_service = input_service  # its workers build the batches, if given
     self._batch_size, self._prefetch_batches = batch_size, prefetch_batches
     self._gamma = gamma  # the n-step targets' discount, applied as items are batched
     self._sampling_workers = sampling_workers
@@ -144,6 +150,7 @@ class ReplaySource:
     self._closed = threading.Event()
     self._watcher: threading.Thread | None = None
     self._in_flight: cancellation.CancellationManager | None = None
+    self._in_flight_since = 0.0  # when the learner's call in flight began
     self._mixed: tuple[int, ...] = ()  # the shards the dataset samples from
     self._dataset = None
     self.iterator = None
@@ -243,6 +250,7 @@ class ReplaySource:
         self._prefetch_batches,
         self._gamma,
         self._sampling_workers,
+        self.input_service.target if self.input_service else "",
       )
       self._mixed = mix
     old = [self.iterator] if self.iterator is not None else []
@@ -262,6 +270,7 @@ class ReplaySource:
     manager = cancellation.CancellationManager()
     with self._lock:
       self._in_flight = manager
+      self._in_flight_since = time.monotonic()
     try:
       with cancellation.CancellationManagerContext(manager):
         yield
@@ -373,6 +382,10 @@ class ReplaySource:
         self.probe()
       except RuntimeError:  # no new probe threads: the interpreter exits (never closed)
         return
+      if self.input_service:
+        with self._lock:
+          since = self._in_flight_since if self._in_flight is not None else None
+        self.input_service.watch(None if since is None else time.monotonic() - since)
       if self._mix_waits_on_a_lost_shard():
         self._cancel()
     self._cancel()  # a call that waits on a lost shard must not hold up the stop

@@ -21,12 +21,19 @@ from dqnfleet.core.api import fleet_pb2_grpc
 from dqnfleet.core.policy.server import PolicyPublisher
 from dqnfleet.core.rl import specs
 from dqnfleet.core.rl.priorities import TdTarget
-from dqnfleet.core.settings.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
+from dqnfleet.core.settings.config import (
+  INPUT_IN_PROCESS,
+  AgentConfig,
+  EnvConfig,
+  NetworkConfig,
+  TrainerConfig,
+)
 from dqnfleet.core.transport import metrics, rpc
 from dqnfleet.core.transport.security import Security
 from dqnfleet.core.transport.status import Report, StatusServicer, TrainerCounters
 from dqnfleet.core.transport.summaries import SummaryWriter
 from dqnfleet.trainer.checkpoints import Checkpoints
+from dqnfleet.trainer.input_service import Dispatcher
 from dqnfleet.trainer.learner import STEPS_PER_CALL, Learner, StepResult
 from dqnfleet.trainer.replay_source import ReplaySource
 from dqnfleet.trainer.triggers import Trigger
@@ -67,6 +74,11 @@ class Trainer:
   ):
     self.env, self.config, self._stop = env, config, stop
     self.specs = specs.env_specs(env)
+    self.input_service = (
+      Dispatcher(config.input_dispatcher_port)
+      if config.input_dispatcher_port != INPUT_IN_PROCESS
+      else None
+    )
     self.replay = ReplaySource(
       config.replay_addresses,
       self.specs,
@@ -76,6 +88,7 @@ class Trainer:
       agent_config.gamma,
       config.sampling_workers,
       stop,
+      self.input_service,
     )
     self.learner = Learner(self.specs, net, agent_config, self.replay)
     self.checkpoints = Checkpoints(os.path.join(config.run_dir, "checkpoints"), self.learner)
@@ -117,6 +130,7 @@ class Trainer:
         unreadable_items_skipped=self.replay.unreadable_items_skipped,
         replay_shards=len(self.replay.shards),
         replay_shards_up=self.replay.shards_up,
+        input_workers=self.input_service.workers() if self.input_service else -1,
       ),
       policy_version=self.publisher.latest_version,
       replay_size=self.replay.replay_size,
@@ -157,9 +171,10 @@ class Trainer:
     report = Trigger.every_seconds(self.config.log_every_s, self._report)
     self._reported_step = self.step
     log.info(
-      "training %s from replay %s; policy API on the trainer port",
+      "training %s from replay %s%s; policy API on the trainer port",
       self.env.env_id,
       self.replay.where,
+      ", batches built by input workers" if self.input_service else "",
     )
     while not self._stop.is_set() and not (max_steps and self.step >= max_steps):
       steps = (

@@ -18,12 +18,18 @@ DEFAULT_REPLAY_STATUS_PORT = 8001
 DEFAULT_TRAINER_PORT = 8010
 DEFAULT_COLLECTOR_STATUS_PORT = 8020
 DEFAULT_EVALUATOR_STATUS_PORT = 8030
+# The trainer's tf.data service dispatcher (off by default) and its input workers.
+DEFAULT_INPUT_DISPATCHER_PORT = 8012
+DEFAULT_INPUT_WORKER_PORT = 8040
+DEFAULT_INPUT_WORKER_STATUS_PORT = 8041
 # Prometheus scrapes each service on a port of its own (/metrics), next to
 # the service's status port.
 DEFAULT_REPLAY_METRICS_PORT = 8002
 DEFAULT_TRAINER_METRICS_PORT = 8011
 DEFAULT_COLLECTOR_METRICS_PORT = 8021
 DEFAULT_EVALUATOR_METRICS_PORT = 8031
+DEFAULT_INPUT_WORKER_METRICS_PORT = 8042
+INPUT_IN_PROCESS = -1
 METRICS_OFF = -1
 
 
@@ -427,7 +433,62 @@ class TrainerConfig:
   sampling_workers: int = setting(
     1, "Reverb sampling workers per replay shard.", minimum=1, maximum=64
   )
+  # When the trainer's host has too few cores for its input (docs/scale.md):
+  # tf.data service workers on other hosts sample and batch, the trainer only
+  # receives batches (42-44 CPU-us per item against 203, docs/performance.md).
+  input_dispatcher_port: int = setting(
+    INPUT_IN_PROCESS,
+    "Port of a tf.data service dispatcher in the trainer: `dqnfleet input-worker`s that "
+    "register there sample replay and build the batches, and the trainer trains on what "
+    "they stream (-1: off, the trainer samples in its own process).",
+    minimum=INPUT_IN_PROCESS,
+    maximum=65535,
+  )
   log_every_s: float = setting(10.0, "Seconds between progress log lines.", minimum=0.1)
+
+  def validate(self) -> None:
+    check_distinct_ports(
+      {
+        "--port": self.port,
+        "--metrics-port": self.metrics_port,
+        "--input-dispatcher-port": self.input_dispatcher_port,
+      }
+    )
+
+
+@dataclasses.dataclass
+class InputWorkerConfig:
+  """An input worker: runs the trainer's sampling pipeline on a host of its own."""
+
+  dispatcher_address: str = setting(
+    f"localhost:{DEFAULT_INPUT_DISPATCHER_PORT}",
+    "The trainer's tf.data service dispatcher, host:port (its --input-dispatcher-port).",
+    address=True,
+  )
+  port: int = setting(
+    DEFAULT_INPUT_WORKER_PORT,
+    "Port the trainer fetches batches from (tf.data service worker).",
+    minimum=0,
+    maximum=65535,
+  )
+  # The dispatcher hands this address to the trainer, which connects to it.
+  worker_address: str = setting(
+    "",
+    "host:port the trainer reaches this worker at (empty: this host's address on the "
+    "route to the dispatcher, and --port).",
+  )
+  status_port: int = setting(
+    DEFAULT_INPUT_WORKER_STATUS_PORT,
+    "Port of the health check and status RPC (0: any free port).",
+    minimum=0,
+    maximum=65535,
+  )
+  metrics_port: int = _metrics_port(DEFAULT_INPUT_WORKER_METRICS_PORT)
+
+  def validate(self) -> None:
+    check_distinct_ports(
+      {"--port": self.port, "--status-port": self.status_port, "--metrics-port": self.metrics_port}
+    )
 
 
 @dataclasses.dataclass

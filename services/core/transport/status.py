@@ -55,6 +55,7 @@ class TrainerCounters:
   unreadable_items_skipped: int = 0  # replay items of another dtype, skipped
   replay_shards: int = 0  # replay servers it was given (0: an older trainer)
   replay_shards_up: int = 0  # of them, those it samples from now (they answer, their table fits)
+  input_workers: int = -1  # input workers registered with its dispatcher (-1: samples itself)
 
 
 @dataclasses.dataclass
@@ -71,13 +72,22 @@ class EvaluatorCounters:
   last_minutes: float = NAN  # the trainer's uptime then
 
 
+@dataclasses.dataclass
+class InputWorkerCounters:
+  registered: int = 0  # 1 once the trainer's dispatcher has taken it, else 0
+  pipelines: int = 0  # the trainer's input pipelines (one per replay shard) it runs now
+
+
 COUNTERS = {
   "replay": ReplayCounters,
   "collector": CollectorCounters,
   "trainer": TrainerCounters,
   "evaluator": EvaluatorCounters,
+  "input-worker": InputWorkerCounters,
 }
-Counters = ReplayCounters | CollectorCounters | TrainerCounters | EvaluatorCounters
+Counters = (
+  ReplayCounters | CollectorCounters | TrainerCounters | EvaluatorCounters | InputWorkerCounters
+)
 
 
 @dataclasses.dataclass
