@@ -51,6 +51,7 @@ UP_SETS_ITSELF = {
   "run_dir",
   "checkpoint_dir",
   "out_dir",
+  "input_dispatcher_port",  # the fleet on one machine samples in the trainer
 }
 
 
