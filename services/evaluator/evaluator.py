@@ -11,6 +11,7 @@ of the latest evaluation to <out_dir>/best_episode.gif.
 """
 
 import csv
+import io
 import json
 import logging
 import pathlib
@@ -23,6 +24,7 @@ from dqnfleet.core.policy.follower import PolicyFollower
 from dqnfleet.core.rl import envs, networks, specs
 from dqnfleet.core.settings.config import EvaluatorConfig, ProtocolConfig, is_atari
 from dqnfleet.core.transport import metrics, rpc
+from dqnfleet.core.transport.persistence import PERSIST_HEALTH, Persistence, append_whole
 from dqnfleet.core.transport.security import Security
 from dqnfleet.core.transport.status import EvaluatorCounters, Report, StatusServicer
 from dqnfleet.core.transport.summaries import SummaryReporter
@@ -86,12 +88,15 @@ class Evaluator:
     self.latest: dict | None = None
     self.evaluations = 0
     self.versions_seen = 0
+    self.persistence = Persistence()  # histories and GIFs wait out a full disk
+    self._unwritten: dict[str, str] = {}  # history file -> lines a full disk held back
 
   def snapshot(self) -> Report:
     latest = self.latest or {}
     counters = EvaluatorCounters(
       evaluations=self.evaluations,
       versions_seen=self.versions_seen,
+      persist_failing=self.persistence.failing,
       **{f"last_{name}": latest[name] for name in LAST if name in latest},
     )
     env = self.follower.env_config  # known from the first version's manifest
@@ -206,17 +211,32 @@ class Evaluator:
     }
 
   def _record(self, entry: dict, result: protocol.Result) -> None:
-    with open(self.out / "history.jsonl", "a") as f:
-      f.write(json.dumps(entry) + "\n")
-    csv_path = self.out / "history.csv"
-    new = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
-      writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
-      if new:
-        writer.writeheader()
-      writer.writerow(entry)
+    csv_new = not (self.out / "history.csv").exists() and "history.csv" not in self._unwritten
+    row = io.StringIO(newline="")
+    writer = csv.DictWriter(row, CSV_FIELDS, extrasaction="ignore")
+    if csv_new:
+      writer.writeheader()
+    writer.writerow(entry)
+    # Kept until written: a full disk delays history lines, it does not lose them.
+    for name, text in (
+      ("history.jsonl", json.dumps(entry) + "\n"),
+      ("history.csv", row.getvalue()),
+    ):
+      self._unwritten[name] = self._unwritten.get(name, "") + text
+    for name, text in list(self._unwritten.items()):
+      path = self.out / name
+      if self.persistence.attempt(
+        "evaluation history", str(path), lambda: append_whole(path, text)
+      ):
+        del self._unwritten[name]
     if result.best_frames:
-      protocol.write_gif(result.best_frames, self.out / "best_episode.gif")
+      gif = self.out / "best_episode.gif"
+      self.persistence.attempt(
+        "best-episode GIF",
+        str(gif),
+        lambda: protocol.write_gif(result.best_frames, gif),
+        clean_up=lambda: protocol.gif_temporary(gif).unlink(missing_ok=True),
+      )
     EVALUATIONS.inc()
     POLICY_VERSION.set(entry["version"])
     for name in SUMMARIZED:
@@ -243,6 +263,7 @@ def serve(
     security=security,
     stop=stop,
     ready=lambda: evaluator.follower.latest_seen >= 0,
+    health={PERSIST_HEALTH: lambda: evaluator.persistence.ok},
   )
   log.info("health and status on port %d; results in %s", port, evaluator.out)
   try:

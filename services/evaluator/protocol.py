@@ -137,13 +137,18 @@ def run(
   return Result(returns, lengths, best[1] if best else None)
 
 
+def gif_temporary(path: pathlib.Path) -> pathlib.Path:
+  """Where write_gif writes before it renames."""
+  return path.with_name(f".{path.name}.tmp")
+
+
 def write_gif(frames: list[np.ndarray], path: str | pathlib.Path) -> pathlib.Path:
   """An animated GIF at real-time speed, the 84x84 frames scaled up for viewing."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   size = (frames[0].shape[1] * GIF_SCALE, frames[0].shape[0] * GIF_SCALE)
   images = [Image.fromarray(f).resize(size, Image.NEAREST) for f in frames]
-  tmp = path.with_name(f".{path.name}.tmp")
+  tmp = gif_temporary(path)
   images[0].save(
     tmp, format="GIF", save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0
   )

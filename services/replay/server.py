@@ -15,6 +15,7 @@ from dqnfleet.core.rl import specs
 from dqnfleet.core.settings.config import EnvConfig, ReplayConfig
 from dqnfleet.core.settings.flags import ConfigError
 from dqnfleet.core.transport import metrics, rpc
+from dqnfleet.core.transport.persistence import PERSIST_HEALTH, Persistence
 from dqnfleet.core.transport.security import Security
 from dqnfleet.core.transport.status import ReplayCounters, Report, StatusServicer
 
@@ -135,16 +136,24 @@ def serve(
     " restored from " + config.checkpoint_dir if size else "",
   )
 
+  persistence = Persistence()  # a checkpoint that finds the disk full is skipped, not fatal
+
   def snapshot() -> Report:
     try:
-      return table_snapshot(client)
+      report = table_snapshot(client)
     except reverb.errors.DeadlineExceededError:  # busy checkpointing: sizes unknown for now
-      return Report(ReplayCounters())
+      report = Report(ReplayCounters())
+    report.counters.persist_failing = persistence.failing
+    return report
 
   metrics.register(metrics.ScrapeTimeCollector(lambda: table_metrics(client)))
   status = StatusServicer("replay", service_id, env.env_id, snapshot)
   side_server, side_port = rpc.start_server(
-    config.status_port, status, security=security, stop=stop
+    config.status_port,
+    status,
+    security=security,
+    stop=stop,
+    health={PERSIST_HEALTH: lambda: persistence.ok},
   )
   log.info("health and status on port %d", side_port)
 
@@ -152,9 +161,11 @@ def serve(
     # The size as the checkpoint begins, the one a restore can check against: collectors
     # go on inserting while it is written, and a size read after it overstates it.
     size = snapshot().replay_size
-    path = client.checkpoint()
-    CHECKPOINTS.inc()
-    log.info("checkpointed %d items to %s", size, path)
+    # Reverb marks a checkpoint complete last, and restores only complete ones.
+    path = persistence.attempt("replay checkpoint", config.checkpoint_dir, client.checkpoint)
+    if path is not None:
+      CHECKPOINTS.inc()
+      log.info("checkpointed %d items to %s", size, path)
 
   try:
     while not stop.wait(config.checkpoint_every_s or None):

@@ -7,6 +7,8 @@ start rather than silently train from scratch. When to save is the loop's
 """
 
 import logging
+import pathlib
+import shutil
 
 import tensorflow as tf
 
@@ -23,6 +25,16 @@ class Checkpoints:
     # The object names are the checkpoints' format: older runs resume by them.
     self._checkpoint = tf.train.Checkpoint(agent=learner.agent, train_step=learner.train_step)
     self._manager = tf.train.CheckpointManager(self._checkpoint, directory, max_to_keep=max_to_keep)
+
+  @property
+  def directory(self) -> str:
+    return self._manager.directory
+
+  def remove_partial(self) -> None:
+    """Removes what a failed save left (TensorFlow writes each into `<name>_temp/` and
+    renames the files out of it; the manager never lists one)."""
+    for partial in pathlib.Path(self.directory).glob("*_temp*"):
+      shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(True)
 
   @property
   def latest_checkpoint(self) -> str | None:

@@ -29,6 +29,7 @@ from dqnfleet.core.settings.config import (
   TrainerConfig,
 )
 from dqnfleet.core.transport import metrics, rpc
+from dqnfleet.core.transport.persistence import PERSIST_HEALTH, Persistence
 from dqnfleet.core.transport.security import Security
 from dqnfleet.core.transport.status import Report, StatusServicer, TrainerCounters
 from dqnfleet.core.transport.summaries import SummaryWriter
@@ -100,9 +101,10 @@ class Trainer:
       config.keep_policies,
       td_target=TdTarget(agent_config.gamma, agent_config.reward_scale),
     )
-    self.summaries = tf.summary.create_file_writer(
-      os.path.join(config.run_dir, "tensorboard", "trainer")
-    )
+    # Checkpoints, publications and summaries skip a turn on a full disk (persistence.py).
+    self.persistence = Persistence()
+    self._summary_dir = os.path.join(config.run_dir, "tensorboard", "trainer")
+    self.summaries = None  # created at the first report: creating it writes a file
     # No call may cross two multiples of a period: each would fire once.
     self.steps_per_call = min(STEPS_PER_CALL, config.publish_every, config.checkpoint_every)
     self.last_loss = float("nan")
@@ -131,13 +133,26 @@ class Trainer:
         replay_shards=len(self.replay.shards),
         replay_shards_up=self.replay.shards_up,
         input_workers=self.input_service.workers() if self.input_service else -1,
+        persist_failing=self.persistence.failing,
       ),
       policy_version=self.publisher.latest_version,
       replay_size=self.replay.replay_size,
     )
 
   def publish(self) -> None:
-    self.publisher.publish(self.step, self.learner.q_network)
+    self.persistence.attempt(
+      "policy publication",
+      self.publisher.dir,
+      lambda: self.publisher.publish(self.step, self.learner.q_network),
+    )
+
+  def checkpoint(self) -> None:
+    self.persistence.attempt(
+      "training checkpoint",
+      self.checkpoints.directory,
+      self.checkpoints.save,
+      clean_up=self.checkpoints.remove_partial,
+    )
 
   def run(self) -> None:
     self.replay.connect()
@@ -165,7 +180,7 @@ class Trainer:
         self.config.publish_every, lambda: self.step, lambda step, last: self.publish()
       ),
       Trigger.every_steps(
-        self.config.checkpoint_every, lambda: self.step, lambda step, last: self.checkpoints.save()
+        self.config.checkpoint_every, lambda: self.step, lambda step, last: self.checkpoint()
       ),
     ]
     report = Trigger.every_seconds(self.config.log_every_s, self._report)
@@ -196,7 +211,7 @@ class Trainer:
           trigger()
       self._latest = result
       report()
-    self.checkpoints.save()
+    self.checkpoint()
     if self.publisher.latest_version != self.step:
       self.publish()
     if self.config.serve_after_max_steps and not self._stop.is_set():
@@ -218,7 +233,10 @@ class Trainer:
     LOSS.set(self.last_loss)
     MEAN_Q.set(self.mean_q)
     POLICY_LAG.set(self.policy_lag)
-    self._summarize(step)  # replay's sizes are the shard watcher's, a few seconds old at most
+    # Replay's sizes are the shard watcher's, a few seconds old at most.
+    self.persistence.attempt(
+      "TensorBoard summaries", self._summary_dir, lambda: self._summarize(step)
+    )
     shards = len(self.replay.shards)
     log.info(
       "train step %d (%.1f/s), loss %.4f, replay %d, published v%d, policy lag %.0f%s",
@@ -233,12 +251,15 @@ class Trainer:
     self._reported_step = step
 
   def _summarize(self, step: int) -> None:
+    if self.summaries is None:
+      self.summaries = tf.summary.create_file_writer(self._summary_dir)
     with self.summaries.as_default(step=step):
       tf.summary.scalar("trainer/loss", self.last_loss)
       tf.summary.scalar("trainer/train_steps_per_s", self.steps_per_s)
       tf.summary.scalar("trainer/replay_size", self.replay.replay_size)
       tf.summary.scalar("trainer/policy_lag_steps", self.policy_lag)
       tf.summary.scalar("trainer/mean_q", self.mean_q)
+    self.summaries.flush()  # a full disk shows here, not in a thread of TensorFlow's
 
 
 def _arm_shutdown_timer(stop: threading.Event) -> None:
@@ -257,7 +278,7 @@ def serve(
 ) -> None:
   trainer = Trainer(env, net, agent_config, config, stop)
   status = StatusServicer("trainer", service_id, env.env_id, trainer.snapshot)
-  summaries = SummaryWriter(os.path.join(config.run_dir, "tensorboard"))
+  summaries = SummaryWriter(os.path.join(config.run_dir, "tensorboard"), trainer.persistence)
 
   def services(server):
     fleet_pb2_grpc.add_PolicyServiceServicer_to_server(trainer.publisher, server)
@@ -272,7 +293,7 @@ def serve(
     # Ready once it has reached replay and published a policy collectors can load;
     # it stays ready without replay, since collectors still load its policies.
     ready=lambda: trainer.replay.reached() and trainer.publisher.latest_version >= 0,
-    health={SHARDS_HEALTH: trainer.replay.all_up},
+    health={SHARDS_HEALTH: trainer.replay.all_up, PERSIST_HEALTH: lambda: trainer.persistence.ok},
   )
   log.info("policy API, summaries, health and status on port %d", port)
   # Once the service is asked to stop it has SHUTDOWN_TIMEOUT_S to finish.

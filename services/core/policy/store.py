@@ -66,23 +66,27 @@ def publish(
   tmp = root / f".tmp-{final.name}-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()
-  tf.train.Checkpoint(q_network=network).write(str(tmp / WEIGHTS_PREFIX))
-  # The manifest lists its siblings' sizes and digests, so a version damaged
-  # on disk later (a crash mid-write, a full disk) is caught before it is served.
-  manifest = {
-    "format": FORMAT,
-    "version": version,
-    "published_unix_ms": int(time.time() * 1000),
-    "env": dataclasses.asdict(env),
-    "network": dataclasses.asdict(net),
-    "observation_shape": list(network.input_tensor_spec.shape),
-    **({"td_target": dataclasses.asdict(td_target)} if td_target else {}),
-    "files": {name: {"size": size, "sha256": digest} for name, size, digest in file_digests(tmp)},
-  }
-  (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-  for path in tmp.iterdir():
-    with open(path, "rb") as f:
-      os.fsync(f.fileno())
+  try:
+    tf.train.Checkpoint(q_network=network).write(str(tmp / WEIGHTS_PREFIX))
+    # The manifest lists its siblings' sizes and digests, so a version damaged
+    # on disk later (a crash mid-write, a full disk) is caught before it is served.
+    manifest = {
+      "format": FORMAT,
+      "version": version,
+      "published_unix_ms": int(time.time() * 1000),
+      "env": dataclasses.asdict(env),
+      "network": dataclasses.asdict(net),
+      "observation_shape": list(network.input_tensor_spec.shape),
+      **({"td_target": dataclasses.asdict(td_target)} if td_target else {}),
+      "files": {name: {"size": size, "sha256": digest} for name, size, digest in file_digests(tmp)},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    for path in tmp.iterdir():
+      with open(path, "rb") as f:
+        os.fsync(f.fileno())
+  except BaseException:  # a full disk: nothing half-written stays behind
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   if final.exists():  # republishing the same step (e.g. after a restart)
     shutil.rmtree(final)
   os.rename(tmp, final)

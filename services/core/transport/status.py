@@ -29,6 +29,7 @@ class ReplayCounters:
   items_inserted: int = -1  # since the table was created (restored with a checkpoint)
   items_sampled: int = -1  # since the table was created
   episodes: int = -1  # episodes whose items are in the table
+  persist_failing: int = 0  # 1 while its checkpoints fail for lack of disk space
 
 
 @dataclasses.dataclass
@@ -56,12 +57,14 @@ class TrainerCounters:
   replay_shards: int = 0  # replay servers it was given (0: an older trainer)
   replay_shards_up: int = 0  # of them, those it samples from now (they answer, their table fits)
   input_workers: int = -1  # input workers registered with its dispatcher (-1: samples itself)
+  persist_failing: int = 0  # kinds of write failing for lack of disk space (0: all written)
 
 
 @dataclasses.dataclass
 class EvaluatorCounters:
   evaluations: int = 0  # evaluations finished
   versions_seen: int = 0  # published versions it heard of
+  persist_failing: int = 0  # kinds of write (history, GIF) failing for lack of disk space
   # The newest evaluation's results; -1 / NaN before the first one.
   last_version: int = -1
   last_mean_return: float = NAN

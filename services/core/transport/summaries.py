@@ -24,6 +24,7 @@ import grpc
 
 from dqnfleet.core.api import fleet_pb2, fleet_pb2_grpc
 from dqnfleet.core.transport import rpc
+from dqnfleet.core.transport.persistence import Persistence
 from dqnfleet.core.transport.security import Security
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,10 @@ def check_report(report: fleet_pb2.SummaryReport) -> str | None:
 class SummaryWriter(fleet_pb2_grpc.SummaryServiceServicer):
   """The trainer's end: writes reported scalars into `logdir`/<run of the role>."""
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, persistence: Persistence | None = None):
     self._logdir = logdir
+    # A full disk drops reports (counted and logged there) instead of failing the call.
+    self._persistence = persistence or Persistence()
     self._writers = {}
     self._lock = threading.Lock()
 
@@ -84,11 +87,16 @@ class SummaryWriter(fleet_pb2_grpc.SummaryServiceServicer):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"summary report refused: {problem}")
     import tensorflow as tf
 
-    with self._lock:
-      with self._writer(request.role).as_default():
+    def write() -> int:
+      with self._lock, self._writer(request.role).as_default():
         for scalar in request.scalars:
           tf.summary.scalar(scalar.tag, scalar.value, step=scalar.step)
-    return fleet_pb2.SummaryAck(written=len(request.scalars))
+      return len(request.scalars)
+
+    written = self._persistence.attempt(
+      "fleet's TensorBoard summaries", os.path.join(self._logdir, RUNS[request.role]), write
+    )
+    return fleet_pb2.SummaryAck(written=written or 0)
 
   def close(self) -> None:
     with self._lock:
