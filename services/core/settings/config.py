@@ -42,6 +42,12 @@ def _metrics_port(default: int):
   )
 
 
+def _status_port(default: int):
+  return setting(
+    default, "Port of the health check and status RPC (0: any free port).", minimum=0, maximum=65535
+  )
+
+
 def is_atari(env_id: str) -> bool:
   """Atari ids train from pixels; every other id is a classic-control one."""
   return env_id.startswith("ALE/")
@@ -366,12 +372,7 @@ class CollectorConfig:
     minimum=1,
     classic=8_000,
   )
-  status_port: int = setting(
-    DEFAULT_COLLECTOR_STATUS_PORT,
-    "Port of the health check and status RPC (0: any free port).",
-    minimum=0,
-    maximum=65535,
-  )
+  status_port: int = _status_port(DEFAULT_COLLECTOR_STATUS_PORT)
   metrics_port: int = _metrics_port(DEFAULT_COLLECTOR_METRICS_PORT)
   max_env_steps: int = setting(
     0, "Stop after this many environment steps (0: run until stopped).", minimum=0
@@ -477,12 +478,7 @@ class InputWorkerConfig:
     "host:port the trainer reaches this worker at (empty: this host's address on the "
     "route to the dispatcher, and --port).",
   )
-  status_port: int = setting(
-    DEFAULT_INPUT_WORKER_STATUS_PORT,
-    "Port of the health check and status RPC (0: any free port).",
-    minimum=0,
-    maximum=65535,
-  )
+  status_port: int = _status_port(DEFAULT_INPUT_WORKER_STATUS_PORT)
   metrics_port: int = _metrics_port(DEFAULT_INPUT_WORKER_METRICS_PORT)
 
   def validate(self) -> None:
@@ -613,12 +609,7 @@ class EvaluatorConfig:
   out_dir: str = setting(
     "runs/evaluator", "Directory for history.jsonl, history.csv and best_episode.gif."
   )
-  status_port: int = setting(
-    DEFAULT_EVALUATOR_STATUS_PORT,
-    "Port of the health check and status RPC (0: any free port).",
-    minimum=0,
-    maximum=65535,
-  )
+  status_port: int = _status_port(DEFAULT_EVALUATOR_STATUS_PORT)
   metrics_port: int = _metrics_port(DEFAULT_EVALUATOR_METRICS_PORT)
   # One thread keeps the evaluator off the trainer's cores (docs/breakout.md).
   threads: int = setting(
