@@ -245,12 +245,19 @@ def _health_arguments(parser: argparse.ArgumentParser) -> None:
     help="ask readiness (can it do its job now: peers reached, a policy "
     "published or loaded; not while stopping) instead of liveness",
   )
+  parser.add_argument(
+    "--name",
+    default="",
+    help="ask this health name instead: persistence (writes reach the disk), replay-shards "
+    "(trainer: every replay shard answers), trainer (collector, evaluator: the trainer's "
+    "policy API answers)",
+  )
 
 
 def _run_health(run: Invocation) -> int:
   from dqnfleet.core.transport import rpc
 
-  service = rpc.READINESS if run.args.ready else ""
+  service = run.args.name or (rpc.READINESS if run.args.ready else "")
   return 0 if rpc.check_health(run.args.address, run.args.timeout, service, run.security) else 1
 
 

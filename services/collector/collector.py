@@ -21,7 +21,7 @@ from tf_agents.trajectories import policy_step
 from dqnfleet.collector.driver import PipelinedDriver
 from dqnfleet.collector.exploration import Exploration
 from dqnfleet.collector.observer import ReplayLost, ReplayObserver, Stopped
-from dqnfleet.core.policy.follower import PolicyFollower
+from dqnfleet.core.policy.follower import TRAINER_HEALTH, PolicyFollower
 from dqnfleet.core.rl import envs, networks, replay_io, specs
 from dqnfleet.core.settings.config import CollectorConfig, EnvConfig, NetworkConfig
 from dqnfleet.core.transport import metrics, rpc
@@ -251,7 +251,7 @@ class Collector:
           log.warning(
             "lost replay at %s (%s); reconnecting in %.1fs",
             ", ".join(self.addresses),
-            str(e).splitlines()[0][:200],
+            rpc.first_line(e),
             backoff.delay,
           )
           backoff.wait(self._stop)
@@ -312,7 +312,12 @@ def serve(
   collector = Collector(env, net, config, collector_id, stop, security)
   status = StatusServicer("collector", collector_id, env.env_id, collector.snapshot)
   server, port = rpc.start_server(
-    config.status_port, status, security=security, stop=stop, ready=lambda: collector.connected
+    config.status_port,
+    status,
+    security=security,
+    stop=stop,
+    ready=lambda: collector.connected,
+    health={TRAINER_HEALTH: lambda: collector.follower.reachable},
   )
   log.info("health and status on port %d", port)
   try:

@@ -27,7 +27,7 @@ import reverb
 from tf_agents.trajectories import time_step as ts
 
 from dqnfleet.core.rl import priorities, replay_io, specs
-from dqnfleet.core.transport import metrics
+from dqnfleet.core.transport import metrics, rpc
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,10 @@ MAX_IN_FLIGHT_ITEMS = 2 * replay_io.CHUNK_ROWS
 # Each writer checks that bound every few steps, not at every one: a flush
 # call costs as much as an append (bench/collector_throughput.py).
 BACKPRESSURE_EVERY = 8
-WAIT_TIMEOUT_MS = 10_000
+# How long a writer call waits before the collector asks why (rate limiter,
+# or a server that no longer answers: lost after WAIT_TIMEOUT_MS + ASK_TIMEOUT_S).
+WAIT_TIMEOUT_MS = 5_000
+ASK_TIMEOUT_S = 3
 # Priority of items written before the trainer's TD target is known.
 DEFAULT_PRIORITY = 1.0
 
@@ -249,7 +252,7 @@ class ReplayObserver:
       return
     self._up[shard] = False
     SHARDS_UP.set(self.shards_up)
-    reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    reason = rpc.first_line(error)
     if not self.shards_up:
       raise ReplayLost(f"replay shard {self._addresses[shard]} lost ({reason})", shard)
     log.warning(
@@ -293,6 +296,7 @@ class ReplayObserver:
     that keeps collectors from outrunning the trainer.
     """
     shard = self._shard[i]
+    told = False
     while True:
       started = time.perf_counter()
       try:
@@ -307,18 +311,20 @@ class ReplayObserver:
       if self._stop.is_set():
         raise Stopped() from None
       try:
-        size = self._clients[shard].server_info(timeout=5)[specs.TABLE].current_size
+        size = self._clients[shard].server_info(timeout=ASK_TIMEOUT_S)[specs.TABLE].current_size
       except Exception as e:  # unreachable: leave it instead of waiting forever
         raise ReplayLost(
-          f"replay shard {self._addresses[shard]} does not answer ({str(e).splitlines()[0][:120]})",
+          f"replay shard {self._addresses[shard]} does not answer ({rpc.first_line(e)})",
           shard,
         ) from e
-      log.info(
-        "replay %s (%d items) is holding inserts back: the trainer samples slower than "
-        "the target ratio allows; waiting",
-        self._addresses[shard],
-        size,
-      )
+      if not told:  # once per wait
+        told = True
+        log.info(
+          "replay %s (%d items) is holding inserts back: the trainer samples slower than "
+          "the target ratio allows; waiting",
+          self._addresses[shard],
+          size,
+        )
 
   def close(self, flush_timeout_s: float = 5.0) -> None:
     """Sends pending items (unless replay is gone or keeps them waiting), then closes.
@@ -337,7 +343,7 @@ class ReplayObserver:
       try:
         writer.flush(0, remaining_ms)
       except Exception as e:  # gone or rate limited: the items of unfinished steps are lost
-        log.warning("could not send the last items to replay: %s", str(e).splitlines()[0][:200])
+        log.warning("could not send the last items to replay: %s", rpc.first_line(e))
         break
     for writer in self._writers:
       self._close_writer(writer)

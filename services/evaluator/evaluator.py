@@ -20,7 +20,7 @@ import time
 
 import tensorflow as tf
 
-from dqnfleet.core.policy.follower import PolicyFollower
+from dqnfleet.core.policy.follower import TRAINER_HEALTH, PolicyFollower
 from dqnfleet.core.rl import envs, networks, specs
 from dqnfleet.core.settings.config import EvaluatorConfig, ProtocolConfig, is_atari
 from dqnfleet.core.transport import metrics, rpc
@@ -201,7 +201,7 @@ class Evaluator:
       steps = status.counters.fleet_env_steps
       minutes = status.uptime_s / 60
     except Exception as e:  # the curve loses its x position, not the evaluation
-      log.warning("trainer status unavailable (%s)", str(e).splitlines()[0][:120])
+      log.warning("trainer status unavailable (%s)", rpc.first_line(e))
       steps, minutes = -1, -1.0
     frame_skip = envs.ATARI_FRAME_SKIP if is_atari(self.follower.env_config.env_id) else 1
     return {
@@ -263,7 +263,10 @@ def serve(
     security=security,
     stop=stop,
     ready=lambda: evaluator.follower.latest_seen >= 0,
-    health={PERSIST_HEALTH: lambda: evaluator.persistence.ok},
+    health={
+      PERSIST_HEALTH: lambda: evaluator.persistence.ok,
+      TRAINER_HEALTH: lambda: evaluator.follower.reachable,
+    },
   )
   log.info("health and status on port %d; results in %s", port, evaluator.out)
   try:

@@ -87,11 +87,6 @@ SHARD_UP = metrics.gauge(
 )
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:200] if text else type(e).__name__
-
-
 @dataclasses.dataclass(eq=False)
 class Shard:
   """One replay server, and what its newest answer said of its table."""
@@ -142,6 +137,7 @@ class ReplaySource:
     self.unreadable_items_skipped = 0
     self._unreadable_logged = -math.inf
     self._backoff = rpc.Backoff()
+    self._outage = rpc.Outage(log)  # while no shard answers
     self._weights = tf.Variable(
       tf.zeros([len(self.shards)]), trainable=False, name="replay_shard_weights"
     )
@@ -315,7 +311,7 @@ class ReplaySource:
     elif replay_io.is_sampler_unavailable(error):
       if self._stop.is_set():  # cancelled so that the trainer stops
         return True
-      self._wait_for_a_shard(_first_line(error))
+      self._wait_for_a_shard(rpc.first_line(error))
     else:
       return False
     self.restart()
@@ -326,7 +322,8 @@ class ReplaySource:
     self.probe()
     live = [s for s in self.shards if s.up]
     if len(self.shards) == 1 and not live:  # replay down: say so, the caller retries
-      log.warning("replay at %s unreachable (%s); retrying", self.where, self.shards[0].error)
+      error = self.shards[0].error
+      self._outage.failed(f"replay at {self.where} unreachable ({error}); retrying", error)
     # Shards below their minimum are left out of the mix, unless no shard is above it.
     for shard in [s for s in live if s.weight] or live:
       where = "replay" if len(self.shards) == 1 else f"replay shard at {shard.address}"
@@ -417,7 +414,7 @@ class ReplaySource:
       if specs.TABLE not in info:
         raise RuntimeError(f"replay server at {shard.address} has no table {specs.TABLE!r}")
     except Exception as e:  # down, or not up yet: the caller says so
-      shard.error = _first_line(e)
+      shard.error = rpc.first_line(e)
       return None
     return info[specs.TABLE]
 
@@ -440,6 +437,8 @@ class ReplaySource:
     if refused and refused != was_refused:
       log.error("left replay shard at %s out of training: %s", shard.address, refused)
     self._count_up()
+    if shard.up and not was_up:
+      self._outage.over(f"replay at {shard.address} answers again")
     if total == 1 or shard.up == was_up:
       return  # one server: the sampling path says what it waits for
     if shard.up:
@@ -487,11 +486,10 @@ class ReplaySource:
       return  # the loss is logged
     while not self._stop.is_set():
       # What the probes found says more than a graph's error, if they found anything.
-      log.warning(
-        "replay at %s unavailable (%s); retrying in %.1fs",
-        self.where,
-        self._errors() or error,
-        self._backoff.delay,
+      reason = self._errors() or error
+      self._outage.failed(
+        f"replay at {self.where} unavailable ({reason}); retrying in {self._backoff.delay:.1f}s",
+        reason,
       )
       if self._backoff.wait(self._stop):
         return
@@ -585,7 +583,7 @@ class Sender:
             "could not update %d priorities in replay shard at %s (%s)",
             queued,
             self._shard.address,
-            _first_line(e),
+            rpc.first_line(e),
           )
 
 
@@ -608,7 +606,7 @@ def _delete(shard: Shard, keys: list[int]) -> None:
       "could not delete %d invalid items from replay at %s (%s)",
       len(keys),
       shard.address,
-      _first_line(e),
+      rpc.first_line(e),
     )
 
 

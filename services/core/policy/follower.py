@@ -21,6 +21,10 @@ from dqnfleet.core.transport import rpc
 from dqnfleet.core.transport.security import Security
 
 log = logging.getLogger(__name__)
+# The health name under which a follower's service says whether the trainer's
+# policy API answers (a service that cannot hear of new versions still works
+# with the one it has: it stays ready).
+TRAINER_HEALTH = "trainer"
 
 
 class PolicyFollower:
@@ -42,6 +46,10 @@ class PolicyFollower:
     self._pending = None  # (version, weights) not yet taken by the acting loop
     self._stream = None  # the open WatchPolicies call, cancelled at stop
     self.latest_seen = -1
+    # Whether the channel to the trainer is connected now (keepalives drop it
+    # within seconds of a partition: rpc.KEEPALIVE_S).
+    self.reachable = False
+    self._outage = rpc.Outage(log)
     self._thread = threading.Thread(target=self._run, name="policy-follower", daemon=True)
 
   def start(self) -> None:
@@ -61,11 +69,17 @@ class PolicyFollower:
       pending, self._pending = self._pending, None
     return pending
 
+  def _connectivity(self, state: grpc.ChannelConnectivity) -> None:
+    self.reachable = state == grpc.ChannelConnectivity.READY
+    if self.reachable:
+      self._outage.over(f"trainer policy API at {self._address} answers again")
+
   def _run(self) -> None:
     backoff = rpc.Backoff()
     while not self._stop.is_set():
       try:
         with rpc.channel(self._address, self._security) as channel:
+          channel.subscribe(self._connectivity, try_to_connect=True)
           stub = fleet_pb2_grpc.PolicyServiceStub(channel)
           stream = stub.WatchPolicies(
             fleet_pb2.WatchPoliciesRequest(after_version=self.latest_seen)
@@ -80,14 +94,13 @@ class PolicyFollower:
       except grpc.RpcError as e:
         if self._stop.is_set():
           break
+        self.reachable = False
         # The trainer's reason too: a version damaged on its disk (DATA_LOSS) is
         # not an unreachable trainer.
-        log.warning(
-          "trainer policy API at %s: %s (%s); retrying in %.1fs",
-          self._address,
-          e.code().name,
-          e.details(),
-          backoff.delay,
+        reason = f"{e.code().name} ({e.details()})"
+        self._outage.failed(
+          f"trainer policy API at {self._address}: {reason}; retrying in {backoff.delay:.1f}s",
+          reason,
         )
       except Exception as e:  # a corrupted download or a mismatched network: say so, retry
         log.error(

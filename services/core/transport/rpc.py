@@ -20,10 +20,21 @@ from dqnfleet.core.transport.status import Status, decode
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# Keepalives notice a peer that vanished (a killed pod) instead of hanging.
+# Keepalives notice a peer whose packets vanish (a partition, a node lost)
+# within KEEPALIVE_S + PING_TIMEOUT_S, instead of a stream waiting for it
+# for as long as TCP retries (many minutes). grpcio 1.62 waits for a ping's
+# answer for `ping_timeout_ms` (a minute by default), not for
+# `keepalive_timeout_ms`, and sends no more than two pings on a connection
+# that sends no data, such as a quiet WatchPolicies stream, unless
+# `max_pings_without_data` is 0: without both, a cut link was noticed after
+# 60-70 s or never (tests/test_partition.py).
+KEEPALIVE_S = 10
+PING_TIMEOUT_S = 5
 CHANNEL_OPTIONS = [
-  ("grpc.keepalive_time_ms", 20_000),
-  ("grpc.keepalive_timeout_ms", 10_000),
+  ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+  ("grpc.keepalive_timeout_ms", PING_TIMEOUT_S * 1000),
+  ("grpc.http2.ping_timeout_ms", PING_TIMEOUT_S * 1000),
+  ("grpc.http2.max_pings_without_data", 0),
   ("grpc.keepalive_permit_without_calls", 1),
   ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
@@ -32,7 +43,9 @@ SERVER_OPTIONS = [
   # same port would start and share it, answering health checks at random.
   ("grpc.so_reuseport", 0),
   ("grpc.keepalive_permit_without_calls", 1),
-  ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+  # Below the clients' keepalive interval: a ping that arrives a little
+  # early must not count as abuse, which ends the connection.
+  ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
 ]
 
 
@@ -274,6 +287,13 @@ def check_health(
     return False
 
 
+# Reconnect loops retry at least this often: a peer back from a partition
+# or a restart is found within seconds (at most 1.5 x this, with jitter).
+BACKOFF_CAP_S = 5.0
+# A peer that stays unreachable is named again in the log this often.
+OUTAGE_REMIND_S = 60.0
+
+
 class Backoff:
   """Exponential backoff with a cap and jitter, for reconnect loops.
 
@@ -282,7 +302,7 @@ class Backoff:
   same instant.
   """
 
-  def __init__(self, first: float = 0.5, cap: float = 15.0):
+  def __init__(self, first: float = 0.5, cap: float = BACKOFF_CAP_S):
     self._first, self._cap = first, cap
     self.delay = first
 
@@ -300,19 +320,71 @@ class Backoff:
     return bool(stopped)
 
 
+def first_line(e: BaseException) -> str:
+  """An error's first line (its type if it has no text), for a log line."""
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+class Outage:
+  """A peer's outage as the log tells it: its start, a changed reason, a reminder, its end.
+
+  A loop that retries every few seconds would log a line per try for as long
+  as a partition lasts; the operator needs when it began, why, whether it
+  goes on, and when and after how long it ended.
+  """
+
+  def __init__(self, logger: logging.Logger = log):
+    self._log = logger
+    self.since: float | None = None  # monotonic time of the first failure; None: no outage
+    self._reason = ""
+    self._told = 0.0
+    self._lock = threading.Lock()  # a watcher thread may end what the main thread began
+
+  @property
+  def active(self) -> bool:
+    return self.since is not None
+
+  def failed(self, message: str, reason: str) -> None:
+    """Logs `message` as a warning at the outage's first failure, when `reason` changes and
+    every OUTAGE_REMIND_S; the other failures at debug level."""
+    with self._lock:
+      now = time.monotonic()
+      if self.since is None:
+        self.since = now
+      elif reason == self._reason and now - self._told < OUTAGE_REMIND_S:
+        self._log.debug("%s", message)
+        return
+      else:
+        message += f" (failing for {now - self.since:.0f}s)"
+      self._reason, self._told = reason, now
+    self._log.warning("%s", message)
+
+  def over(self, message: str) -> None:
+    """Logs `message` and how long the outage lasted, if one was going on."""
+    with self._lock:
+      if self.since is None:
+        return
+      lasted, self.since = time.monotonic() - self.since, None
+    self._log.info("%s after %.1fs", message, lasted)
+
+
 def retry(
   fn: Callable[[], T],
   what: str,
   stop: threading.Event | None = None,
   errors: tuple[type[BaseException], ...] = (Exception,),
 ) -> T | None:
-  """Calls `fn` until it succeeds, logging each failure; None if `stop` is set first."""
-  backoff = Backoff()
+  """Calls `fn` until it succeeds, logging the outage (Outage); None if `stop` is set first."""
+  backoff, outage = Backoff(), Outage()
   while True:
     try:
-      return fn()
+      result = fn()
     except errors as e:  # the peer is down or not up yet: say so, then wait
-      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      log.warning("%s failed (%s); retrying in %.1fs", what, reason[:200], backoff.delay)
+      reason = first_line(e)
+      outage.failed(f"{what} failed ({reason}); retrying in {backoff.delay:.1f}s", reason)
       if backoff.wait(stop):
         return None
+    else:
+      outage.over(f"{what} succeeded")
+      return result
