@@ -11,6 +11,7 @@ import fnmatch
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import time
@@ -32,6 +33,9 @@ SETTINGS = {
   "DQNFLEET_PUBLISH_EVERY": "50",
   "DQNFLEET_NUM_ENVS": "4",
   "DQNFLEET_LOG_EVERY_S": "2",
+  # Often enough for test_docker_compose_kill_then_up_continues_from_the_volumes.
+  "DQNFLEET_CHECKPOINT_EVERY": "200",
+  "DQNFLEET_CHECKPOINT_EVERY_S": "5",
 }
 
 
@@ -342,6 +346,63 @@ def test_services_run_as_a_non_root_user(fleet):
   for service in (*SHARDS, "trainer", "collector"):
     uid = compose("exec", "-T", service, "id", "-u").stdout.strip()
     assert uid == "10001", f"{service} runs as uid {uid}"
+
+
+def compose_log(service: str, since: str = "") -> str:
+  return compose("logs", "--no-color", *(["--since", since] if since else []), service).stdout
+
+
+def numbers(pattern: str, text: str) -> list[int]:
+  return [int(n) for n in re.findall(pattern, text)]
+
+
+@pytest.mark.slow
+def test_docker_compose_kill_then_up_continues_from_the_volumes(fleet):
+  """A power cut of the compose fleet: `docker compose kill` SIGKILLs every container at
+  once, and `up` starts them again on the same volumes. The trainer resumes from its newest
+  checkpoint (not from step 0), each replay shard restores its newest checkpoint, and no
+  version announced before the cut goes back."""
+  trainer_steps = lambda: exec_json("trainer", "localhost:8010")[0]["counters"]["train_steps"]
+  wait_until(lambda: trainer_steps() >= 600, 600, "three trainer checkpoints", interval=5)
+  wait_until(
+    lambda: all(numbers(r"checkpointed (\d+) items to", compose_log(s)) for s in SHARDS),
+    120,
+    "a checkpoint of each replay shard",
+    interval=5,
+  )
+  listed = compose("exec", "-T", "trainer", "ls", "/data/trainer/checkpoints").stdout
+  checkpointed = max(numbers(r"ckpt-(\d+)\.index", listed))
+  held = {s: numbers(r"checkpointed (\d+) items to", compose_log(s))[-1] for s in SHARDS}
+  announced = exec_json("trainer", "localhost:8010")[0]["policy_version"]
+  compose("--profile", "tensorboard", "kill")
+  cut = run("date", "-u", "+%Y-%m-%dT%H:%M:%SZ").stdout.strip()
+  assert not compose("ps", "-q", "--status", "running").stdout.split()
+
+  compose("--profile", "tensorboard", "up", "-d", "--scale", "collector=2", timeout=600)
+  resumed = wait_until(
+    lambda: numbers(r"resumed from \S*ckpt-\d+ at train step (\d+)", compose_log("trainer", cut)),
+    300,
+    "the trainer to resume",
+    interval=5,
+  )[0]
+  assert resumed >= checkpointed > 0, (resumed, checkpointed)
+  for shard in SHARDS:
+    restored = wait_until(
+      lambda: numbers(r"(\d+) items restored from", compose_log(shard, cut)),
+      300,
+      f"{shard} to restore its checkpoint",
+      interval=5,
+    )[0]
+    assert restored >= held[shard] > 0, (shard, restored, held[shard])
+  # Until training passes it, the restarted trainer serves what it announced before.
+  status = wait_until(
+    lambda: (t := exec_json("trainer", "localhost:8010")[0])["policy_version"] >= 0 and t,
+    300,
+    "the trainer to announce",
+    interval=5,
+  )
+  assert status["policy_version"] >= announced, (status["policy_version"], announced)
+  wait_until(lambda: trainer_steps() > resumed, 300, "training again", interval=5)
 
 
 @pytest.mark.slow
