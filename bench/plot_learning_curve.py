@@ -5,7 +5,8 @@ minutes and against frames, as one PNG (drawn with Pillow, no plotting library).
         runs/b/eval/history.jsonl --labels "seed 0" "seed 1" --out docs/img/breakout.png
 
 Each history line is one evaluation written by `dqnfleet evaluator` (in
-`dqnfleet up`: <run-dir>/eval/history.jsonl). Prints one JSON object: the
+`dqnfleet up`: <run-dir>/eval/history.jsonl). A run recorded by
+bench/learning_run.py is named `docs/data/learning-runs.jsonl:<label>`. Prints one JSON object: the
 points plotted per run.
 """
 
@@ -23,7 +24,18 @@ REFERENCES = {"random": 1.7, "human": 30.5}
 
 
 def load(path: str) -> list[dict]:
-  entries = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+  """An evaluator history file, or `<results.jsonl>:<label>`: the history of that run recorded
+  by bench/learning_run.py."""
+  results, _, label = path.rpartition(":")
+  if results.endswith(".jsonl") and label:
+    lines = pathlib.Path(results).read_text().splitlines()
+    runs = [json.loads(line) for line in lines if line]
+    matching = [run for run in runs if run["label"] == label]
+    if not matching:
+      raise SystemExit(f"{results} holds no run labelled {label!r}")
+    entries = matching[-1]["history"]
+  else:
+    entries = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
   return [e for e in entries if e.get("minutes", -1) >= 0]
 
 
@@ -62,7 +74,12 @@ def panel(draw, box, runs, x_key, x_label, x_scale, y_max, font):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("histories", nargs="+", help="evaluator history.jsonl files")
+  parser.add_argument(
+    "histories",
+    nargs="+",
+    help="evaluator history.jsonl files, or RESULTS.jsonl:LABEL for a run bench/learning_run.py "
+    "recorded",
+  )
   parser.add_argument("--labels", nargs="*", help="one label per history (default: the path)")
   parser.add_argument("--title", default="Breakout: evaluation return (10 games, epsilon 0.05)")
   parser.add_argument("--out", default="docs/img/learning_curve.png")

@@ -1,0 +1,114 @@
+"""One learning run, recorded: `dqnfleet up` for a given time, then the final evaluation.
+
+Runs `dqnfleet up` (Breakout and every other default, as `make run` does,
+unless flags after `--` say otherwise) on a fresh run directory for
+`--minutes`, stops it with Ctrl-C as a user would (the trainer checkpoints
+and publishes its newest version), evaluates that version with
+`dqnfleet evaluate` (Nature protocol: `--episodes` games at epsilon 0.05),
+and appends one JSON line to `--out`: the settings, the commit, train steps
+and their rate, the fleet's agent steps and frames, the evaluator's history
+and the final evaluation. bench/plot_learning_curve.py redraws the plots of
+docs/breakout.md from those lines.
+
+    .venv/bin/python bench/learning_run.py --minutes 60 --label default-seed0 -- --seed 0
+
+A learning run is a benchmark: an hour of the whole machine, never a test.
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_STEP = re.compile(r"train step (\d+) \(([\d.]+)/s\)")
+
+
+def git(*args: str) -> str:
+  return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def newest_policy(run_dir: pathlib.Path) -> pathlib.Path:
+  versions = sorted(
+    (p for p in (run_dir / "policies").iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+  )
+  if not versions:
+    raise SystemExit(f"no policy was published in {run_dir / 'policies'}")
+  return versions[-1]
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--minutes", type=float, default=60.0, help="how long `up` trains")
+  parser.add_argument("--label", required=True, help="the run's name in the results file")
+  parser.add_argument("--episodes", type=int, default=10, help="games of the final evaluation")
+  parser.add_argument("--out", default=str(ROOT / "docs/data/learning-runs.jsonl"))
+  parser.add_argument("--run-dir", default="", help="default: runs/bench-<label>-<time>")
+  parser.add_argument("up_flags", nargs="*", help="flags for `dqnfleet up`, after --")
+  args = parser.parse_args()
+  started_at = datetime.datetime.now(datetime.UTC)
+  # The code that ran: read before the hour, in which the checkout may change.
+  commit = git("rev-parse", "--short", "HEAD")
+  dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+  run_dir = pathlib.Path(
+    args.run_dir or ROOT / "runs" / f"bench-{args.label}-{started_at:%Y%m%dT%H%M%S}"
+  )
+  command = [sys.executable, "-m", "dqnfleet", "up", f"--run-dir={run_dir}", *args.up_flags]
+  up = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+  began = time.monotonic()
+  try:
+    up.wait(timeout=args.minutes * 60)
+    raise SystemExit(f"`dqnfleet up` ended early with {up.returncode}; see {run_dir}/logs")
+  except subprocess.TimeoutExpired:
+    pass
+  trained_s = time.monotonic() - began
+  up.send_signal(signal.SIGINT)  # as Ctrl-C: the trainer checkpoints and publishes
+  up.wait(timeout=300)
+
+  trainer_log = (run_dir / "logs" / "trainer.log").read_text(errors="replace")
+  rates = [(int(s), float(r)) for s, r in TRAIN_STEP.findall(trainer_log)]
+  history_path = run_dir / "eval" / "history.jsonl"
+  history = (
+    [json.loads(line) for line in history_path.read_text().splitlines() if line]
+    if history_path.exists()
+    else []
+  )
+  policy = newest_policy(run_dir)
+  evaluation = subprocess.run(
+    [sys.executable, "-m", "dqnfleet", "evaluate", f"--policy={policy}", "--json"]
+    + [f"--episodes={args.episodes}", "--epsilon=0.05"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  final = json.loads(evaluation.stdout.strip().splitlines()[-1])
+  logged_rates = sorted(rate for _, rate in rates)
+  record = {
+    "label": args.label,
+    "commit": commit,
+    "dirty": dirty,
+    "started_at": started_at.isoformat(timespec="seconds"),
+    "command": "dqnfleet up " + " ".join(args.up_flags),
+    "minutes": round(trained_s / 60, 2),
+    "train_steps": rates[-1][0] if rates else 0,
+    "train_steps_per_s": round(rates[-1][0] / trained_s, 2) if rates else 0.0,
+    # The median of the trainer's own per-interval rates, start-up excluded.
+    "train_steps_per_s_median": logged_rates[len(logged_rates) // 2] if rates else 0.0,
+    "frames_at_last_evaluation": max([e.get("frames", 0) for e in history] or [0]),
+    "history": history,
+    "final": final,
+  }
+  with open(args.out, "a") as out:
+    out.write(json.dumps(record) + "\n")
+  print(json.dumps({k: v for k, v in record.items() if k != "history"}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
