@@ -53,7 +53,7 @@ def serve(env_id: str) -> None:
 
   from dqnfleet.core.transport import runtime
 
-  runtime.quiet_imports()  # before TensorFlow is imported
+  runtime.prepare_tensorflow()  # before TensorFlow is imported
   from dqnfleet.core.policy.server import PolicyPublisher
   from dqnfleet.core.rl import networks, specs
   from dqnfleet.core.settings.config import EnvConfig, NetworkConfig

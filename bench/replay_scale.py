@@ -39,7 +39,7 @@ import time
 
 from dqnfleet.core.transport import runtime
 
-runtime.quiet_imports()  # before TensorFlow is imported
+runtime.prepare_tensorflow()  # before TensorFlow is imported
 
 import numpy as np
 import reverb

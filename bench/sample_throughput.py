@@ -33,7 +33,7 @@ import time
 
 from dqnfleet.core.transport import runtime
 
-runtime.quiet_imports()  # before TensorFlow is imported
+runtime.prepare_tensorflow()  # before TensorFlow is imported
 
 import psutil
 import replay_scale  # bench/, next to this file

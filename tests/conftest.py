@@ -2,6 +2,10 @@
 
 import shutil
 
+from dqnfleet.core.transport import runtime
+
+runtime.prepare_tensorflow()  # tests that build networks in-process run the services' kernels
+
 import pytest
 
 from support import Service, render_variants, required

@@ -183,19 +183,6 @@ def test_export_fetches_the_latest_policy_from_a_trainer(services, tmp_path):
   np.testing.assert_array_equal(acted["actions"], greedy_actions(published, observations))
 
 
-def test_the_stacked_frames_convolution_is_the_channels_last_convolution():
-  """Frames stacked first through StackedFramesConv give what the Nature CNN's first layer
-  gives the same frames interleaved into channels-last pixels, with the same kernel."""
-  frames = np.random.default_rng(3).integers(0, 256, (2, 4, 84, 84), dtype=np.uint8)
-  layer = networks.StackedFramesConv(*networks.NATURE_CONV_LAYERS[0])
-  got = layer(tf.constant(frames)).numpy()
-  pixels = np.moveaxis(frames, 1, -1).astype(np.float32) / 255.0
-  expected = tf.nn.relu(tf.nn.conv2d(pixels, layer.kernel, 4, "VALID") + layer.bias).numpy()
-  assert got.shape == expected.shape == (2, 20, 20, 32)
-  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-  assert layer.kernel.shape == (8, 8, 4, 32)  # Conv2D's kernel shape (and initialisation)
-
-
 def test_a_policy_of_a_channels_last_atari_network_is_refused_by_name(tmp_path):
   version_dir = publish_untrained(tmp_path / "run", "ALE/Breakout-v5", 7, NetworkConfig())
   manifest = json.loads((version_dir / "manifest.json").read_text())

@@ -100,7 +100,7 @@ def build_configs(command: Command, args: argparse.Namespace) -> Configs:
 def main(argv=None) -> int:
   from dqnfleet.core.transport import runtime
 
-  runtime.quiet_imports()
+  runtime.prepare_tensorflow()
   args = build_parser().parse_args(argv)
   command = COMMANDS[args.command]
   try:

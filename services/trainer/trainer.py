@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from dqnfleet.core.api import fleet_pb2_grpc
 from dqnfleet.core.policy.server import PolicyPublisher
-from dqnfleet.core.rl import specs
+from dqnfleet.core.rl import networks, specs
 from dqnfleet.core.rl.priorities import TdTarget
 from dqnfleet.core.settings.config import (
   INPUT_IN_PROCESS,
@@ -155,6 +155,13 @@ class Trainer:
     )
 
   def run(self) -> None:
+    log.info(
+      "CPU kernels: %s",
+      "oneDNN"
+      if networks.onednn_enabled()
+      else "TensorFlow's own (TF_ENABLE_ONEDNN_OPTS=0 or a build without oneDNN; "
+      "the stacked-frames layer runs as a 2-D convolution)",
+    )
     self.replay.connect()
     if self.replay.prioritized:
       log.info(
