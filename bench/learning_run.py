@@ -18,6 +18,7 @@ A learning run is a benchmark: an hour of the whole machine, never a test.
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import re
 import signal
@@ -29,8 +30,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_STEP = re.compile(r"train step (\d+) \(([\d.]+)/s\)")
 
 
-def git(*args: str) -> str:
-  return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+def git(*args: str, cwd: pathlib.Path = ROOT) -> str:
+  return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True).stdout.strip()
+
+
+def code_dir() -> pathlib.Path:
+  """Where the `dqnfleet` that `up` runs comes from (PYTHONPATH may name another checkout)."""
+  where = subprocess.run(
+    [sys.executable, "-c", "import dqnfleet; print(dqnfleet.__path__[0])"],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  return pathlib.Path(where.stdout.strip())
 
 
 def newest_policy(run_dir: pathlib.Path) -> pathlib.Path:
@@ -53,8 +65,9 @@ def main() -> int:
   args = parser.parse_args()
   started_at = datetime.datetime.now(datetime.UTC)
   # The code that ran: read before the hour, in which the checkout may change.
-  commit = git("rev-parse", "--short", "HEAD")
-  dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+  code = code_dir()
+  commit = git("rev-parse", "--short", "HEAD", cwd=code)
+  dirty = bool(git("status", "--porcelain", "--untracked-files=no", cwd=code))
   run_dir = pathlib.Path(
     args.run_dir or ROOT / "runs" / f"bench-{args.label}-{started_at:%Y%m%dT%H%M%S}"
   )
@@ -95,6 +108,8 @@ def main() -> int:
     "dirty": dirty,
     "started_at": started_at.isoformat(timespec="seconds"),
     "command": "dqnfleet up " + " ".join(args.up_flags),
+    # The process settings a run was given outside its flags.
+    "environment": {k: v for k, v in os.environ.items() if k.startswith(("DQNFLEET_", "TF_"))},
     "minutes": round(trained_s / 60, 2),
     "train_steps": rates[-1][0] if rates else 0,
     "train_steps_per_s": round(rates[-1][0] / trained_s, 2) if rates else 0.0,
