@@ -45,13 +45,20 @@ def code_dir() -> pathlib.Path:
   return pathlib.Path(where.stdout.strip())
 
 
-def newest_policy(run_dir: pathlib.Path) -> pathlib.Path:
-  versions = sorted(
-    (p for p in (run_dir / "policies").iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
-  )
-  if not versions:
-    raise SystemExit(f"no policy was published in {run_dir / 'policies'}")
-  return versions[-1]
+def train(run_dir: pathlib.Path, minutes: float, up_flags: list[str]) -> float:
+  """`dqnfleet up` for `minutes`, then Ctrl-C; returns the seconds it trained."""
+  command = [sys.executable, "-m", "dqnfleet", "up", f"--run-dir={run_dir}", *up_flags]
+  up = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+  began = time.monotonic()
+  try:
+    up.wait(timeout=minutes * 60)
+    raise SystemExit(f"`dqnfleet up` ended early with {up.returncode}; see {run_dir}/logs")
+  except subprocess.TimeoutExpired:
+    pass
+  trained_s = time.monotonic() - began
+  up.send_signal(signal.SIGINT)  # as Ctrl-C: the trainer checkpoints and publishes
+  up.wait(timeout=300)
+  return trained_s
 
 
 def main() -> int:
@@ -61,8 +68,16 @@ def main() -> int:
   parser.add_argument("--episodes", type=int, default=10, help="games of the final evaluation")
   parser.add_argument("--out", default=str(ROOT / "docs/data/learning-runs.jsonl"))
   parser.add_argument("--run-dir", default="", help="default: runs/bench-<label>-<time>")
+  parser.add_argument(
+    "--recorded",
+    action="store_true",
+    help="the run in --run-dir has already trained for --minutes (its evaluation failed, "
+    "say): evaluate and record it without running `up`",
+  )
   parser.add_argument("up_flags", nargs="*", help="flags for `dqnfleet up`, after --")
   args = parser.parse_args()
+  if args.recorded and not args.run_dir:
+    parser.error("--recorded needs --run-dir")
   started_at = datetime.datetime.now(datetime.UTC)
   # The code that ran: read before the hour, in which the checkout may change.
   code = code_dir()
@@ -71,17 +86,13 @@ def main() -> int:
   run_dir = pathlib.Path(
     args.run_dir or ROOT / "runs" / f"bench-{args.label}-{started_at:%Y%m%dT%H%M%S}"
   )
-  command = [sys.executable, "-m", "dqnfleet", "up", f"--run-dir={run_dir}", *args.up_flags]
-  up = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-  began = time.monotonic()
-  try:
-    up.wait(timeout=args.minutes * 60)
-    raise SystemExit(f"`dqnfleet up` ended early with {up.returncode}; see {run_dir}/logs")
-  except subprocess.TimeoutExpired:
-    pass
-  trained_s = time.monotonic() - began
-  up.send_signal(signal.SIGINT)  # as Ctrl-C: the trainer checkpoints and publishes
-  up.wait(timeout=300)
+  if args.recorded:
+    started_at = datetime.datetime.fromtimestamp(
+      (run_dir / "run.json").stat().st_mtime, datetime.UTC
+    )
+    trained_s = args.minutes * 60
+  else:
+    trained_s = train(run_dir, args.minutes, args.up_flags)
 
   trainer_log = (run_dir / "logs" / "trainer.log").read_text(errors="replace")
   rates = [(int(s), float(r)) for s, r in TRAIN_STEP.findall(trainer_log)]
@@ -91,9 +102,8 @@ def main() -> int:
     if history_path.exists()
     else []
   )
-  policy = newest_policy(run_dir)
-  evaluation = subprocess.run(
-    [sys.executable, "-m", "dqnfleet", "evaluate", f"--policy={policy}", "--json"]
+  evaluation = subprocess.run(  # a run directory's newest published version
+    [sys.executable, "-m", "dqnfleet", "evaluate", f"--policy={run_dir}", "--json"]
     + [f"--episodes={args.episodes}", "--epsilon=0.05"],
     cwd=ROOT,
     capture_output=True,
