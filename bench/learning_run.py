@@ -87,9 +87,10 @@ def main() -> int:
     args.run_dir or ROOT / "runs" / f"bench-{args.label}-{started_at:%Y%m%dT%H%M%S}"
   )
   if args.recorded:
-    started_at = datetime.datetime.fromtimestamp(
-      (run_dir / "run.json").stat().st_mtime, datetime.UTC
-    )
+    # What ran, as `up` wrote it down when it started (dirty is not recorded there).
+    started = json.loads((run_dir / "run.json").read_text())["up"]
+    started_at = datetime.datetime.fromisoformat(started["started_at"])
+    commit, dirty = started["git_revision"][:7], None
     trained_s = args.minutes * 60
   else:
     trained_s = train(run_dir, args.minutes, args.up_flags)
@@ -119,7 +120,11 @@ def main() -> int:
     "started_at": started_at.isoformat(timespec="seconds"),
     "command": "dqnfleet up " + " ".join(args.up_flags),
     # The process settings a run was given outside its flags.
-    "environment": {k: v for k, v in os.environ.items() if k.startswith(("DQNFLEET_", "TF_"))},
+    "environment": {
+      k: v
+      for k, v in os.environ.items()
+      if k.startswith(("DQNFLEET_", "TF_ENABLE_", "TF_NUM_", "OMP_"))
+    },
     "minutes": round(trained_s / 60, 2),
     "train_steps": rates[-1][0] if rates else 0,
     "train_steps_per_s": round(rates[-1][0] / trained_s, 2) if rates else 0.0,
