@@ -30,21 +30,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_STEP = re.compile(r"train step (\d+) \(([\d.]+)/s\)")
 
 
-def git(*args: str, cwd: pathlib.Path = ROOT) -> str:
-  return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True).stdout.strip()
-
-
-def code_dir() -> pathlib.Path:
-  """Where the `dqnfleet` that `up` runs comes from (PYTHONPATH may name another checkout)."""
-  where = subprocess.run(
-    [sys.executable, "-c", "import dqnfleet; print(dqnfleet.__path__[0])"],
-    capture_output=True,
-    text=True,
-    check=True,
-  )
-  return pathlib.Path(where.stdout.strip())
-
-
 def train(run_dir: pathlib.Path, minutes: float, up_flags: list[str]) -> float:
   """`dqnfleet up` for `minutes`, then Ctrl-C; returns the seconds it trained."""
   command = [sys.executable, "-m", "dqnfleet", "up", f"--run-dir={run_dir}", *up_flags]
@@ -78,22 +63,15 @@ def main() -> int:
   args = parser.parse_args()
   if args.recorded and not args.run_dir:
     parser.error("--recorded needs --run-dir")
-  started_at = datetime.datetime.now(datetime.UTC)
-  # The code that ran: read before the hour, in which the checkout may change.
-  code = code_dir()
-  commit = git("rev-parse", "--short", "HEAD", cwd=code)
-  dirty = bool(git("status", "--porcelain", "--untracked-files=no", cwd=code))
   run_dir = pathlib.Path(
-    args.run_dir or ROOT / "runs" / f"bench-{args.label}-{started_at:%Y%m%dT%H%M%S}"
+    args.run_dir
+    or ROOT / "runs" / f"bench-{args.label}-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}"
   )
-  if args.recorded:
-    # What ran, as `up` wrote it down when it started (dirty is not recorded there).
-    started = json.loads((run_dir / "run.json").read_text())["up"]
-    started_at = datetime.datetime.fromisoformat(started["started_at"])
-    commit, dirty = started["git_revision"][:7], None
-    trained_s = args.minutes * 60
-  else:
-    trained_s = train(run_dir, args.minutes, args.up_flags)
+  trained_s = args.minutes * 60 if args.recorded else train(run_dir, args.minutes, args.up_flags)
+  # What ran, as `up` wrote it down when it started: the commit of the dqnfleet
+  # it ran (PYTHONPATH may name another checkout), "-dirty" if that had changes.
+  started = json.loads((run_dir / "run.json").read_text())["up"]
+  revision = started["git_revision"]
 
   trainer_log = (run_dir / "logs" / "trainer.log").read_text(errors="replace")
   rates = [(int(s), float(r)) for s, r in TRAIN_STEP.findall(trainer_log)]
@@ -115,9 +93,9 @@ def main() -> int:
   logged_rates = sorted(rate for _, rate in rates)
   record = {
     "label": args.label,
-    "commit": commit,
-    "dirty": dirty,
-    "started_at": started_at.isoformat(timespec="seconds"),
+    "commit": revision.removesuffix("-dirty")[:7],
+    "dirty": revision.endswith("-dirty"),
+    "started_at": started["started_at"],
     "command": "dqnfleet up " + " ".join(args.up_flags),
     # The process settings a run was given outside its flags.
     "environment": {
