@@ -7,6 +7,7 @@ and publishes its newest version), evaluates that version with
 `dqnfleet evaluate` (Nature protocol: `--episodes` games at epsilon 0.05),
 and appends one JSON line to `--out`: the settings, the commit, train steps
 and their rate, the fleet's agent steps and frames, the evaluator's history
+the CPU seconds each service used (how the 2 cores were shared: Linux /proc)
 and the final evaluation. bench/plot_learning_curve.py redraws the plots of
 docs/breakout.md from those lines.
 
@@ -30,20 +31,43 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_STEP = re.compile(r"train step (\d+) \(([\d.]+)/s\)")
 
 
-def train(run_dir: pathlib.Path, minutes: float, up_flags: list[str]) -> float:
-  """`dqnfleet up` for `minutes`, then Ctrl-C; returns the seconds it trained."""
+def cpu_seconds(up_pid: int) -> dict[str, float]:
+  """CPU seconds (user + system) used so far by `up` and each of its services, by
+  command (collectors summed); {} where /proc is not there to read."""
+  tick, used = os.sysconf("SC_CLK_TCK"), {}
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command's name
+      pid, ppid = int(stat.parent.name), int(fields[1])
+      if pid != up_pid and ppid != up_pid:
+        continue
+      argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+    except (OSError, IndexError, ValueError):  # ended meanwhile
+      continue
+    name = "up" if pid == up_pid else argv[argv.index(b"dqnfleet") + 1].decode()
+    used[name] = round(used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick, 1)
+  return used
+
+
+def train(
+  run_dir: pathlib.Path, minutes: float, up_flags: list[str], env: dict | None = None
+) -> tuple[float, dict]:
+  """`dqnfleet up` for `minutes` (in environment `env`, default this one's), then Ctrl-C;
+  returns the seconds it trained and the CPU seconds each service had used by then."""
   command = [sys.executable, "-m", "dqnfleet", "up", f"--run-dir={run_dir}", *up_flags]
-  up = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+  up = subprocess.Popen(
+    command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+  )
   began = time.monotonic()
   try:
     up.wait(timeout=minutes * 60)
     raise SystemExit(f"`dqnfleet up` ended early with {up.returncode}; see {run_dir}/logs")
   except subprocess.TimeoutExpired:
     pass
-  trained_s = time.monotonic() - began
+  trained_s, cpu = time.monotonic() - began, cpu_seconds(up.pid)
   up.send_signal(signal.SIGINT)  # as Ctrl-C: the trainer checkpoints and publishes
   up.wait(timeout=300)
-  return trained_s
+  return trained_s, cpu
 
 
 def main() -> int:
@@ -67,7 +91,9 @@ def main() -> int:
     args.run_dir
     or ROOT / "runs" / f"bench-{args.label}-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}"
   )
-  trained_s = args.minutes * 60 if args.recorded else train(run_dir, args.minutes, args.up_flags)
+  trained_s, cpu = (
+    (args.minutes * 60, {}) if args.recorded else train(run_dir, args.minutes, args.up_flags)
+  )
   # What ran, as `up` wrote it down when it started: the commit of the dqnfleet
   # it ran (PYTHONPATH may name another checkout), "-dirty" if that had changes.
   started = json.loads((run_dir / "run.json").read_text())["up"]
@@ -108,6 +134,9 @@ def main() -> int:
     "train_steps_per_s": round(rates[-1][0] / trained_s, 2) if rates else 0.0,
     # The median of the trainer's own per-interval rates, start-up excluded.
     "train_steps_per_s_median": logged_rates[len(logged_rates) // 2] if rates else 0.0,
+    # Of the machine's os.cpu_count() cores x minutes; unknown ({}) for --recorded runs.
+    "cpu_s": cpu,
+    "cores": os.cpu_count(),
     "frames_at_last_evaluation": max([e.get("frames", 0) for e in history] or [0]),
     "history": history,
     "final": final,
