@@ -14,6 +14,9 @@ process so that drift on a shared machine hits all alike:
              frames stacked first, StackedFramesConv) instead of the
              channels-last Conv2D one: what the network costs, apart from
              the agent;
+  plain_qnet_2d the same network with its stacked-frames layer as a
+             transpose and a 2-D convolution (what it runs without oneDNN):
+             which of the layer's two forms is faster on this CPU;
   agent      the trainer's TF-Agents DqnAgent and network (learner.make_agent)
              training on one batch held in memory: the agent's overhead;
   trainer    the real Trainer (trainer.Trainer: replay source, dataset,
@@ -25,7 +28,7 @@ each one's median ratio to `plain` pair by pair (the issue's goals: trainer
 >= 0.95 of plain alone; inside `make run`, bench/learning_run.py records the
 fleet's rate).
 
-    .venv/bin/python bench/train_step_breakdown.py [--steps 200] [--rounds 5]
+    .venv/bin/python bench/train_step_breakdown.py [--steps 200] [--rounds 5] [--ways plain,agent]
 """
 
 import argparse
@@ -114,6 +117,15 @@ def plain_step(network, config: AgentConfig, gamma_n: float, pool: tf.Tensor):
   return steps
 
 
+def with_2d_stacked_frames(network):
+  """`network` with its stacked-frames layer in its transposed 2-D form (set before the
+  first trace: the layer reads it when traced)."""
+  for layer in network.submodules:
+    if isinstance(layer, networks.StackedFramesConv):
+      layer.conv3d = False
+  return network
+
+
 def rate(fn, calls: int) -> float:
   start = time.perf_counter()
   for _ in range(calls):
@@ -126,6 +138,9 @@ def main():
   parser.add_argument("--steps", type=int, default=200, help="train steps per way and round")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--items", type=int, default=20_000, help="items in the replay table")
+  parser.add_argument(
+    "--ways", default="", help="comma-separated ways to time (default: all; plain always runs)"
+  )
   args = parser.parse_args()
   env = flags.build(EnvConfig, None, {"DQNFLEET_ENV_ID": "ALE/Breakout-v5"})
   agent_config = flags.build(AgentConfig, None, {})
@@ -182,6 +197,12 @@ def main():
     plain_qnet = plain_step(
       lambda: QValues(networks.q_net(env_specs, net)), agent_config, gamma_n, stacked
     )
+    plain_qnet_2d = plain_step(
+      lambda: QValues(with_2d_stacked_frames(networks.q_net(env_specs, net))),
+      agent_config,
+      gamma_n,
+      stacked,
+    )
     tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
     plain_bf16 = plain_step(cnn, agent_config, gamma_n, pixels)
     tf.keras.mixed_precision.set_global_policy("float32")
@@ -190,9 +211,14 @@ def main():
       "plain": plain,
       "plain_bf16": plain_bf16,
       "plain_qnet": plain_qnet,
+      "plain_qnet_2d": plain_qnet_2d,
       "agent": agent_steps,
       "trainer": lambda: learner.step(STEPS_PER_CALL),
     }
+    chosen = set(filter(None, args.ways.split(","))) | {"plain"} if args.ways else set(ways)
+    if chosen - set(ways):
+      parser.error(f"--ways: unknown {sorted(chosen - set(ways))}; known: {', '.join(ways)}")
+    ways = {name: fn for name, fn in ways.items() if name in chosen}
     for name, fn in ways.items():  # trace and warm up every way
       began = time.perf_counter()
       for _ in range(3):
