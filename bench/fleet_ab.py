@@ -20,27 +20,26 @@ newer one turns on itself; this script sets it for both (an own setting wins).
 """
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
 import statistics
 import sys
 
-from learning_run import ROOT, TRAIN_STEP, train  # bench/ is on sys.path when a script of it runs
+# bench/ is on sys.path when a script of it runs
+from learning_run import new_run_dir, train, trainer_rates, up_record
 
 
 def one_run(label: str, pythonpath: str, minutes: float) -> dict:
-  run_dir = ROOT / "runs" / f"bench-ab-{label}-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}"
+  run_dir = new_run_dir(f"ab-{label}")
   env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else dict(os.environ)
   _, cpu = train(run_dir, minutes, [], env=env)
-  log = (run_dir / "logs" / "trainer.log").read_text(errors="replace")
-  rates = [(int(s), float(r)) for s, r in TRAIN_STEP.findall(log)]
-  started = json.loads((run_dir / "run.json").read_text())["up"]
+  rates = trainer_rates(run_dir)
   steps = rates[-1][0] if rates else 0
   return {
     "label": label,
-    "commit": started["git_revision"],
+    "commit": up_record(run_dir)["git_revision"],
+    # The first intervals cover start-up (replay filling to its minimum).
     "median_steps_per_s": statistics.median(r for _, r in rates[3:]) if len(rates) > 3 else None,
     "last_logged_step": steps,
     "cpu_s": cpu,

@@ -6,7 +6,7 @@ unless flags after `--` say otherwise) on a fresh run directory for
 and publishes its newest version), evaluates that version with
 `dqnfleet evaluate` (Nature protocol: `--episodes` games at epsilon 0.05),
 and appends one JSON line to `--out`: the settings, the commit, train steps
-and their rate, the fleet's agent steps and frames, the evaluator's history
+and their rate, the fleet's agent steps and frames, the evaluator's history,
 the CPU seconds each service used (how the 2 cores were shared: Linux /proc)
 and the final evaluation. bench/plot_learning_curve.py redraws the plots of
 docs/breakout.md from those lines.
@@ -29,6 +29,25 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_STEP = re.compile(r"train step (\d+) \(([\d.]+)/s\)")
+
+
+def new_run_dir(name: str) -> pathlib.Path:
+  """A fresh run directory, runs/bench-<name>-<UTC time>."""
+  return ROOT / "runs" / f"bench-{name}-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}"
+
+
+def up_record(run_dir: pathlib.Path) -> dict:
+  """What ran, as `up` wrote it down when it started (run.json): among it the commit of
+  the dqnfleet it ran (PYTHONPATH may name another checkout), "-dirty" if that had
+  changes."""
+  return json.loads((run_dir / "run.json").read_text())["up"]
+
+
+def trainer_rates(run_dir: pathlib.Path) -> list[tuple[int, float]]:
+  """(train step, steps/s over the interval before it) of each progress line the
+  trainer logged."""
+  log = (run_dir / "logs" / "trainer.log").read_text(errors="replace")
+  return [(int(step), float(rate)) for step, rate in TRAIN_STEP.findall(log)]
 
 
 def cpu_seconds(up_pid: int) -> dict[str, float]:
@@ -87,20 +106,13 @@ def main() -> int:
   args = parser.parse_args()
   if args.recorded and not args.run_dir:
     parser.error("--recorded needs --run-dir")
-  run_dir = pathlib.Path(
-    args.run_dir
-    or ROOT / "runs" / f"bench-{args.label}-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}"
-  )
+  run_dir = pathlib.Path(args.run_dir) if args.run_dir else new_run_dir(args.label)
   trained_s, cpu = (
     (args.minutes * 60, {}) if args.recorded else train(run_dir, args.minutes, args.up_flags)
   )
-  # What ran, as `up` wrote it down when it started: the commit of the dqnfleet
-  # it ran (PYTHONPATH may name another checkout), "-dirty" if that had changes.
-  started = json.loads((run_dir / "run.json").read_text())["up"]
+  started = up_record(run_dir)
   revision = started["git_revision"]
-
-  trainer_log = (run_dir / "logs" / "trainer.log").read_text(errors="replace")
-  rates = [(int(s), float(r)) for s, r in TRAIN_STEP.findall(trainer_log)]
+  rates = trainer_rates(run_dir)
   history_path = run_dir / "eval" / "history.jsonl"
   history = (
     [json.loads(line) for line in history_path.read_text().splitlines() if line]
@@ -132,7 +144,7 @@ def main() -> int:
     "minutes": round(trained_s / 60, 2),
     "train_steps": rates[-1][0] if rates else 0,
     "train_steps_per_s": round(rates[-1][0] / trained_s, 2) if rates else 0.0,
-    # The median of the trainer's own per-interval rates, start-up excluded.
+    # The median of the trainer's own 10-second rates (the few of start-up included).
     "train_steps_per_s_median": logged_rates[len(logged_rates) // 2] if rates else 0.0,
     # Of the machine's os.cpu_count() cores x minutes; unknown ({}) for --recorded runs.
     "cpu_s": cpu,
