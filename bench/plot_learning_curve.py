@@ -19,8 +19,12 @@ from PIL import Image, ImageDraw, ImageFont
 WIDTH, HEIGHT, MARGIN = 560, 380, 56
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 GREY = (150, 150, 150)
-# Breakout reference scores (Mnih et al. 2015, Table 2).
-REFERENCES = {"random": 1.7, "human": 30.5}
+# Random and human scores per game, drawn as dashed lines: the Atari-57 table (Mnih et al.
+# 2015, Table 2, extended by later papers; Dopamine's normalization_utils.py holds the same).
+REFERENCES = {
+  "Breakout": {"random": 1.7, "human": 30.5},
+  "RoadRunner": {"random": 11.5, "human": 7845.0},
+}
 
 
 def load(path: str) -> list[dict]:
@@ -46,7 +50,7 @@ def nice_max(value: float) -> float:
   return value
 
 
-def panel(draw, box, runs, x_key, x_label, x_scale, y_max, font):
+def panel(draw, box, runs, references, x_key, x_label, x_scale, y_max, font):
   left, top, right, bottom = box
   x_max = nice_max(max(max(e[x_key] for e in entries) * x_scale for entries, _ in runs))
   to_xy = lambda x, y: (left + (right - left) * x / x_max, bottom - (bottom - top) * y / y_max)
@@ -57,7 +61,7 @@ def panel(draw, box, runs, x_key, x_label, x_scale, y_max, font):
     x = x_max * i / 4
     draw.text((to_xy(x, 0)[0], bottom + 6), f"{x:g}", fill=(0, 0, 0), font=font, anchor="ma")
   draw.rectangle(box, outline=(0, 0, 0))
-  for name, score in REFERENCES.items():
+  for name, score in references.items():
     if score <= y_max:
       y = to_xy(0, score)[1]
       for x in range(int(left), int(right), 8):
@@ -81,7 +85,13 @@ def main():
     "recorded",
   )
   parser.add_argument("--labels", nargs="*", help="one label per history (default: the path)")
-  parser.add_argument("--title", default="Breakout: evaluation return (10 games, epsilon 0.05)")
+  parser.add_argument(
+    "--game",
+    default="Breakout",
+    choices=sorted(REFERENCES),
+    help="the game the runs played: its random and human scores are drawn (default Breakout)",
+  )
+  parser.add_argument("--title", help="default: '<game>: evaluation return (10 games, ...)'")
   parser.add_argument("--out", default="docs/img/learning_curve.png")
   args = parser.parse_args()
   labels = args.labels or args.histories
@@ -96,11 +106,13 @@ def main():
   image = Image.new("RGB", (2 * WIDTH, HEIGHT + 40), "white")
   draw = ImageDraw.Draw(image)
   font = ImageFont.load_default()
-  draw.text((WIDTH, 10), args.title, fill=(0, 0, 0), font=font, anchor="ma")
+  title = args.title or f"{args.game}: evaluation return (10 games, epsilon 0.05)"
+  draw.text((WIDTH, 10), title, fill=(0, 0, 0), font=font, anchor="ma")
   panel(
     draw,
     (MARGIN, 40, WIDTH - 16, HEIGHT - MARGIN + 20),
     runs,
+    REFERENCES[args.game],
     "minutes",
     "wall-clock minutes",
     1.0,
@@ -111,6 +123,7 @@ def main():
     draw,
     (WIDTH + MARGIN, 40, 2 * WIDTH - 16, HEIGHT - MARGIN + 20),
     runs,
+    REFERENCES[args.game],
     "frames",
     "emulator frames (millions)",
     1e-6,
