@@ -1,6 +1,6 @@
 """Where the trainer's time goes: its train step against a plain Keras step of the same network.
 
-Four ways to take a Breakout Double-DQN train step (Nature CNN, batch 32,
+Eight ways to take a Breakout Double-DQN train step (Nature CNN, batch 32,
 Adam, Huber loss, 3-step targets), timed in alternating rounds in one
 process so that drift on a shared machine hits all alike:
 
@@ -19,9 +19,11 @@ process so that drift on a shared machine hits all alike:
              which of the layer's two forms is faster on this CPU;
   agent      the trainer's TF-Agents DqnAgent and network (learner.make_agent)
              training on one batch held in memory: the agent's overhead;
+  agent_bf16 the same with the network in bf16 (networks.q_net, precision bf16);
   trainer    the real Trainer (trainer.Trainer: replay source, dataset,
              learner) sampling a full Reverb table on loopback, in the same
-             process: the trainer alone.
+             process, in fp32: the trainer alone;
+  trainer_bf16 the same Trainer with --precision bf16.
 
 Prints one JSON object: train steps per second of each, round by round, and
 each one's median ratio to `plain` pair by pair (the issue's goals: trainer
@@ -165,29 +167,45 @@ def main():
   print(f"{args.items} items in replay in {time.perf_counter() - began:.1f} s", file=sys.stderr)
   stop = threading.Event()
   with tempfile.TemporaryDirectory() as run_dir:
-    trainer = Trainer(
-      env,
-      net,
-      agent_config,
-      TrainerConfig(replay_addresses=(address,), port=0, run_dir=run_dir),
-      stop,
-    )
-    trainer.replay.connect()
-    trainer.replay.start()
-    learner = trainer.learner
+
+    def started_trainer(precision: str) -> Trainer:
+      trainer = Trainer(
+        env,
+        net,
+        agent_config,
+        TrainerConfig(
+          replay_addresses=(address,),
+          port=0,
+          run_dir=f"{run_dir}/{precision}",
+          precision=precision,
+        ),
+        stop,
+      )
+      trainer.replay.connect()
+      trainer.replay.start()
+      return trainer
+
+    trainers = {precision: started_trainer(precision) for precision in ("fp32", "bf16")}
 
     # The agent on one batch held in memory: no input pipeline.
-    held = next(trainer.replay.iterator)[0]
-    agent = make_agent(
-      env_specs, networks.q_net(env_specs, net), agent_config, tf.Variable(0, dtype=tf.int64)
-    )
+    held = next(trainers["fp32"].replay.iterator)[0]
 
-    @tf.function
-    def agent_steps():
-      loss = tf.constant(0.0)
-      for _ in tf.range(STEPS_PER_CALL):
-        loss = agent.train(held).loss
-      return loss
+    def agent_steps(precision: str):
+      agent = make_agent(
+        env_specs,
+        networks.q_net(env_specs, net, precision),
+        agent_config,
+        tf.Variable(0, dtype=tf.int64),
+      )
+
+      @tf.function
+      def steps():
+        loss = tf.constant(0.0)
+        for _ in tf.range(STEPS_PER_CALL):
+          loss = agent.train(held).loss
+        return loss
+
+      return steps
 
     rng = np.random.default_rng(1)
     pixels = tf.constant(rng.integers(0, 255, (1024, 84, 84, 4), dtype=np.uint8))
@@ -212,8 +230,10 @@ def main():
       "plain_bf16": plain_bf16,
       "plain_qnet": plain_qnet,
       "plain_qnet_2d": plain_qnet_2d,
-      "agent": agent_steps,
-      "trainer": lambda: learner.step(STEPS_PER_CALL),
+      "agent": agent_steps("fp32"),
+      "agent_bf16": agent_steps("bf16"),
+      "trainer": lambda: trainers["fp32"].learner.step(STEPS_PER_CALL),
+      "trainer_bf16": lambda: trainers["bf16"].learner.step(STEPS_PER_CALL),
     }
     chosen = set(filter(None, args.ways.split(","))) | {"plain"} if args.ways else set(ways)
     if chosen - set(ways):
@@ -230,7 +250,8 @@ def main():
         rates[name].append(round(rate(fn, calls), 1))
         print(f"{name}: {rates[name][-1]} train steps/s", file=sys.stderr)
     stop.set()
-    trainer.replay.close()
+    for trainer in trainers.values():
+      trainer.replay.close()
   server.stop()
   ratio = lambda name: round(
     statistics.median(a / b for a, b in zip(rates[name], rates["plain"])), 3
@@ -244,7 +265,7 @@ def main():
         "steps_per_call": STEPS_PER_CALL,
         "train_steps_per_s": rates,
         "median_ratio_to_plain": {name: ratio(name) for name in ways if name != "plain"},
-        "cpu_bf16": "avx512_bf16" in open("/proc/cpuinfo").read(),
+        "cpu_bf16": networks.cpu_has_bf16(),
       }
     )
   )

@@ -1,4 +1,5 @@
-"""The stacked-frames layer on either CPU kernel path, and the services' choice of kernels.
+"""The stacked-frames layer on either CPU kernel path, the services' choice of kernels, and
+the trainer's bf16 precision.
 
 TF 2.15 turns oneDNN on by itself only on CPUs with AVX-512 VNNI/BF16 or AMX;
 without oneDNN its own 3-D convolution gradient took 53 s per Breakout train
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dqnfleet.core.rl import networks
+from dqnfleet.core.policy import store
+from dqnfleet.core.rl import networks, specs
+from dqnfleet.core.settings.config import EnvConfig, NetworkConfig
 
 
 @pytest.mark.parametrize("conv3d", [True, False])
@@ -65,3 +68,32 @@ def test_services_run_onednn_unless_told_not_to_and_then_train_with_2d_convoluti
   seen = json.loads(probe.stdout.strip().splitlines()[-1])
   # TF's own 3-D convolution gradient is the one that takes a minute a step.
   assert seen == {"onednn": onednn, "conv3d": onednn}
+
+
+def test_a_precision_is_resolved_or_refused_with_what_is_allowed():
+  assert networks.resolve_precision("fp32") == "fp32"
+  assert networks.resolve_precision("bf16") == "bf16"
+  native = networks.onednn_enabled() and networks.cpu_has_bf16()
+  assert networks.resolve_precision("auto") == ("bf16" if native else "fp32")
+  with pytest.raises(ValueError, match="'fp16' is not one of auto, fp32, bf16"):
+    networks.resolve_precision("fp16")
+
+
+def test_a_bf16_network_publishes_float32_weights_that_give_its_q_values_in_fp32(tmp_path):
+  env = EnvConfig(env_id="ALE/Breakout-v5")
+  env_specs, net = specs.env_specs(env), NetworkConfig()
+  bf16 = networks.q_net(env_specs, net, "bf16")
+  assert {v.dtype for v in bf16.variables} == {tf.float32}
+  frames = np.random.default_rng(5).integers(0, 256, (8, *env_specs.observation.shape), np.uint8)
+  q_bf16 = bf16(tf.constant(frames))[0]
+  assert q_bf16.dtype == tf.float32  # what the agent's TD targets are computed in
+  store.publish(tmp_path, 7, bf16, env, net, keep=1)
+  fp32 = networks.q_net(env_specs, net, "fp32")
+  store.restore_weights(fp32, store.version_dir(tmp_path, 7))
+  for loaded, published in zip(fp32.get_weights(), bf16.get_weights()):
+    np.testing.assert_array_equal(loaded, published)
+  q_fp32 = fp32(tf.constant(frames))[0].numpy()
+  # bf16 keeps 8 bits of mantissa: the same Q-values to within a few per cent.
+  scale = np.abs(q_fp32).max()
+  np.testing.assert_allclose(q_bf16.numpy(), q_fp32, atol=0.05 * scale)
+  assert not np.array_equal(q_bf16.numpy(), q_fp32)  # bf16 really computed them

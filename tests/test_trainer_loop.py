@@ -169,3 +169,26 @@ def test_the_loop_publishes_and_checkpoints_at_multiples_of_their_periods(replay
   counters = trainer.snapshot().counters
   assert counters.train_steps == 25 and counters.published_version == 25
   assert counters.fleet_env_steps == 200 and counters.bad_items_dropped == 0
+
+
+def test_a_bf16_trainer_checkpoints_float32_weights_that_an_fp32_trainer_resumes(
+  replay, tmp_path, caplog
+):
+  server, _ = replay
+  caplog.set_level(logging.INFO)
+  bf16 = trainer_for(server, tmp_path, precision="bf16", checkpoint_every=20, max_train_steps=20)
+  try:
+    bf16.run()
+  finally:
+    bf16.publisher.close()
+  assert "trains in bf16 (--precision bf16" in caplog.text
+  dense = [m for m in bf16.learner.q_network.submodules if isinstance(m, tf.keras.layers.Dense)]
+  # The hidden layer computes in bf16, the Q-value head in float32; every weight is float32.
+  assert {(m.units, m.compute_dtype) for m in dense} == {(16, "bfloat16"), (2, "float32")}
+  assert {v.dtype for v in bf16.learner.q_network.variables} == {tf.float32}
+  fp32 = trainer_for(server, tmp_path, precision="fp32")
+  assert fp32.step == 20 and fp32.learner.precision == "fp32"
+  for resumed, trained in zip(
+    fp32.learner.q_network.get_weights(), bf16.learner.q_network.get_weights()
+  ):
+    np.testing.assert_array_equal(resumed, trained)

@@ -110,10 +110,18 @@ class Learner:
   called inside the graph with the shard each item came from.
   """
 
-  def __init__(self, env_specs: EnvSpecs, net: NetworkConfig, config: AgentConfig, replay):
+  def __init__(
+    self,
+    env_specs: EnvSpecs,
+    net: NetworkConfig,
+    config: AgentConfig,
+    replay,
+    precision: str = "fp32",
+  ):
     self.specs = env_specs
     self.train_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="train_step")
-    self.q_network = networks.q_net(env_specs, net)
+    self.precision = precision  # "fp32" or "bf16" (networks.resolve_precision)
+    self.q_network = networks.q_net(env_specs, net, precision)
     self.agent = make_agent(env_specs, self.q_network, config, self.train_step)
     self.batch_size = config.batch_size
     self.importance_exponent = config.importance_exponent

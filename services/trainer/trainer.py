@@ -91,7 +91,9 @@ class Trainer:
       stop,
       self.input_service,
     )
-    self.learner = Learner(self.specs, net, agent_config, self.replay)
+    self.learner = Learner(
+      self.specs, net, agent_config, self.replay, networks.resolve_precision(config.precision)
+    )
     self.checkpoints = Checkpoints(os.path.join(config.run_dir, "checkpoints"), self.learner)
     self.checkpoints.resume()
     self.publisher = PolicyPublisher(
@@ -162,6 +164,19 @@ class Trainer:
       else "TensorFlow's own (TF_ENABLE_ONEDNN_OPTS=0 or a build without oneDNN; "
       "the stacked-frames layer runs as a 2-D convolution)",
     )
+    precision = self.learner.precision
+    bf16_native = networks.onednn_enabled() and networks.cpu_has_bf16()
+    log.info(
+      "trains in %s (--precision %s; this CPU %s bf16 natively)",
+      precision,
+      self.config.precision,
+      "multiplies" if bf16_native else "does not multiply",
+    )
+    if precision == "bf16" and not bf16_native:
+      log.warning(
+        "bf16 without AVX-512 BF16 or AMX and oneDNN is emulated, about 6x slower than fp32 "
+        "(docs/performance.md); --precision fp32 or auto avoids it"
+      )
     self.replay.connect()
     if self.replay.prioritized:
       log.info(

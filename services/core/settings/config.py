@@ -446,6 +446,14 @@ class TrainerConfig:
     maximum=65535,
   )
   log_every_s: float = setting(10.0, "Seconds between progress log lines.", minimum=0.1)
+  # bf16 trains the same float32 weights faster only where the CPU has the
+  # instructions; elsewhere TensorFlow emulates it, 6x slower (docs/performance.md).
+  precision: str = setting(
+    "auto",
+    "What the trainer computes in: bf16 (float32 weights, bfloat16 products) or fp32; "
+    "auto is bf16 on CPUs with AVX-512 BF16 or AMX and oneDNN, fp32 elsewhere.",
+    choices=("auto", "fp32", "bf16"),
+  )
 
   def validate(self) -> None:
     check_distinct_ports(
