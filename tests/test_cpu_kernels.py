@@ -71,12 +71,16 @@ def test_services_run_onednn_unless_told_not_to_and_then_train_with_2d_convoluti
 
 
 def test_a_precision_is_resolved_or_refused_with_what_is_allowed():
-  assert networks.resolve_precision("fp32") == "fp32"
-  assert networks.resolve_precision("bf16") == "bf16"
+  atari = specs.env_specs(EnvConfig(env_id="ALE/Breakout-v5"))
+  cartpole = specs.env_specs(EnvConfig(env_id="CartPole-v1"))
+  for given in ("fp32", "bf16"):
+    assert networks.resolve_precision(given, atari) == given
+    assert networks.resolve_precision(given, cartpole) == given
   native = networks.onednn_enabled() and networks.cpu_has_bf16()
-  assert networks.resolve_precision("auto") == ("bf16" if native else "fp32")
+  assert networks.resolve_precision("auto", atari) == ("bf16" if native else "fp32")
+  assert networks.resolve_precision("auto", cartpole) == "fp32"  # dense layers gain nothing
   with pytest.raises(ValueError, match="'fp16' is not one of auto, fp32, bf16"):
-    networks.resolve_precision("fp16")
+    networks.resolve_precision("fp16", atari)
 
 
 def test_a_bf16_network_publishes_float32_weights_that_give_its_q_values_in_fp32(tmp_path):

@@ -91,9 +91,8 @@ class Trainer:
       stop,
       self.input_service,
     )
-    self.learner = Learner(
-      self.specs, net, agent_config, self.replay, networks.resolve_precision(config.precision)
-    )
+    precision = networks.resolve_precision(config.precision, self.specs)
+    self.learner = Learner(self.specs, net, agent_config, self.replay, precision)
     self.checkpoints = Checkpoints(os.path.join(config.run_dir, "checkpoints"), self.learner)
     self.checkpoints.resume()
     self.publisher = PolicyPublisher(

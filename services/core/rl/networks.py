@@ -42,18 +42,25 @@ def cpu_has_bf16() -> bool:
   return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_precision(precision: str) -> str:
+def sees_pixels(specs: EnvSpecs) -> bool:
+  """Whether the network for these specs is the Nature CNN (Atari) rather than dense layers."""
+  return specs.stack > 1 or len(specs.observation.shape) == 3
+
+
+def resolve_precision(precision: str, specs: EnvSpecs) -> str:
   """`auto` is bf16 where it pays and fp32 elsewhere; an explicit choice is kept.
 
-  On a 2-core EPYC with avx512_bf16 the plain train step ran 1.34x faster
-  under bf16; on one without it, where TensorFlow emulates bf16, 6x slower
-  (docs/performance.md). Both need oneDNN's kernels.
+  On a 2-core EPYC with avx512_bf16 the Nature CNN's train step ran 1.34-1.43x
+  faster under bf16; on one without it, where TensorFlow emulates bf16, 6x
+  slower (docs/performance.md). Both need oneDNN's kernels. A network of a
+  few dense layers (CartPole's) has too little arithmetic to gain and would
+  only lose precision, so `auto` keeps it in fp32.
   """
   if precision not in PRECISIONS:
     raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
   if precision != "auto":
     return precision
-  return "bf16" if onednn_enabled() and cpu_has_bf16() else "fp32"
+  return "bf16" if sees_pixels(specs) and onednn_enabled() and cpu_has_bf16() else "fp32"
 
 
 class StackedFramesConv(tf.keras.layers.Layer):
@@ -153,7 +160,7 @@ def q_net(specs: EnvSpecs, config: NetworkConfig, precision: str = "fp32") -> QN
   computes, not part of the model.
   """
   dtype = {"fp32": "float32", "bf16": "mixed_bfloat16"}[precision]
-  pixels = specs.stack > 1 or len(specs.observation.shape) == 3
+  pixels = sees_pixels(specs)
   network = QNetwork(
     specs.observation,
     specs.action,

@@ -451,7 +451,8 @@ class TrainerConfig:
   precision: str = setting(
     "auto",
     "What the trainer computes in: bf16 (float32 weights, bfloat16 products) or fp32; "
-    "auto is bf16 on CPUs with AVX-512 BF16 or AMX and oneDNN, fp32 elsewhere.",
+    "auto is bf16 for the Atari network on CPUs with AVX-512 BF16 or AMX and oneDNN, "
+    "fp32 elsewhere.",
     choices=("auto", "fp32", "bf16"),
   )
 
