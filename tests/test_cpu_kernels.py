@@ -76,7 +76,7 @@ def test_a_precision_is_resolved_or_refused_with_what_is_allowed():
   for given in ("fp32", "bf16"):
     assert networks.resolve_precision(given, atari) == given
     assert networks.resolve_precision(given, cartpole) == given
-  native = networks.onednn_enabled() and networks.cpu_has_bf16()
+  native = networks.bf16_native()
   assert networks.resolve_precision("auto", atari) == ("bf16" if native else "fp32")
   assert networks.resolve_precision("auto", cartpole) == "fp32"  # dense layers gain nothing
   with pytest.raises(ValueError, match="'fp16' is not one of auto, fp32, bf16"):

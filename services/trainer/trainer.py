@@ -164,14 +164,14 @@ class Trainer:
       "the stacked-frames layer runs as a 2-D convolution)",
     )
     precision = self.learner.precision
-    bf16_native = networks.onednn_enabled() and networks.cpu_has_bf16()
+    native = networks.bf16_native()
     log.info(
       "trains in %s (--precision %s; this CPU %s bf16 natively)",
       precision,
       self.config.precision,
-      "multiplies" if bf16_native else "does not multiply",
+      "multiplies" if native else "does not multiply",
     )
-    if precision == "bf16" and not bf16_native:
+    if precision == "bf16" and not native:
       log.warning(
         "bf16 without AVX-512 BF16 or AMX and oneDNN is emulated, about 6x slower than fp32 "
         "(docs/performance.md); --precision fp32 or auto avoids it"

@@ -12,14 +12,10 @@ from tf_agents.trajectories import policy_step
 from tf_agents.trajectories import time_step as ts
 
 from dqnfleet.core.rl.specs import EnvSpecs
-from dqnfleet.core.settings.config import NetworkConfig
+from dqnfleet.core.settings.config import PRECISIONS, NetworkConfig
 
 # Nature DQN (Mnih et al. 2015): (filters, kernel, stride).
 NATURE_CONV_LAYERS = ((32, (8, 8), 4), (64, (4, 4), 2), (64, (3, 3), 1))
-
-
-# Precisions of the trainer's compute (TrainerConfig.precision); weights are float32 in all.
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def onednn_enabled() -> bool:
@@ -42,6 +38,11 @@ def cpu_has_bf16() -> bool:
   return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def bf16_native() -> bool:
+  """Whether bf16 runs natively here: the CPU's instructions, through oneDNN's kernels."""
+  return onednn_enabled() and cpu_has_bf16()
+
+
 def sees_pixels(specs: EnvSpecs) -> bool:
   """Whether the network for these specs is the Nature CNN (Atari) rather than dense layers."""
   return specs.stack > 1 or len(specs.observation.shape) == 3
@@ -60,7 +61,7 @@ def resolve_precision(precision: str, specs: EnvSpecs) -> str:
     raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
   if precision != "auto":
     return precision
-  return "bf16" if sees_pixels(specs) and onednn_enabled() and cpu_has_bf16() else "fp32"
+  return "bf16" if sees_pixels(specs) and bf16_native() else "fp32"
 
 
 class StackedFramesConv(tf.keras.layers.Layer):
@@ -144,6 +145,7 @@ class QNetwork(q_network.QNetwork):
       dtype=tf.keras.mixed_precision.Policy(dtype),
       name=name,
     )
+    # TF-Agents builds the head with the encoder's dtype; this one is float32.
     head = self._q_value_layer
     self._q_value_layer = tf.keras.layers.Dense(
       head.units,

@@ -30,6 +30,8 @@ DEFAULT_COLLECTOR_METRICS_PORT = 8021
 DEFAULT_EVALUATOR_METRICS_PORT = 8031
 DEFAULT_INPUT_WORKER_METRICS_PORT = 8042
 INPUT_IN_PROCESS = -1
+# What the trainer may compute in (TrainerConfig.precision, core/rl/networks.resolve_precision).
+PRECISIONS = ("auto", "fp32", "bf16")
 METRICS_OFF = -1
 
 
@@ -453,7 +455,7 @@ class TrainerConfig:
     "What the trainer computes in: bf16 (float32 weights, bfloat16 products) or fp32; "
     "auto is bf16 for the Atari network on CPUs with AVX-512 BF16 or AMX and oneDNN, "
     "fp32 elsewhere.",
-    choices=("auto", "fp32", "bf16"),
+    choices=PRECISIONS,
   )
 
   def validate(self) -> None:
