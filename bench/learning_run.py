@@ -27,8 +27,11 @@ import subprocess
 import sys
 import time
 
+from dqnfleet.core.settings.config import frames_per_agent_step
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_STEP = re.compile(r"train step (\d+) \(([\d.]+)/s\)")
+COLLECTOR_STOPPED = re.compile(r"stopped after (\d+) env steps")
 
 
 def new_run_dir(name: str) -> pathlib.Path:
@@ -48,6 +51,16 @@ def trainer_rates(run_dir: pathlib.Path) -> list[tuple[int, float]]:
   trainer logged."""
   log = (run_dir / "logs" / "trainer.log").read_text(errors="replace")
   return [(int(step), float(rate)) for step, rate in TRAIN_STEP.findall(log)]
+
+
+def env_steps_at_end(run_dir: pathlib.Path) -> int:
+  """Agent steps of the whole fleet when `up` stopped: the sum of the count each
+  collector logged as it stopped (a restarted collector counts its last life only)."""
+  total = 0
+  for log in sorted((run_dir / "logs").glob("collector-*.log")):
+    stopped = COLLECTOR_STOPPED.findall(log.read_text(errors="replace"))
+    total += int(stopped[-1]) if stopped else 0
+  return total
 
 
 def cpu_seconds(up_pid: int) -> dict[str, float]:
@@ -128,6 +141,7 @@ def main() -> int:
     check=True,
   )
   final = json.loads(evaluation.stdout.strip().splitlines()[-1])
+  env_steps = env_steps_at_end(run_dir)
   logged_rates = sorted(rate for _, rate in rates)
   record = {
     "label": args.label,
@@ -150,6 +164,9 @@ def main() -> int:
     "cpu_s": cpu,
     "cores": os.cpu_count(),
     "frames_at_last_evaluation": max([e.get("frames", 0) for e in history] or [0]),
+    # Where the final evaluation's policy stands (bench/plot_learning_curve.py draws it).
+    "env_steps_at_end": env_steps,
+    "frames_at_end": env_steps * frames_per_agent_step(final["env_id"]),
     "history": history,
     "final": final,
   }

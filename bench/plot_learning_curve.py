@@ -6,8 +6,10 @@ minutes and against frames, as one PNG (drawn with Pillow, no plotting library).
 
 Each history line is one evaluation written by `dqnfleet evaluator` (in
 `dqnfleet up`: <run-dir>/eval/history.jsonl). A run recorded by
-bench/learning_run.py is named `docs/data/learning-runs.jsonl:<label>`. Prints one JSON object: the
-points plotted per run.
+bench/learning_run.py is named `docs/data/learning-runs.jsonl:<label>`; its final
+evaluation, after `up` stopped, is the last point, drawn as a ring (in the frames panel
+only for runs that recorded frames_at_end). Prints one JSON object: the points plotted
+per run.
 """
 
 import argparse
@@ -37,7 +39,15 @@ def load(path: str) -> list[dict]:
     matching = [run for run in runs if run["label"] == label]
     if not matching:
       raise SystemExit(f"{results} holds no run labelled {label!r}")
-    entries = matching[-1]["history"]
+    run = matching[-1]
+    final = {  # the final evaluation, after `up` stopped: drawn as a ring
+      "minutes": run["minutes"],
+      "frames": run.get("frames_at_end", -1),  # runs recorded before it was, unknown
+      "version": run["final"]["policy_version"],
+      "mean_return": run["final"]["mean_return"],
+      "final": True,
+    }
+    entries = run["history"] + [final]
   else:
     entries = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
   return [e for e in entries if e.get("minutes", -1) >= 0]
@@ -52,6 +62,7 @@ def nice_max(value: float) -> float:
 
 def panel(draw, box, runs, references, x_key, x_label, x_scale, y_max, font):
   left, top, right, bottom = box
+  runs = [([e for e in entries if e.get(x_key, -1) >= 0], label) for entries, label in runs]
   x_max = nice_max(max(max(e[x_key] for e in entries) * x_scale for entries, _ in runs))
   to_xy = lambda x, y: (left + (right - left) * x / x_max, bottom - (bottom - top) * y / y_max)
   for i in range(5):
@@ -71,8 +82,9 @@ def panel(draw, box, runs, references, x_key, x_label, x_scale, y_max, font):
     points = [to_xy(e[x_key] * x_scale, e["mean_return"]) for e in entries]
     if len(points) > 1:
       draw.line(points, fill=colour, width=2)
-    for x, y in points:
-      draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    for (x, y), entry in zip(points, entries):
+      ring = {"outline": colour, "width": 2} if entry.get("final") else {"fill": colour}
+      draw.ellipse([x - 4, y - 4, x + 4, y + 4], **ring)
   draw.text(((left + right) / 2, bottom + 22), x_label, fill=(0, 0, 0), font=font, anchor="ma")
 
 

@@ -34,6 +34,7 @@ fleet's rate).
 """
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -55,6 +56,17 @@ from dqnfleet.core.settings import flags
 from dqnfleet.core.settings.config import AgentConfig, EnvConfig, NetworkConfig, TrainerConfig
 from dqnfleet.trainer.learner import STEPS_PER_CALL, make_agent
 from dqnfleet.trainer.trainer import Trainer
+
+WAYS = (
+  "plain",
+  "plain_bf16",
+  "plain_qnet",
+  "plain_qnet_2d",
+  "agent",
+  "agent_bf16",
+  "trainer",
+  "trainer_bf16",
+)
 
 
 def keras_nature_cnn(num_actions: int) -> tf.keras.Model:
@@ -144,6 +156,9 @@ def main():
     "--ways", default="", help="comma-separated ways to time (default: all; plain always runs)"
   )
   args = parser.parse_args()
+  chosen = set(filter(None, args.ways.split(","))) | {"plain"} if args.ways else set(WAYS)
+  if chosen - set(WAYS):
+    parser.error(f"--ways: unknown {sorted(chosen - set(WAYS))}; known: {', '.join(WAYS)}")
   env = flags.build(EnvConfig, None, {"DQNFLEET_ENV_ID": "ALE/Breakout-v5"})
   agent_config = flags.build(AgentConfig, None, {})
   net = flags.build(NetworkConfig, None, {})
@@ -166,29 +181,31 @@ def main():
   fill(reverb.Client(address), env_specs, args.items)
   print(f"{args.items} items in replay in {time.perf_counter() - began:.1f} s", file=sys.stderr)
   stop = threading.Event()
+  trainers: dict[str, Trainer] = {}  # by precision, started when a chosen way needs one
   with tempfile.TemporaryDirectory() as run_dir:
 
-    def started_trainer(precision: str) -> Trainer:
-      trainer = Trainer(
-        env,
-        net,
-        agent_config,
-        TrainerConfig(
-          replay_addresses=(address,),
-          port=0,
-          run_dir=f"{run_dir}/{precision}",
-          precision=precision,
-        ),
-        stop,
-      )
-      trainer.replay.connect()
-      trainer.replay.start()
-      return trainer
+    def trainer(precision: str) -> Trainer:
+      if precision not in trainers:
+        trainers[precision] = Trainer(
+          env,
+          net,
+          agent_config,
+          TrainerConfig(
+            replay_addresses=(address,),
+            port=0,
+            run_dir=f"{run_dir}/{precision}",
+            precision=precision,
+          ),
+          stop,
+        )
+        trainers[precision].replay.connect()
+        trainers[precision].replay.start()
+      return trainers[precision]
 
-    trainers = {precision: started_trainer(precision) for precision in ("fp32", "bf16")}
-
-    # The agent on one batch held in memory: no input pipeline.
-    held = next(trainers["fp32"].replay.iterator)[0]
+    @functools.cache
+    def held():
+      """One batch held in memory, for the agent ways: no input pipeline."""
+      return next(trainer("fp32").replay.iterator)[0]
 
     def agent_steps(precision: str):
       agent = make_agent(
@@ -197,12 +214,13 @@ def main():
         agent_config,
         tf.Variable(0, dtype=tf.int64),
       )
+      batch = held()
 
       @tf.function
       def steps():
         loss = tf.constant(0.0)
         for _ in tf.range(STEPS_PER_CALL):
-          loss = agent.train(held).loss
+          loss = agent.train(batch).loss
         return loss
 
       return steps
@@ -211,34 +229,33 @@ def main():
     pixels = tf.constant(rng.integers(0, 255, (1024, 84, 84, 4), dtype=np.uint8))
     stacked = tf.constant(rng.integers(0, 255, (1024, *env_specs.observation.shape), np.uint8))
     cnn = lambda: keras_nature_cnn(env_specs.num_actions)
-    plain = plain_step(cnn, agent_config, gamma_n, pixels)
-    plain_qnet = plain_step(
-      lambda: QValues(networks.q_net(env_specs, net)), agent_config, gamma_n, stacked
-    )
-    plain_qnet_2d = plain_step(
-      lambda: QValues(with_2d_stacked_frames(networks.q_net(env_specs, net))),
-      agent_config,
-      gamma_n,
-      stacked,
-    )
-    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    plain_bf16 = plain_step(cnn, agent_config, gamma_n, pixels)
-    tf.keras.mixed_precision.set_global_policy("float32")
 
-    ways = {
-      "plain": plain,
+    def plain_bf16():
+      tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+      try:
+        return plain_step(cnn, agent_config, gamma_n, pixels)
+      finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+
+    builders = {  # each builds its way's step function; WAYS names them in this order
+      "plain": lambda: plain_step(cnn, agent_config, gamma_n, pixels),
       "plain_bf16": plain_bf16,
-      "plain_qnet": plain_qnet,
-      "plain_qnet_2d": plain_qnet_2d,
-      "agent": agent_steps("fp32"),
-      "agent_bf16": agent_steps("bf16"),
-      "trainer": lambda: trainers["fp32"].learner.step(STEPS_PER_CALL),
-      "trainer_bf16": lambda: trainers["bf16"].learner.step(STEPS_PER_CALL),
+      "plain_qnet": lambda: plain_step(
+        lambda: QValues(networks.q_net(env_specs, net)), agent_config, gamma_n, stacked
+      ),
+      "plain_qnet_2d": lambda: plain_step(
+        lambda: QValues(with_2d_stacked_frames(networks.q_net(env_specs, net))),
+        agent_config,
+        gamma_n,
+        stacked,
+      ),
+      "agent": lambda: agent_steps("fp32"),
+      "agent_bf16": lambda: agent_steps("bf16"),
+      "trainer": lambda: functools.partial(trainer("fp32").learner.step, STEPS_PER_CALL),
+      "trainer_bf16": lambda: functools.partial(trainer("bf16").learner.step, STEPS_PER_CALL),
     }
-    chosen = set(filter(None, args.ways.split(","))) | {"plain"} if args.ways else set(ways)
-    if chosen - set(ways):
-      parser.error(f"--ways: unknown {sorted(chosen - set(ways))}; known: {', '.join(ways)}")
-    ways = {name: fn for name, fn in ways.items() if name in chosen}
+    assert tuple(builders) == WAYS
+    ways = {name: builders[name]() for name in WAYS if name in chosen}
     for name, fn in ways.items():  # trace and warm up every way
       began = time.perf_counter()
       for _ in range(3):
@@ -250,8 +267,8 @@ def main():
         rates[name].append(round(rate(fn, calls), 1))
         print(f"{name}: {rates[name][-1]} train steps/s", file=sys.stderr)
     stop.set()
-    for trainer in trainers.values():
-      trainer.replay.close()
+    for started in trainers.values():
+      started.replay.close()
   server.stop()
   ratio = lambda name: round(
     statistics.median(a / b for a, b in zip(rates[name], rates["plain"])), 3

@@ -21,8 +21,8 @@ import time
 import tensorflow as tf
 
 from dqnfleet.core.policy.follower import TRAINER_HEALTH, PolicyFollower
-from dqnfleet.core.rl import envs, networks, specs
-from dqnfleet.core.settings.config import EvaluatorConfig, ProtocolConfig, is_atari
+from dqnfleet.core.rl import networks, specs
+from dqnfleet.core.settings.config import EvaluatorConfig, ProtocolConfig, frames_per_agent_step
 from dqnfleet.core.transport import metrics, rpc
 from dqnfleet.core.transport.persistence import PERSIST_HEALTH, Persistence, append_whole
 from dqnfleet.core.transport.security import Security
@@ -203,7 +203,7 @@ class Evaluator:
     except Exception as e:  # the curve loses its x position, not the evaluation
       log.warning("trainer status unavailable (%s)", rpc.first_line(e))
       steps, minutes = -1, -1.0
-    frame_skip = envs.ATARI_FRAME_SKIP if is_atari(self.follower.env_config.env_id) else 1
+    frame_skip = frames_per_agent_step(self.follower.env_config.env_id)
     return {
       "minutes": round(minutes, 2),
       "fleet_env_steps": steps,

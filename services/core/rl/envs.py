@@ -26,12 +26,11 @@ from tf_agents.environments import py_environment
 from tf_agents.specs import array_spec
 from tf_agents.trajectories import time_step as ts
 
-from dqnfleet.core.settings.config import EnvConfig, is_atari
+from dqnfleet.core.settings.config import ATARI_FRAME_SKIP, EnvConfig, is_atari
 from dqnfleet.core.settings.flags import ConfigError
 
 gym.register_envs(ale_py)
 
-ATARI_FRAME_SKIP = 4
 ATARI_SCREEN_SIZE = 84
 # ALE's per-frame probability of repeating the previous action when sticky
 # actions are on (Machado et al. 2018; Dopamine's protocol).

@@ -50,9 +50,18 @@ def _status_port(default: int):
   )
 
 
+# Emulator frames per agent step in Atari (the Nature DQN frame skip).
+ATARI_FRAME_SKIP = 4
+
+
 def is_atari(env_id: str) -> bool:
   """Atari ids train from pixels; every other id is a classic-control one."""
   return env_id.startswith("ALE/")
+
+
+def frames_per_agent_step(env_id: str) -> int:
+  """What an agent step is worth in frames, the unit Atari results are given in."""
+  return ATARI_FRAME_SKIP if is_atari(env_id) else 1
 
 
 @dataclasses.dataclass

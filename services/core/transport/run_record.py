@@ -38,26 +38,22 @@ PACKAGES = (
 
 
 def git_revision() -> str:
-  """The source checkout's commit (with -dirty if it has changes), or the image's, or ''."""
-  source = pathlib.Path(__file__).resolve().parent
-  try:
+  """The commit of the source checkout this package runs from, "-dirty" if the package's
+  own files differ from it (docs or results files written meanwhile do not count: they are
+  not what ran); or the image's commit; or ''."""
+  package = pathlib.Path(__file__).resolve().parents[2]
+
+  def git(*args: str) -> str | None:
     out = subprocess.run(
-      [
-        "git",
-        "-C",
-        str(source),
-        "describe",
-        "--always",
-        "--dirty",
-        "--abbrev=40",
-        "--match=NO-TAGS",
-      ],
-      capture_output=True,
-      text=True,
-      timeout=5,
+      ["git", "-C", str(package), *args], capture_output=True, text=True, timeout=5
     )
-    if out.returncode == 0 and out.stdout.strip():
-      return out.stdout.strip()
+    return out.stdout.strip() if out.returncode == 0 else None
+
+  try:
+    commit = git("rev-parse", "HEAD")
+    if commit:
+      changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+      return commit + ("-dirty" if changed else "")
   except (OSError, subprocess.TimeoutExpired):  # no git on the host (containers)
     pass
   return os.environ.get(GIT_REVISION_ENV, "")
