@@ -272,11 +272,13 @@ class Collector:
     last_log, last_steps = time.monotonic(), self.env_steps
     last_fleet = 0.0
     while not self._stop.is_set() and not self._budget_spent():
-      self._apply_new_policy()
+      # The count first: a policy that waited while replay restored its
+      # checkpoint must act at the restored count's epsilon, not at epsilon_start.
       now = time.monotonic()
       if now - last_fleet >= FLEET_STEPS_EVERY_S:
         self._probe_shards()
         last_fleet = now
+      self._apply_new_policy()
       before, items_before = observer.steps_observed, observer.items_written
       time_step = driver.run(time_step, STEPS_PER_RUN)
       self.env_steps += observer.steps_observed - before
